@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+import sfpc
 from sfpc.model.metadata import METADATA_FILE, ModelMetadata, sha256_file
 from sfpc.model.networks import NetConfig, SFPCNet, UncertaintyHead
 from sfpc.model.perturbation import eps_grid
-
-import sfpc
 
 SEG_FILE = "seg.onnx"
 UNCERTAINTY_FILE = "seg_uncertainty.onnx"

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from sfpc.model.perturbation import FLPM, make_perturbation
 from sfpc.model.unet import DEFAULT_CHANNELS, DEFAULT_ENCODER_DROPOUT, Decoder, Encoder, conv_nd
-from torch import nn
 
 
 @dataclass

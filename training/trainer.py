@@ -17,6 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import sfpc
 from sfpc.model.metadata import PLANE_AXIS, ModelMetadata
 from sfpc.model.networks import NetConfig, SFPCNet
 from sfpc.model.perturbation import eps_grid
@@ -24,10 +28,6 @@ from sfpc.training.config import TrainConfig
 from sfpc.training.datamodule import TrainData, build_data
 from sfpc.training.evaluate import evaluate_cases
 from sfpc.training.methods import LossConfig, Method, TrainStep, net_config_for
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
-import sfpc
 
 
 @dataclass

@@ -1,0 +1,167 @@
+"""Run the exported SFPC graphs in-process with ONNX Runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sfpc.server.backends.base import (
+    INPUT_NAME,
+    BackendError,
+    BackendUnavailable,
+    check_batch,
+    output_names,
+)
+from sfpc.server.backends.export_metadata import (
+    graph_entry,
+    read_export_metadata,
+    read_graph_bytes,
+)
+
+# Fastest first: TensorRT and CUDA only appear with the onnxruntime-gpu build.
+PROVIDER_PREFERENCE = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+ProviderSpec = str | tuple[str, dict[str, Any]]
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "onnxruntime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu"
+        ) from exc
+    return onnxruntime
+
+
+def resolve_providers(
+    requested: str | Sequence[ProviderSpec], available: Sequence[str]
+) -> list[ProviderSpec]:
+    """Execution providers to use: 'auto' picks TensorRT > CUDA > CPU among `available`.
+
+    An explicit list is kept in the caller's order; entries may be (name, options) pairs as ONNX
+    Runtime accepts them. Asking for a provider this build lacks is an error rather than a silent
+    CPU fallback, so a GPU deployment that lost its GPU runtime is noticed.
+    """
+    if isinstance(requested, str):
+        if requested != "auto":
+            requested = [requested]
+        else:
+            chosen = [name for name in PROVIDER_PREFERENCE if name in available]
+            return chosen or list(available)
+    resolved: list[ProviderSpec] = []
+    for spec in requested:
+        name = spec if isinstance(spec, str) else spec[0]
+        if name not in available:
+            raise BackendUnavailable(
+                f"execution provider {name} is not available in this onnxruntime build "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu for CUDA/TensorRT "
+                "or use providers='auto'"
+            )
+        resolved.append(spec)
+    if not resolved:
+        raise BackendError("providers list is empty; pass 'auto' or at least one provider name")
+    return resolved
+
+
+class OnnxRuntimeBackend:
+    """Both SFPC graphs of an export directory in ONNX Runtime sessions.
+
+    Both graphs are verified and loaded at construction, so a broken or tampered export fails at
+    start-up rather than on the first request. Sessions are thread-safe for `run`.
+    """
+
+    def __init__(
+        self,
+        export_dir: str | Path,
+        providers: str | Sequence[ProviderSpec] = "auto",
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+    ) -> None:
+        self._ort = _import_onnxruntime()
+        self.export_dir = Path(export_dir)
+        self.metadata = read_export_metadata(self.export_dir)
+        self.providers = resolve_providers(providers, self._ort.get_available_providers())
+        self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
+        self._closed = False
+        self._sessions: dict[str, Any] = {"seg": self._load("seg")}
+        if graph_entry(self.metadata, "uncertainty") is not None:
+            self._sessions["uncertainty"] = self._load("uncertainty")
+
+    def _session_options(self) -> Any:
+        options = self._ort.SessionOptions()
+        if self.intra_op_threads is not None:
+            options.intra_op_num_threads = int(self.intra_op_threads)
+        if self.inter_op_threads is not None:
+            options.inter_op_num_threads = int(self.inter_op_threads)
+        return options
+
+    def _load(self, kind: str) -> Any:
+        data = read_graph_bytes(self.export_dir, self.metadata, kind)
+        try:
+            return self._ort.InferenceSession(
+                data, sess_options=self._session_options(), providers=list(self.providers)
+            )
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BackendError(
+                f"onnxruntime could not load the '{kind}' graph of {self.export_dir} with "
+                f"providers {self.providers}: {exc}"
+            ) from exc
+
+    def _session(self, uncertainty: bool) -> Any:
+        session = self._sessions.get("uncertainty" if uncertainty else "seg")
+        if self._closed:
+            raise BackendUnavailable("this OnnxRuntimeBackend was closed; create a new one")
+        if session is None:
+            raise BackendError(
+                f"the export in {self.export_dir} has no uncertainty graph; re-export with "
+                "uncertainty enabled or request plain inference"
+            )
+        return session
+
+    def infer(self, batch: np.ndarray, *, uncertainty: bool = False) -> dict[str, np.ndarray]:
+        """Run one batch [B, C_in, *spatial]; see `Backend.infer`."""
+        session = self._session(uncertainty)
+        arr = check_batch(batch, self.metadata)
+        names = list(output_names(uncertainty))
+        try:
+            results = session.run(names, {INPUT_NAME: arr})
+        except Exception as exc:
+            raise BackendError(
+                f"onnxruntime failed on a batch of shape {arr.shape}: {exc}"
+            ) from exc
+        return dict(zip(names, results, strict=True))
+
+    def ready(self) -> bool:
+        """True until `close` is called: the graph was loaded at construction."""
+        return not self._closed
+
+    def describe(self) -> dict[str, Any]:
+        """Backend kind, model identity, execution providers and thread settings in effect."""
+        session = self._sessions.get("seg")
+        options = session.get_session_options() if session is not None else None
+        return {
+            "backend": "onnxruntime",
+            "export_dir": str(self.export_dir),
+            "model_name": self.metadata.get("name"),
+            "model_version": self.metadata.get("version"),
+            "providers": session.get_providers() if session is not None else [],
+            # Read back from the session: 0 means ONNX Runtime's own default (one per core).
+            "intra_op_threads": options.intra_op_num_threads if options else None,
+            "inter_op_threads": options.inter_op_num_threads if options else None,
+            "uncertainty": "uncertainty" in self._sessions,
+            "ready": self.ready(),
+        }
+
+    def close(self) -> None:
+        """Drop the sessions; ONNX Runtime frees them when the last reference goes."""
+        self._closed = True
+        self._sessions.clear()

@@ -1,0 +1,365 @@
+"""Triton model repository, and a real tritonserver serving it to TritonBackend.
+
+The generated config.pbtxt files are checked against the ONNX graphs read with the `onnx`
+package (an oracle independent of the ONNX Runtime reader the writer uses). The server tests run
+the tritonserver of the nvidia-pytriton wheel (scripts/setup_triton_env.sh) on a copy of the
+repository switched to the Python backend, and require TritonBackend's outputs over gRPC and HTTP
+to equal OnnxRuntimeBackend's on the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sfpc.model.triton_repo import (
+    METADATA_PARAMETER,
+    model_config_text,
+    read_graph_io,
+    trtexec_command,
+    write_triton_repository,
+)
+from sfpc.server.backends import BackendError, BackendUnavailable, OnnxRuntimeBackend
+from sfpc.server.backends.triton_backend import TritonBackend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from triton_support import (  # noqa: E402
+    TritonInstall,
+    TritonServer,
+    TritonUnavailable,
+    export_fixture_model,
+    find_triton_install,
+    missing_triton_message,
+    python_backend_repository,
+    require_module,
+    running_in_ci,
+    triton_venv,
+)
+
+onnx = require_module("onnx")
+require_module("torch")
+text_format = require_module("google.protobuf.text_format")
+model_config_pb2 = require_module("tritonclient.grpc.model_config_pb2")
+
+MAX_BATCH = 4
+MODEL = "sfpc_fixture"
+
+
+# --- the repository writer ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def export_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_fixture_model(tmp_path_factory.mktemp("export3d"))[0]
+
+
+@pytest.fixture(scope="module")
+def export_2d_fixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_fixture_model(
+        tmp_path_factory.mktemp("export2d"),
+        spatial_dims=2,
+        in_channels=2,
+        num_classes=4,
+        patch_size=(16, 16),
+        dynamic_spatial=False,
+    )[0]
+
+
+def _parse(path: Path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def _onnx_io(path: Path) -> dict[str, list[tuple[str, int, list[int]]]]:
+    """(name, Triton data type enum, dims minus batch; -1 dynamic) for inputs and outputs."""
+    graph = onnx.load(str(path)).graph
+    to_triton = {onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32}
+
+    def convert(values):
+        result = []
+        for value in values:
+            tensor = value.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+            assert dims[0] == -1, f"{value.name}: batch axis must be dynamic"
+            result.append((value.name, to_triton[tensor.elem_type], dims[1:]))
+        return result
+
+    initializers = {init.name for init in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    return {"input": convert(inputs), "output": convert(graph.output)}
+
+
+def _config_io(config) -> dict[str, list[tuple[str, int, list[int]]]]:
+    return {
+        "input": [(t.name, t.data_type, list(t.dims)) for t in config.input],
+        "output": [(t.name, t.data_type, list(t.dims)) for t in config.output],
+    }
+
+
+@pytest.mark.parametrize("which", ["3d_dynamic", "2d_fixed"])
+def test_configs_parse_and_match_the_onnx_graphs(which, export_3d, export_2d_fixed, tmp_path):
+    export_dir = export_3d if which == "3d_dynamic" else export_2d_fixed
+    written = write_triton_repository(
+        export_dir,
+        tmp_path,
+        "seg",
+        max_batch_size=6,
+        instance_count=2,
+        preferred_batch_sizes=[2, 4],
+    )
+    assert {p.relative_to(tmp_path).as_posix() for p in written} == {
+        "seg/config.pbtxt",
+        "seg/1/model.onnx",
+        "seg/sfpc_model.json",
+        "seg_uncertainty/config.pbtxt",
+        "seg_uncertainty/1/model.onnx",
+        "seg_uncertainty/sfpc_model.json",
+    }
+    metadata = json.loads((export_dir / "sfpc_model.json").read_text())
+    for name, graph in (("seg", "seg.onnx"), ("seg_uncertainty", "seg_uncertainty.onnx")):
+        config = _parse(tmp_path / name / "config.pbtxt")
+        assert config.name == name
+        assert config.platform == "onnxruntime_onnx"
+        assert config.max_batch_size == 6
+        assert list(config.dynamic_batching.preferred_batch_size) == [2, 4]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 1000
+        assert [(g.count, g.kind) for g in config.instance_group] == [
+            (2, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+        ]
+        assert not config.HasField("optimization")
+        model_file = tmp_path / name / "1" / "model.onnx"
+        assert model_file.read_bytes() == (export_dir / graph).read_bytes()
+        assert _config_io(config) == _onnx_io(model_file)
+        embedded = json.loads(config.parameters[METADATA_PARAMETER].string_value)
+        assert embedded == json.loads((tmp_path / name / "sfpc_model.json").read_text())
+        assert embedded["graphs"] == metadata["graphs"]
+    seg = _parse(tmp_path / "seg" / "config.pbtxt")
+    spatial = [-1] * 3 if which == "3d_dynamic" else [16, 16]
+    k = metadata["num_classes"]
+    assert _config_io(seg)["output"] == [("logits", model_config_pb2.TYPE_FP32, [k, *spatial])]
+
+
+def test_tensorrt_accelerator_block(export_2d_fixed, tmp_path) -> None:
+    write_triton_repository(
+        export_2d_fixed,
+        tmp_path,
+        "seg",
+        max_batch_size=8,
+        instance_kind="KIND_GPU",
+        tensorrt_fp16=True,
+        trt_engine_cache_dir="/cache/trt",
+        preferred_batch_sizes=[4],
+    )
+    config = _parse(tmp_path / "seg" / "config.pbtxt")
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    assert dict(accelerator.parameters) == {
+        "precision_mode": "FP16",
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": "/cache/trt",
+        # Fixed 2-channel 16x16 patches; batch 1..max with the largest preferred size as optimum.
+        "trt_profile_min_shapes": "image:1x2x16x16",
+        "trt_profile_opt_shapes": "image:4x2x16x16",
+        "trt_profile_max_shapes": "image:8x2x16x16",
+    }
+
+
+def test_tensorrt_needs_gpu_instances(export_3d, tmp_path) -> None:
+    with pytest.raises(ValueError, match="KIND_GPU"):
+        write_triton_repository(export_3d, tmp_path, "seg", tensorrt=True)
+
+
+def test_checksum_is_verified_before_copying(export_3d, tmp_path) -> None:
+    broken = tmp_path / "export"
+    broken.mkdir()
+    for item in export_3d.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "seg.onnx").write_bytes((broken / "seg.onnx").read_bytes()[:-1])
+    with pytest.raises(BackendError, match="checksum mismatch"):
+        write_triton_repository(broken, tmp_path / "repo", "seg")
+    assert not (tmp_path / "repo" / "seg").exists()
+
+
+def test_tensorrt_plan_config_and_trtexec_command(export_3d) -> None:
+    inputs, outputs = read_graph_io(export_3d / "seg.onnx")
+    command = trtexec_command(
+        "seg.onnx",
+        "model.plan",
+        inputs[0],
+        max_batch_size=8,
+        opt_batch_size=4,
+        spatial_shape=(64, 64, 32),
+    )
+    assert command == [
+        "trtexec",
+        "--onnx=seg.onnx",
+        "--saveEngine=model.plan",
+        "--minShapes=image:1x1x64x64x32",
+        "--optShapes=image:4x1x64x64x32",
+        "--maxShapes=image:8x1x64x64x32",
+        "--fp16",
+    ]
+    with pytest.raises(ValueError, match="spatial_shape"):
+        trtexec_command("seg.onnx", "model.plan", inputs[0])
+    text = model_config_text(
+        "seg_plan", inputs, outputs, platform="tensorrt_plan", instance_kind="KIND_GPU"
+    )
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 8
+
+
+# --- a real tritonserver ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def triton_install() -> TritonInstall:
+    try:
+        return find_triton_install(triton_venv())
+    except TritonUnavailable as exc:
+        message = missing_triton_message(str(exc))
+        if running_in_ci():
+            pytest.fail(message + " -- CI must provide it", pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def triton_repo(export_3d: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    production = tmp_path_factory.mktemp("production_repo")
+    write_triton_repository(
+        export_3d, production, MODEL, max_batch_size=MAX_BATCH, preferred_batch_sizes=[2, 4]
+    )
+    test_repo = tmp_path_factory.mktemp("python_backend_repo")
+    names = python_backend_repository(production, test_repo)
+    assert names == [MODEL, MODEL + "_uncertainty"]
+    return test_repo
+
+
+@pytest.fixture(scope="module")
+def triton_server(triton_install, triton_repo, tmp_path_factory) -> TritonServer:
+    server = TritonServer(triton_install, triton_repo, tmp_path_factory.mktemp("tritonserver"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(export_3d: Path) -> OnnxRuntimeBackend:
+    # One thread, like the served model.py: reductions split across threads round differently.
+    backend = OnnxRuntimeBackend(export_3d, intra_op_threads=1)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def triton_backend(request, triton_server: TritonServer) -> TritonBackend:
+    url = triton_server.grpc_url if request.param == "grpc" else triton_server.http_url
+    backend = TritonBackend(url, request.param, MODEL, timeout_s=30)
+    yield backend
+    backend.close()
+
+
+@pytest.mark.parametrize("uncertainty", [False, True], ids=["plain", "uncertainty"])
+@pytest.mark.parametrize("batch_size", [1, 3, 2 * MAX_BATCH + 1])
+def test_triton_equals_onnxruntime(
+    triton_backend, reference, exact, uncertainty, batch_size
+) -> None:
+    # Spatial sizes other than the export's patch: the axes are dynamic end to end.
+    rng = np.random.default_rng(batch_size)
+    batch = rng.normal(size=(batch_size, 1, 8, 12, 6)).astype(np.float32)
+    served = triton_backend.infer(batch, uncertainty=uncertainty)
+    expected = reference.infer(batch, uncertainty=uncertainty)
+    assert served.keys() == expected.keys()
+    for name, value in expected.items():
+        assert served[name].dtype == np.float32
+        assert_same(served[name], value, exact, name)
+
+
+@pytest.fixture(scope="module")
+def exact(triton_install) -> bool:
+    """Bit-equality is expected when both venvs run the same ONNX Runtime build."""
+    import onnxruntime
+
+    return triton_install.onnxruntime_version == onnxruntime.__version__
+
+
+def assert_same(actual: np.ndarray, desired: np.ndarray, exact: bool, name: str = "") -> None:
+    if exact:
+        np.testing.assert_array_equal(actual, desired, err_msg=name)
+    else:
+        # Different ONNX Runtime releases may round differently in the last bits; a transport
+        # or batching fault would show as differences of order one.
+        np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_health_and_description(triton_backend, export_3d) -> None:
+    assert triton_backend.ready() is True
+    assert triton_backend.uncertainty_ready() is True
+    info = triton_backend.describe()
+    assert info["max_batch_size"] == MAX_BATCH and info["uncertainty"] is True
+    metadata = json.loads((export_3d / "sfpc_model.json").read_text())
+    assert triton_backend.export_metadata() == metadata
+
+
+def test_concurrent_requests_from_threads(triton_backend, reference, exact) -> None:
+    batches = [
+        np.random.default_rng(100 + i).normal(size=(2, 1, 8, 8, 8)).astype(np.float32)
+        for i in range(6)
+    ]
+    results: dict[int, dict[str, np.ndarray]] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            results[i] = triton_backend.infer(batches[i], uncertainty=i % 2 == 1)
+        except BaseException as exc:  # surfaced below, with the thread's own traceback
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors, errors
+    for i, batch in enumerate(batches):
+        expected = reference.infer(batch, uncertainty=i % 2 == 1)
+        for name, value in expected.items():
+            assert_same(results[i][name], value, exact, name)
+
+
+def test_wrong_input_is_rejected_before_sending(triton_backend) -> None:
+    with pytest.raises(BackendError, match=r"expects \[B, 1, any, any, any\]"):
+        triton_backend.infer(np.zeros((1, 2, 8, 8, 8), np.float32))
+
+
+def test_unknown_model_is_unavailable(triton_server: TritonServer) -> None:
+    backend = TritonBackend(triton_server.grpc_url, "grpc", "no_such_model")
+    assert backend.ready() is False
+    with pytest.raises(BackendUnavailable, match="'no_such_model' .*not loaded or not ready"):
+        backend.infer(np.zeros((1, 1, 8, 8, 8), np.float32))
+    backend.close()
+
+
+def test_stopped_server_is_unavailable(triton_install, triton_repo, tmp_path) -> None:
+    server = TritonServer(triton_install, triton_repo, tmp_path)
+    batch = np.zeros((1, 1, 8, 8, 8), np.float32)
+    try:
+        server.start()
+        backends = [
+            TritonBackend(server.grpc_url, "grpc", MODEL, timeout_s=5),
+            TritonBackend(server.http_url, "http", MODEL, timeout_s=5),
+        ]
+        for backend in backends:
+            assert backend.ready() and backend.infer(batch)["logits"].shape == (1, 3, 8, 8, 8)
+    finally:
+        server.stop()
+    for backend in backends:
+        assert backend.ready() is False
+        with pytest.raises(BackendUnavailable) as caught:
+            backend.infer(batch)
+        message = str(caught.value)
+        assert backend.url in message and f"'{MODEL}'" in message
+        assert "cannot reach" in message and "tritonserver is running" in message
+        backend.close()

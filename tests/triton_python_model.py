@@ -1,0 +1,45 @@
+"""Python-backend `model.py` used by the Triton integration test (runs inside tritonserver).
+
+The pip-installed tritonserver has no ONNX Runtime backend, so this model runs the production
+repository's model.onnx with onnxruntime itself. It is copied next to the ONNX file as
+`<model>/1/model.py`; it runs under the Python-backend stub of the triton venv, never in pytest.
+"""
+
+import json
+from pathlib import Path
+
+import onnxruntime
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        graph = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        options = onnxruntime.SessionOptions()
+        # The test machine has two cores shared with pytest and a second model instance.
+        options.intra_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(
+            str(graph), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.input_names = [tensor["name"] for tensor in config["input"]]
+        self.output_names = [tensor["name"] for tensor in config["output"]]
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                feeds = {
+                    name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                    for name in self.input_names
+                }
+                results = self.session.run(self.output_names, feeds)
+                tensors = [
+                    pb_utils.Tensor(name, value)
+                    for name, value in zip(self.output_names, results, strict=True)
+                ]
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            except Exception as exc:  # report per request instead of failing the whole batch
+                error = pb_utils.TritonError(str(exc))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+        return responses
