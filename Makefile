@@ -16,12 +16,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+TRITON_VENV ?= .venv-triton
+
+# A real tritonserver for the tests lives in its own venv (pytriton pins numpy<2).
+$(TRITON_VENV)/.installed: scripts/setup_triton_env.sh
+	bash scripts/setup_triton_env.sh $(TRITON_VENV)
+	touch $@
+
 setup: $(STAMP)
 
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup
+test: $(STAMP) $(TRITON_VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,6 +32,8 @@ def _cmd_train(argv: Sequence[str]) -> int:
     from sfpc.training.trainer import train
 
     result = train(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only rank 0 reports
     print(json.dumps({"best_val_dice": result["best_dice"],
                       "step_time_median_s": result["step_time_median_s"],
                       "checkpoint": f"{cfg.out}/best.pt"}, indent=2))

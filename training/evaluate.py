@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
+
 from sfpc.model.networks import SFPCNet
+from sfpc.model.preprocess import resample_to_shape
 from sfpc.server.sliding_window import slicewise_inference, sliding_window_inference
 from sfpc.training.metrics import case_metrics, summarise, write_case_csv
 
@@ -43,20 +44,17 @@ def predict_probs(
         return sliding_window_inference(image, tuple(patch_size), predict, overlap=overlap,
                                         sw_batch_size=sw_batch_size)
     if input_mode == "resize":
-        # Paper's 2D recipe: each slice is scaled to the patch size, predicted, scaled back.
+        # Paper's 2D recipe: each slice is scaled to the patch size, predicted, scaled back, with
+        # the same edge-aligned resampling the training slices went through.
+        shape = list(image.shape[1:])
+        target = list(shape)
         in_plane = [a for a in range(3) if a != plane_axis]
-        shape = image.shape[1:]
-        zoom = [1.0] * 4
         for a, p in zip(in_plane, patch_size, strict=True):
-            zoom[a + 1] = p / shape[a]
-        resized = ndimage.zoom(image, zoom, order=1)
+            target[a] = int(p)
+        resized = resample_to_shape(image, target, order=1)
         out = slicewise_inference(resized, plane_axis, tuple(patch_size), predict,
                                   overlap=overlap, sw_batch_size=max(sw_batch_size, 16))
-        back = {}
-        for k, v in out.items():
-            factors = [1.0] + [shape[i] / v.shape[i + 1] for i in range(3)]
-            back[k] = ndimage.zoom(v, factors, order=1)[:, : shape[0], : shape[1], : shape[2]]
-        return back
+        return {k: resample_to_shape(v, shape, order=1) for k, v in out.items()}
     return slicewise_inference(image, plane_axis, tuple(patch_size), predict, overlap=overlap,
                                sw_batch_size=max(sw_batch_size, 16))
 

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from sfpc.model.networks import NetConfig, SFPCNet
 from sfpc.training.losses import (
     entropy,
@@ -24,7 +26,6 @@ from sfpc.training.losses import (
     uamt_loss,
     urpc_loss,
 )
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class Method:
             if sw.rec:
                 lr = reconstruction_loss(out["recon"], x)
                 loss = loss + self.lc.lambda2 * lr
-                logs["lr"] = lr.item()
+                logs["lrec"] = lr.item()
             if sw.flpm:
                 probs = torch.softmax(out["perturbed"], dim=2)
                 lu = fpc_loss(probs, self.lc.norm, weighted=sw.fpc, detach_mean=self.lc.detach_mean)

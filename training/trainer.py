@@ -186,7 +186,8 @@ class Trainer:
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not (
             cfg.progress and self.dist.main), dynamic_ncols=True, desc=cfg.method)
         it = iter(self.data.loader)
-        step_times = []
+        step_times: list[float] = []
+        window: list[float] = []  # losses since the last validation, for a smoothed log
         while self.iteration < cfg.iterations:
             xl, yl, xu = next(it)
             xl, yl, xu = xl.to(self.device), yl.to(self.device), xu.to(self.device)
@@ -198,6 +199,7 @@ class Trainer:
             self.sched.step()
             self.method.update_teacher(self.net, self.iteration)
             step_times.append(time.perf_counter() - t0)
+            window.append(logs["loss"])
             self.iteration += 1
             flpm = self.net.flpm()
             if flpm is not None and int(flpm.num_batches_tracked) > 0:
@@ -206,6 +208,8 @@ class Trainer:
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
             if self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations:
+                logs["loss_avg"] = float(np.mean(window))
+                window.clear()
                 self._validate_and_checkpoint(logs, step_times)
         bar.close()
         if self.dist.world > 1:

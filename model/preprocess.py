@@ -1,0 +1,371 @@
+"""Intensity normalisation and voxel geometry shared by training and serving.
+
+Only numpy, scipy and nibabel are imported here: the serving engine runs without torch and must
+preprocess an upload exactly as the trainer preprocessed its cases, so both call these functions.
+
+Array conventions: a spatial array has its spatial axes first (nibabel's order, anything after
+them - e.g. the channels of a 4D NIfTI - is carried along); with ``channel_first=True`` the array
+is MONAI-style ``(C, X, Y, Z)``. The canonical model grid is RAS.
+
+Resampling aligns voxel *edges*, not the centres of the first and last voxels (scipy's
+``grid_mode=True``): the physical extent ``shape * spacing`` is kept, and resampling back to the
+original shape returns to the original grid.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
+from scipy import ndimage
+
+NORMALISATION_KINDS = ("ct_window", "zscore", "minmax")
+
+
+# ----------------------------------------------------------------------------------------------
+# Intensity normalisation
+# ----------------------------------------------------------------------------------------------
+
+
+def validate_normalisation(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a normalisation spec and return it as a plain JSON-able dict with defaults filled."""
+    if not isinstance(spec, Mapping) or "kind" not in spec:
+        raise ValueError(f"normalisation spec must be a dict with a 'kind' key, got {spec!r}")
+    kind = spec["kind"]
+    if kind == "ct_window":
+        window = spec.get("window")
+        if window is None or len(window) != 2:
+            raise ValueError("ct_window normalisation needs 'window': [lo, hi]")
+        lo, hi = float(window[0]), float(window[1])
+        if not hi > lo:
+            raise ValueError(f"ct_window needs hi > lo, got window {window!r}")
+        return {"kind": kind, "window": [lo, hi]}
+    if kind == "zscore":
+        foreground = spec.get("foreground", "nonzero")
+        if foreground not in ("nonzero", "all"):
+            raise ValueError(f"zscore 'foreground' must be 'nonzero' or 'all', got {foreground!r}")
+        return {"kind": kind, "foreground": foreground}
+    if kind == "minmax":
+        out: dict[str, Any] = {"kind": kind}
+        percentiles = spec.get("percentiles")
+        if percentiles is not None:
+            if len(percentiles) != 2:
+                raise ValueError("minmax 'percentiles' must be [lower, upper]")
+            lo, hi = float(percentiles[0]), float(percentiles[1])
+            if not 0.0 <= lo < hi <= 100.0:
+                raise ValueError(
+                    f"minmax percentiles must satisfy 0 <= lo < hi <= 100, got {percentiles!r}"
+                )
+            out["percentiles"] = [lo, hi]
+        return out
+    raise ValueError(
+        f"unknown normalisation kind {kind!r}; expected one of {', '.join(NORMALISATION_KINDS)}"
+    )
+
+
+def normalise(
+    array: np.ndarray, spec: Mapping[str, Any], channel_axis: int | None = None
+) -> np.ndarray:
+    """Normalise intensities as described by ``spec``; returns a new float32 array.
+
+    ``{"kind": "ct_window", "window": [lo, hi]}``: clip to the window, scale to [0, 1].
+    ``{"kind": "zscore", "foreground": "nonzero" | "all"}``: zero mean, unit variance over the
+    foreground voxels; with "nonzero" the background stays exactly 0.
+    ``{"kind": "minmax", "percentiles": [lo, hi]}`` (percentiles optional): scale to [0, 1],
+    clipping to the given percentiles first.
+    With ``channel_axis`` each channel is normalised on its own statistics. Constant images map
+    to 0, never NaN.
+    """
+    spec = validate_normalisation(spec)
+    data = np.asarray(array, dtype=np.float32)
+    if channel_axis is not None:
+        moved = np.moveaxis(data, channel_axis, 0)
+        out = np.stack([_normalise_one(channel, spec) for channel in moved])
+        return np.moveaxis(out, 0, channel_axis)
+    return _normalise_one(data, spec)
+
+
+def _normalise_one(data: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    # Non-finite voxels (NaN padding in some MR exports) would poison every statistic below.
+    data = np.where(np.isfinite(data), data, np.float32(0)).astype(np.float32, copy=False)
+    kind = spec["kind"]
+    if kind == "ct_window":
+        lo, hi = spec["window"]
+        return ((np.clip(data, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    if kind == "zscore":
+        mask = data != 0 if spec["foreground"] == "nonzero" else np.ones(data.shape, dtype=bool)
+        out = np.zeros_like(data)
+        if not mask.any():
+            return out
+        values = data[mask].astype(np.float64)
+        mean, std = values.mean(), values.std()
+        scale = 1.0 / std if std > 0 else 0.0
+        out[mask] = ((values - mean) * scale).astype(np.float32)
+        return out
+    # minmax
+    if "percentiles" in spec:
+        lo, hi = np.percentile(data, spec["percentiles"])
+        data = np.clip(data, lo, hi)
+    else:
+        lo, hi = float(data.min()), float(data.max())
+    if hi <= lo:
+        return np.zeros_like(data)
+    return ((data - lo) / (hi - lo)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orientation
+# ----------------------------------------------------------------------------------------------
+
+
+def to_orientation(
+    array: np.ndarray,
+    affine: np.ndarray,
+    target: str = "RAS",
+    channel_first: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reorder/flip voxel axes so they point along ``target`` (closest axes for oblique images).
+
+    Returns ``(array, affine, transform)``; ``transform`` is nibabel's orientation transform
+    (one ``(new_axis, flip)`` row per spatial axis) and undoes with :func:`from_orientation`.
+    The returned affine maps the new voxel indices to the same world points as before.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    n_spatial = affine.shape[0] - 1
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(target)))
+    spatial_shape = _spatial_shape(array, n_spatial, channel_first)
+    new_affine = affine @ inv_ornt_aff(transform, spatial_shape)
+    return _apply_ornt(array, transform, channel_first), new_affine, transform
+
+
+def from_orientation(
+    array: np.ndarray, transform: np.ndarray, channel_first: bool = False
+) -> np.ndarray:
+    """Put an array produced on the reoriented grid back into the input's voxel order."""
+    transform = np.asarray(transform)
+    inverse = np.empty_like(transform)
+    for axis, (new_axis, flip) in enumerate(transform):
+        inverse[int(new_axis)] = (axis, flip)
+    return _apply_ornt(array, inverse, channel_first)
+
+
+def _apply_ornt(array: np.ndarray, ornt: np.ndarray, channel_first: bool) -> np.ndarray:
+    if channel_first:
+        moved = np.moveaxis(array, 0, -1)
+        return np.ascontiguousarray(np.moveaxis(apply_orientation(moved, ornt), -1, 0))
+    return np.ascontiguousarray(apply_orientation(array, ornt))
+
+
+def _spatial_shape(array: np.ndarray, n_spatial: int, channel_first: bool) -> tuple[int, ...]:
+    shape = array.shape[1:] if channel_first else array.shape
+    if len(shape) < n_spatial:
+        raise ValueError(f"array of shape {array.shape} has fewer than {n_spatial} spatial axes")
+    return tuple(shape[:n_spatial])
+
+
+# ----------------------------------------------------------------------------------------------
+# Spacing and resampling
+# ----------------------------------------------------------------------------------------------
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, ...]:
+    """Voxel size along each voxel axis: the length of each column of the affine's linear part."""
+    affine = np.asarray(affine, dtype=np.float64)
+    linear = affine[:-1, :-1]
+    return tuple(float(v) for v in np.sqrt((linear**2).sum(axis=0)))
+
+
+def resampled_shape(
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    target_spacing: Sequence[float | None] | float,
+    axes: Sequence[int] | None = None,
+) -> tuple[int, ...]:
+    """Spatial shape after resampling to ``target_spacing`` (extent kept, rounded, at least 1)."""
+    targets = _targets(spacing, target_spacing, axes)
+    return tuple(
+        int(n) if t is None else max(1, int(round(n * float(s) / float(t))))
+        for n, s, t in zip(shape, spacing, targets, strict=True)
+    )
+
+
+def resample_to_spacing(
+    array: np.ndarray,
+    spacing: Sequence[float],
+    target_spacing: Sequence[float | None] | float,
+    order: int,
+    axes: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Resample to a new voxel size keeping the physical extent.
+
+    ``array`` is spatial (``ndim == len(spacing)``) or channel-first (one more leading axis).
+    ``target_spacing`` is one number for all axes or one entry per axis, ``None`` keeping that
+    axis; ``axes`` restricts resampling to those spatial axes (e.g. ``(0, 1)`` for in-plane only,
+    as 2D models need). ``order`` 1 for images, 0 (nearest) for label maps.
+    """
+    n_spatial = len(spacing)
+    spatial = array.shape[-n_spatial:]
+    return resample_to_shape(array, resampled_shape(spatial, spacing, target_spacing, axes), order)
+
+
+def resample_to_shape(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """Resample the spatial axes (the last ``len(shape)``) to ``shape``, voxel edges aligned.
+
+    Applied to the output of :func:`resample_to_spacing` with the original shape, it brings the
+    array back onto the original grid (exactly that shape).
+    """
+    shape = tuple(int(n) for n in shape)
+    if array.ndim == len(shape):
+        return _zoom(array, shape, order)
+    if array.ndim == len(shape) + 1:
+        return np.stack([_zoom(channel, shape, order) for channel in array])
+    raise ValueError(f"cannot resample array of shape {array.shape} to spatial shape {shape}")
+
+
+def _zoom(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
+    if array.shape == shape:
+        return array.copy()
+    factors = [n_out / n_in for n_out, n_in in zip(shape, array.shape, strict=True)]
+    # Edge clamping ("nearest") avoids darkening the border that zero padding would cause.
+    out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
+    if out.shape != shape:  # zoom rounds its output shape; guard against a float slip
+        raise RuntimeError(f"zoom produced {out.shape}, expected {shape}")
+    return out
+
+
+def resample_affine(
+    affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequence[int]
+) -> np.ndarray:
+    """Affine of the grid produced by :func:`resample_to_shape` from ``old_shape``.
+
+    New voxel ``i`` sits at old continuous index ``(i + 0.5) * old/new - 0.5`` along each axis.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    scale = np.asarray(old_shape, dtype=np.float64) / np.asarray(new_shape, dtype=np.float64)
+    index_map = np.eye(len(scale) + 1)
+    index_map[:-1, :-1] = np.diag(scale)
+    index_map[:-1, -1] = 0.5 * scale - 0.5
+    return affine @ index_map
+
+
+def _targets(
+    spacing: Sequence[float],
+    target_spacing: Sequence[float | None] | float,
+    axes: Sequence[int] | None,
+) -> list[float | None]:
+    n = len(spacing)
+    if target_spacing is None or isinstance(target_spacing, numbers.Real):
+        targets: list[float | None] = [target_spacing] * n  # type: ignore[list-item]
+    else:
+        targets = list(target_spacing)
+        if len(targets) != n:
+            raise ValueError(f"target_spacing {target_spacing!r} does not match {n} spatial axes")
+    if axes is not None:
+        keep = set(range(n)) - {int(a) % n for a in axes}
+        for axis in keep:
+            targets[axis] = None
+    for t in targets:
+        if t is not None and not float(t) > 0:
+            raise ValueError(f"target spacing must be positive, got {target_spacing!r}")
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole input pipeline, forwards and back
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What is needed to put a model-grid prediction back on the input image's grid."""
+
+    input_shape: tuple[int, ...]  # spatial shape of the input, in its own voxel order
+    transform: tuple[tuple[float, float], ...]  # orientation transform (see to_orientation)
+    oriented_shape: tuple[int, ...]  # spatial shape after reorientation, before resampling
+    model_shape: tuple[int, ...]  # spatial shape the model sees
+    affine: tuple[tuple[float, ...], ...]  # affine of the model grid
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_shape": list(self.input_shape),
+            "transform": [list(row) for row in self.transform],
+            "oriented_shape": list(self.oriented_shape),
+            "model_shape": list(self.model_shape),
+            "affine": [list(row) for row in self.affine],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Geometry:
+        return cls(
+            input_shape=tuple(int(v) for v in data["input_shape"]),
+            transform=tuple((float(a), float(f)) for a, f in data["transform"]),
+            oriented_shape=tuple(int(v) for v in data["oriented_shape"]),
+            model_shape=tuple(int(v) for v in data["model_shape"]),
+            affine=tuple(tuple(float(v) for v in row) for row in data["affine"]),
+        )
+
+
+def prepare_image(
+    image: np.ndarray,
+    affine: np.ndarray,
+    normalisation: Mapping[str, Any] | None,
+    target_spacing: Sequence[float | None] | float | None = None,
+    resample_axes: Sequence[int] | None = None,
+    orientation: str = "RAS",
+) -> tuple[np.ndarray, Geometry]:
+    """Reorient, resample (linear) and normalise a channel-first ``(C, X, Y, Z)`` image.
+
+    The order (orientation, spacing, then intensity statistics on the model grid) is the one both
+    the trainer and the server use. Returns the float32 model-grid image and its :class:`Geometry`.
+    ``normalisation`` None leaves intensities as they are (float32).
+    """
+    image = np.asarray(image)
+    if image.ndim != 4:
+        raise ValueError(f"prepare_image expects a (C, X, Y, Z) array, got shape {image.shape}")
+    oriented, new_affine, transform = to_orientation(
+        image.astype(np.float32, copy=False), affine, orientation, channel_first=True
+    )
+    oriented_shape = oriented.shape[1:]
+    model = oriented
+    if target_spacing is not None:
+        spacing = spacing_from_affine(new_affine)
+        model = resample_to_spacing(oriented, spacing, target_spacing, 1, axes=resample_axes)
+        new_affine = resample_affine(new_affine, oriented_shape, model.shape[1:])
+    if normalisation is not None:
+        model = normalise(model, normalisation, channel_axis=0)
+    geometry = Geometry(
+        input_shape=tuple(int(v) for v in image.shape[1:]),
+        transform=tuple((float(a), float(f)) for a, f in transform),
+        oriented_shape=tuple(int(v) for v in oriented_shape),
+        model_shape=tuple(int(v) for v in model.shape[1:]),
+        affine=tuple(tuple(float(v) for v in row) for row in new_affine),
+    )
+    return np.ascontiguousarray(model, dtype=np.float32), geometry
+
+
+def prepare_label(label: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Bring a spatial label map of the input onto the model grid (nearest neighbour)."""
+    if tuple(label.shape) != geometry.input_shape:
+        raise ValueError(f"label shape {label.shape} != image shape {geometry.input_shape}")
+    oriented = _apply_ornt(np.asarray(label), np.asarray(geometry.transform), False)
+    return resample_to_shape(oriented, geometry.model_shape, 0)
+
+
+def restore(array: np.ndarray, geometry: Geometry, order: int = 0) -> np.ndarray:
+    """Map a model-grid array (spatial, or channel-first) back to the input's grid and order.
+
+    ``order`` 0 for label maps, 1 for probabilities or uncertainty maps.
+    """
+    channel_first = array.ndim == len(geometry.model_shape) + 1
+    oriented = resample_to_shape(array, geometry.oriented_shape, order)
+    return from_orientation(oriented, np.asarray(geometry.transform), channel_first=channel_first)

@@ -1,0 +1,112 @@
+"""The abdominal organ task on the TotalSegmentator test CTs (spleen, liver, stomach; 2D axial).
+
+There is only one labelled CT (ct_a), so the split is by blocks of axial slices: a held-apart
+validation block (never labelled, never seen unlabelled either), a gap on both sides of it (its
+neighbours are near-copies at 3 mm), a seeded, stratified sample of the remaining slices as the
+labelled set, and everything else of ct_a plus the whole of ct_b as the unlabelled pool.
+The labels are TotalSegmentator's own outputs: a silver standard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from sfpc.model.preprocess import to_orientation
+
+# TotalSegmentator 'total' ids -> our classes.
+LABEL_MAP = {1: 1, 5: 2, 6: 3}
+CLASS_NAMES = ["background", "spleen", "liver", "stomach"]
+VAL_BLOCK = (96, 106)  # axial slices of ct_a (RAS), half-open; all three organs present
+GAP = 2
+CT_WINDOW = [-250.0, 350.0]  # HU; soft-tissue window wide enough for gas in the stomach
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted indices -> half-open [start, stop) runs."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(indices):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def make_organ_dataset(
+    data_dir: str | Path,
+    out_json: str | Path,
+    labelled_fraction: float = 0.1,
+    seed: int = 0,
+    val_block: tuple[int, int] = VAL_BLOCK,
+    gap: int = GAP,
+    use_ct_b: bool = True,
+) -> dict:
+    """Write the dataset JSON (layout "json") and return a description of the split."""
+    data = Path(data_dir).resolve()
+    image, label = data / "ct_a_image.nii.gz", data / "ct_a_label.nii.gz"
+    for p in (image, label):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: point --data at shared/data/organs")
+    lab_img = nib.load(str(label))
+    lab, _, _ = to_orientation(np.asarray(lab_img.dataobj), lab_img.affine, "RAS")
+    n = lab.shape[2]
+    organ = np.isin(lab, list(LABEL_MAP)).any(axis=(0, 1))
+    lo, hi = val_block
+    excluded = set(range(max(0, lo - gap), min(n, hi + gap)))
+    pool = [z for z in range(n) if z not in excluded]
+    rng = np.random.default_rng(seed)
+    labelled: list[int] = []
+    # Stratified by organ presence so that 10% of slices keeps 10% of the organ slices.
+    for stratum in ([z for z in pool if organ[z]], [z for z in pool if not organ[z]]):
+        k = int(round(labelled_fraction * len(stratum)))
+        labelled += [int(z) for z in rng.choice(stratum, size=k, replace=False)] if k else []
+    unlabelled = [z for z in pool if z not in set(labelled)]
+    label_map = {str(k): v for k, v in LABEL_MAP.items()}
+    entries = [{"id": f"ct_a_val_{lo}_{hi}", "image": str(image), "label": str(label),
+                "slices": [lo, hi], "role": "val", "label_map": label_map}]
+    for a, b in _runs(labelled):
+        entries.append({"id": f"ct_a_lab_{a}_{b}", "image": str(image), "label": str(label),
+                        "slices": [a, b], "role": "labelled", "label_map": label_map})
+    for a, b in _runs(unlabelled):
+        entries.append({"id": f"ct_a_unl_{a}_{b}", "image": str(image), "slices": [a, b],
+                        "role": "unlabelled"})
+    if use_ct_b:
+        entries.append({"id": "ct_b", "image": str(data / "ct_b_image_unlabelled.nii.gz"),
+                        "role": "unlabelled"})
+    out = Path(out_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(entries, indent=1) + "\n")
+    return {"labelled_slices": sorted(labelled), "labelled_organ_slices":
+            sorted(z for z in labelled if organ[z]), "val_block": [lo, hi], "gap": gap,
+            "n_unlabelled_ct_a_slices": len(unlabelled), "ct_b": use_ct_b,
+            "labelled_fraction": labelled_fraction, "seed": seed, "json": str(out)}
+
+
+def train_overrides() -> dict:
+    """The TrainConfig fields of the organ task (2D axial, 3 mm in-plane, CT window)."""
+    return {
+        "layout": "json", "spatial_dims": 2, "plane": "axial", "patch_size": [128, 128],
+        "spacing": [3.0, 3.0, None], "input_mode": "spacing",
+        "normalisation": {"kind": "ct_window", "window": CT_WINDOW},
+        "class_names": CLASS_NAMES, "labelled_fraction": None, "val_fraction": None,
+        # No flips: left-right mirroring would swap liver and spleen sides.
+        "augment": {"flip": False, "rotation": 15.0, "scale": [0.85, 1.15]},
+        "task": "abdominal CT: spleen, liver, stomach",
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sfpc organ-split", description=__doc__)
+    p.add_argument("--data", required=True, help="folder with ct_a_image/ct_a_label/ct_b_*")
+    p.add_argument("--out", required=True, help="dataset JSON to write")
+    p.add_argument("--labelled-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(json.dumps(make_organ_dataset(a.data, a.out, a.labelled_fraction, a.seed), indent=2))
+    return 0
