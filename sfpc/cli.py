@@ -46,6 +46,18 @@ def _cmd_evaluate(argv: Sequence[str]) -> int:
     return evaluate_cli.main(list(argv))
 
 
+def _cmd_export(argv: Sequence[str]) -> int:
+    from sfpc.model import export_cli
+
+    return export_cli.main(list(argv))
+
+
+def _cmd_organ_split(argv: Sequence[str]) -> int:
+    from sfpc.training import organ_task
+
+    return organ_task.main(list(argv))
+
+
 def _cmd_demo(argv: Sequence[str]) -> int:
     from sfpc.training import demo
 
@@ -56,6 +68,8 @@ COMMANDS = {
     "synth": (_cmd_synth, "generate synthetic BraTS-like 3D or ACDC-like 2D NIfTI data"),
     "train": (_cmd_train, "train SFPC, an ablation row or a baseline"),
     "evaluate": (_cmd_evaluate, "evaluate a checkpoint: Dice, HD95, ASD, boundary Dice"),
+    "export": (_cmd_export, "export a checkpoint to ONNX (+ uncertainty graph, Triton repo)"),
+    "organ-split": (_cmd_organ_split, "write the abdominal CT organ task's slice-block split"),
     "demo": (_cmd_demo, "synthetic data -> short training -> evaluation, end to end"),
 }
 

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from sfpc.model.export import INPUT_NAME, export_model, parity
 from sfpc.model.metadata import ModelMetadata, sha256_file
 from sfpc.model.networks import NetConfig, SFPCNet

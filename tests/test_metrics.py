@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
+
 from sfpc.training import metrics as M
 
 torch = pytest.importorskip("torch")

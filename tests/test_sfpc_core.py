@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from sfpc.model.networks import NetConfig, SFPCNet, UncertaintyHead
 from sfpc.model.perturbation import FLPM, eps_grid
 from sfpc.training.losses import fpc_loss, lambda1, supervised_loss

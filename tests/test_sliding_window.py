@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from sfpc.server.sliding_window import (
     gaussian_importance_map,
     scan_interval,

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from sfpc.model.networks import SFPCNet
-from sfpc.model.preprocess import resample_to_shape
-from sfpc.server.sliding_window import slicewise_inference, sliding_window_inference
+from sfpc.server.engine import predict_model_grid
 from sfpc.training.metrics import case_metrics, summarise, write_case_csv
 
 
@@ -39,24 +38,15 @@ def predict_probs(
     overlap: float = 0.5,
     sw_batch_size: int = 4,
 ) -> dict[str, np.ndarray]:
-    """Run `predict` over a channel-first preprocessed volume (C, X, Y, Z); returns dict of maps."""
-    if spatial_dims == 3:
-        return sliding_window_inference(image, tuple(patch_size), predict, overlap=overlap,
-                                        sw_batch_size=sw_batch_size)
-    if input_mode == "resize":
-        # Paper's 2D recipe: each slice is scaled to the patch size, predicted, scaled back, with
-        # the same edge-aligned resampling the training slices went through.
-        shape = list(image.shape[1:])
-        target = list(shape)
-        in_plane = [a for a in range(3) if a != plane_axis]
-        for a, p in zip(in_plane, patch_size, strict=True):
-            target[a] = int(p)
-        resized = resample_to_shape(image, target, order=1)
-        out = slicewise_inference(resized, plane_axis, tuple(patch_size), predict,
-                                  overlap=overlap, sw_batch_size=max(sw_batch_size, 16))
-        return {k: resample_to_shape(v, shape, order=1) for k, v in out.items()}
-    return slicewise_inference(image, plane_axis, tuple(patch_size), predict, overlap=overlap,
-                               sw_batch_size=max(sw_batch_size, 16))
+    """Run `predict` over a channel-first preprocessed volume (C, X, Y, Z); returns dict of maps.
+
+    The serving engine's own model-grid inference, so that validation scores exactly what the
+    server will compute (sliding window for 3D, slice-wise and optional resize for 2D).
+    """
+    return predict_model_grid(
+        predict, image, spatial_dims=spatial_dims, patch_size=patch_size, plane_axis=plane_axis,
+        input_mode=input_mode, overlap=overlap,
+        sw_batch_size=sw_batch_size if spatial_dims == 3 else max(sw_batch_size, 16))
 
 
 def evaluate_cases(

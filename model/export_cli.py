@@ -1,0 +1,57 @@
+"""`sfpc export`: checkpoint -> ONNX graphs + metadata, and optionally a Triton model repository."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="sfpc export",
+        description="Export encoder + segmentation decoder to ONNX (seg.onnx), the FLPM "
+                    "multi-sample uncertainty graph (seg_uncertainty.onnx) and sfpc_model.json; "
+                    "with --triton-repo, also write a Triton model repository.")
+    p.add_argument("--checkpoint", required=True, help="best.pt from `sfpc train`")
+    p.add_argument("--out", required=True, help="export folder")
+    p.add_argument("--name", help="model name (default: the training run's --name)")
+    p.add_argument("--model-version", help="model version string for the metadata")
+    p.add_argument("--m", type=int, default=None, help="perturbation samples (default: training M)")
+    p.add_argument("--fixed-spatial", action="store_true",
+                   help="fix spatial dims to the patch size (TensorRT plans like this)")
+    p.add_argument("--check", action="store_true",
+                   help="compare ONNX Runtime with PyTorch on a random batch and print the error")
+    t = p.add_argument_group("Triton")
+    t.add_argument("--triton-repo", type=Path, help="also write a Triton model repository here")
+    t.add_argument("--max-batch-size", type=int, default=8)
+    t.add_argument("--instances", type=int, default=1)
+    t.add_argument("--gpu", action="store_true", help="KIND_GPU instances (default KIND_CPU)")
+    t.add_argument("--fp16", action="store_true", help="TensorRT FP16 accelerator (needs --gpu)")
+    t.add_argument("--trt-cache", help="TensorRT engine cache folder on the Triton host")
+    a = p.parse_args(argv)
+    if a.fp16 and not a.gpu:
+        p.error("--fp16 (TensorRT) runs on GPU instances: add --gpu")
+
+    import numpy as np
+
+    from sfpc.model.export import export_model, load_checkpoint, parity
+
+    net, meta = load_checkpoint(a.checkpoint)
+    written = export_model(net, meta, a.out, m=a.m, dynamic_spatial=not a.fixed_spatial,
+                           name=a.name, version=a.model_version)
+    report: dict = {"export": a.out, "graphs": written.graphs}
+    if a.check:
+        x = np.random.default_rng(0).normal(size=(2, meta.in_channels, *meta.patch_size))
+        report["max_abs_diff"] = parity(net, a.out, x.astype(np.float32))
+    if a.triton_repo:
+        from sfpc.model.triton_repo import write_triton_repository
+
+        files = write_triton_repository(
+            a.out, a.triton_repo, written.name, max_batch_size=a.max_batch_size,
+            instance_count=a.instances, instance_kind="KIND_GPU" if a.gpu else "KIND_CPU",
+            tensorrt_fp16=a.fp16, trt_engine_cache_dir=a.trt_cache)
+        report["triton_repo"] = [str(f) for f in files]
+    print(json.dumps(report, indent=2))
+    return 0

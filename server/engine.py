@@ -1,0 +1,683 @@
+"""The inference engine: one path from an uploaded volume to a mask and uncertainty maps.
+
+Every caller (HTTP gateway, CLI, benchmarks) goes through :class:`Engine`, so a volume segmented
+anywhere is preprocessed, tiled, stitched and restored the same way:
+
+1. validate the array and its affine (:class:`InputError` with a message a user can act on);
+2. :func:`~sfpc.model.preprocess.prepare_image`: reorient to the model's orientation, resample to
+   its spacing (in-plane only for 2D models), normalise - the trainer's own code;
+3. sliding window over the model grid (3D) or slice by slice along the model's plane (2D), with
+   Gaussian blending; plain mode blends softmax(logits / T), uncertainty mode blends the graph's
+   mean probabilities and mean per-sample entropy (M never materialises here);
+4. restore the probabilities to the input grid (linear, voxel edges aligned as in
+   ``preprocess.restore``) and take the argmax there, so that masks are smooth at the input's
+   resolution; uncertainty maps are computed on the input grid from the restored moments.
+
+Memory is bounded by streaming: 2D models are run, restored and reduced one slab of slices at a
+time (their through-plane axis is never resampled, so slabs are independent), and 3D probabilities
+are restored in slabs of rows. Nothing proportional to K x input voxels is ever held, only the
+model-grid image, the uint8 mask and the two float32 maps. Accumulators are float32 throughout:
+float16's 11-bit mantissa would blend Gaussian weights spanning three orders of magnitude with
+~1e-3 relative error, enough to flip argmax ties, and streaming already keeps the footprint small.
+
+No torch import anywhere below (the gateway runs ONNX graphs).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt
+
+from sfpc.model.metadata import ModelMetadata
+from sfpc.model.preprocess import (
+    Geometry,
+    prepare_image,
+    resample_to_shape,
+    spacing_from_affine,
+    validate_normalisation,
+)
+from sfpc.server.backends.base import Backend, BackendError
+from sfpc.server.sliding_window import (
+    Predictor,
+    scan_interval,
+    slicewise_inference,
+    sliding_window_inference,
+    window_starts,
+)
+from sfpc.server.uncertainty import DEFAULT_BAND, region_statistics, uncertainty_maps
+
+Progress = Callable[[int, int], None]
+
+PLAIN_KEY = "probs"
+UNCERTAINTY_KEYS = ("mean_probs", "mean_entropy")
+INPUT_MODES = ("spacing", "resize")
+# Per slab of streamed work, the float32 maps of one slab stay near this size.
+DEFAULT_SLAB_BYTES = 64 << 20
+# Direction cosines of real scanners' affines are orthonormal to ~1e-5 (float32 NIfTI headers,
+# DICOM rounding); anything beyond this is a sheared grid that reorientation cannot represent.
+ORTHOGONALITY_TOLERANCE = 1e-3
+_PLANE_CODES = {"sagittal": "LR", "coronal": "AP", "axial": "SI"}
+_FINITE_CHECK_VOXELS = 1 << 22
+
+
+class InputError(ValueError):
+    """The uploaded image or its affine cannot be segmented; the message says why (HTTP 4xx)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation
+# ----------------------------------------------------------------------------------------------
+
+
+def validate_image(image: Any, in_channels: int) -> np.ndarray:
+    """Check an upload and return it channel-first (C, X, Y, Z), without copying when possible.
+
+    Accepts (X, Y, Z) for single-channel models or (C, X, Y, Z), any integer, boolean or float
+    dtype; needs at least 2 voxels per spatial axis and only finite values.
+    """
+    try:
+        arr = np.asarray(image)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"image is not a numeric array: {exc}") from exc
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"image has dtype {arr.dtype}; send integer or floating-point voxels")
+    if arr.ndim == 3:
+        if in_channels != 1:
+            raise InputError(
+                f"image has shape {arr.shape} (one channel) but the model expects "
+                f"{in_channels} channels: send a channel-first (C, X, Y, Z) array"
+            )
+        arr = arr[None]
+    elif arr.ndim == 4:
+        if arr.shape[0] != in_channels:
+            hint = ""
+            if arr.shape[-1] == in_channels:
+                hint = " (it looks channel-last: move the channel axis first)"
+            raise InputError(
+                f"image has {arr.shape[0]} channels on axis 0 of shape {arr.shape} but the model "
+                f"expects {in_channels}; arrays are channel-first (C, X, Y, Z){hint}"
+            )
+    else:
+        raise InputError(
+            f"image has {arr.ndim} dimensions (shape {arr.shape}); expected a 3D volume "
+            "(X, Y, Z) or a channel-first (C, X, Y, Z) array"
+        )
+    small = [axis for axis, n in enumerate(arr.shape[1:]) if n < 2]
+    if small:
+        raise InputError(
+            f"image of spatial shape {arr.shape[1:]} has fewer than 2 voxels along axis "
+            f"{', '.join(str(a) for a in small)}; a volume needs at least 2 voxels per axis"
+        )
+    if arr.dtype.kind == "f":
+        _check_finite(arr)
+    return arr
+
+
+def _check_finite(arr: np.ndarray) -> None:
+    # Chunked over the first spatial axis: isfinite of a whole CT is a 100 MB temporary.
+    n_nan = n_inf = 0
+    rows = max(1, _FINITE_CHECK_VOXELS // max(1, arr[:, 0].size))
+    for start in range(0, arr.shape[1], rows):
+        chunk = arr[:, start:start + rows]
+        if np.isfinite(chunk).all():
+            continue
+        n_nan += int(np.count_nonzero(np.isnan(chunk)))
+        n_inf += int(np.count_nonzero(np.isinf(chunk)))
+    if n_nan or n_inf:
+        parts = [f"{n} {name} value{'s' if n > 1 else ''}"
+                 for n, name in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
+        raise InputError(
+            f"image contains {' and '.join(parts)}; replace non-finite voxels (e.g. with the "
+            "background intensity) before segmenting"
+        )
+
+
+def validate_affine(affine: Any) -> np.ndarray:
+    """Check a NIfTI-style 4x4 voxel-to-RAS+ affine: finite, [0, 0, 0, 1] last row, non-zero
+    voxel sizes, orthogonal direction cosines. Returns it as float64."""
+    try:
+        a = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"affine is not a numeric 4x4 matrix: {exc}") from exc
+    if a.shape != (4, 4):
+        raise InputError(f"affine must be a 4x4 matrix, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise InputError("affine contains NaN or Inf entries")
+    if not np.allclose(a[3], [0.0, 0.0, 0.0, 1.0], atol=1e-6):
+        raise InputError(f"affine's last row must be [0, 0, 0, 1], got {a[3].tolist()}")
+    linear = a[:3, :3]
+    spacing = np.sqrt((linear**2).sum(axis=0))
+    zero = [axis for axis, s in enumerate(spacing) if not s > 1e-8]
+    if zero:
+        raise InputError(
+            f"affine is singular: voxel axis {', '.join(map(str, zero))} has zero length "
+            "(a voxel size of 0 mm)"
+        )
+    cosines = linear / spacing
+    if abs(np.linalg.det(cosines)) < 1e-6:
+        raise InputError("affine is singular: its voxel axes are linearly dependent")
+    off = float(np.abs(cosines.T @ cosines - np.eye(3)).max())
+    if off > ORTHOGONALITY_TOLERANCE:
+        raise InputError(
+            f"affine's direction cosines are not orthogonal (largest |cos| between voxel axes "
+            f"{off:.3g} > {ORTHOGONALITY_TOLERANCE}): sheared grids are not supported; resample "
+            "the image to an orthogonal grid first"
+        )
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear resampling of a block of rows (bounded-memory restore)
+# ----------------------------------------------------------------------------------------------
+
+
+def resample_linear(
+    array: np.ndarray, shape: Sequence[int], *, axis: int = 0, start: int = 0,
+    stop: int | None = None,
+) -> np.ndarray:
+    """Rows ``start:stop`` along spatial ``axis`` of ``resample_to_shape(array, shape, order=1)``.
+
+    Same grid as :func:`~sfpc.model.preprocess.resample_to_shape` (voxel edges aligned, edge
+    values extended) computed separably in float32, so a block of the output costs memory
+    proportional to the block. ``array`` is spatial or has leading channel axes; an axis whose
+    length already matches is sliced, not interpolated (a view when nothing changes).
+    """
+    shape = tuple(int(n) for n in shape)
+    arr = np.asarray(array)
+    lead = arr.ndim - len(shape)
+    if lead < 0:
+        raise ValueError(f"cannot resample array of shape {arr.shape} to {shape}")
+    stop = shape[axis] if stop is None else stop
+    if not 0 <= start < stop <= shape[axis]:
+        raise ValueError(f"rows {start}:{stop} outside output axis {axis} of length {shape[axis]}")
+    # The restricted axis first: every later pass then works on the block only.
+    out = _linear_axis(arr, lead + axis, shape[axis], start, stop)
+    for other, n in enumerate(shape):
+        if other != axis:
+            out = _linear_axis(out, lead + other, n, 0, n)
+    return out
+
+
+def _linear_axis(a: np.ndarray, axis: int, n_out: int, start: int, stop: int) -> np.ndarray:
+    n_in = a.shape[axis]
+    if n_in == n_out:
+        return a[(slice(None),) * axis + (slice(start, stop),)]
+    # Centre of output voxel i in input index units, the scipy grid_mode=True mapping.
+    x = (np.arange(start, stop, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    np.clip(x, 0.0, n_in - 1, out=x)
+    i0 = np.floor(x).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w = (x - i0).astype(np.float32).reshape((-1,) + (1,) * (a.ndim - axis - 1))
+    lo = np.take(a, i0, axis=axis).astype(np.float32, copy=False)
+    hi = np.take(a, i1, axis=axis).astype(np.float32, copy=False)
+    hi -= lo
+    hi *= w
+    hi += lo
+    return hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-grid inference, shared with training/evaluate.py
+# ----------------------------------------------------------------------------------------------
+
+
+def iter_model_grid(
+    predict: Predictor,
+    image: np.ndarray,
+    *,
+    spatial_dims: int,
+    patch_size: Sequence[int],
+    plane_axis: int = 2,
+    input_mode: str = "spacing",
+    overlap: float | Sequence[float] = 0.5,
+    mode: str = "gaussian",
+    sigma_scale: float | Sequence[float] = 0.125,
+    sw_batch_size: int = 4,
+    slab_slices: int | None = None,
+) -> Iterator[tuple[int, int, int, dict[str, np.ndarray]]]:
+    """Run ``predict`` over a preprocessed (C, X, Y, Z) volume; yields ``(axis, start, stop,
+    maps)``: the blended maps {name: (K, ...)} of rows ``start:stop`` along spatial ``axis``.
+
+    3D: one sliding window over the whole volume (one block, axis 0). 2D: slices along
+    ``plane_axis``, ``slab_slices`` at a time (all at once when None); with ``input_mode``
+    "resize" each slice is scaled to ``patch_size`` (bilinear, voxel edges aligned: the
+    ``resample_to_shape`` the 2D trainer uses to resize its slices), predicted, and the maps are
+    scaled back the same way. Results do not depend on the slab size: every window is
+    independent of the others.
+    """
+    patch = tuple(int(p) for p in patch_size)
+    common = {"overlap": overlap, "mode": mode, "sigma_scale": sigma_scale,
+              "sw_batch_size": sw_batch_size}
+    if spatial_dims == 3:
+        yield 0, 0, image.shape[1], sliding_window_inference(image, patch, predict, **common)
+        return
+    if spatial_dims != 2:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if input_mode not in INPUT_MODES:
+        raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
+    n = image.shape[plane_axis + 1]
+    step = n if slab_slices is None else max(1, int(slab_slices))
+    for first in range(0, n, step):
+        last = min(first + step, n)
+        slab = image[(slice(None),) * (plane_axis + 1) + (slice(first, last),)]
+        if input_mode == "resize":
+            maps = _resized_slicewise(slab, plane_axis, patch, predict, common)
+        else:
+            maps = slicewise_inference(slab, plane_axis, patch, predict, **common)
+        yield plane_axis, first, last, maps
+
+
+def _resized_slicewise(slab: np.ndarray, plane_axis: int, patch: tuple[int, ...],
+                       predict: Predictor, common: dict[str, Any]) -> dict[str, np.ndarray]:
+    shape = slab.shape[1:]
+    in_plane = [a for a in range(3) if a != plane_axis]
+    resized_shape = list(shape)
+    for a, p in zip(in_plane, patch, strict=True):
+        resized_shape[a] = p
+    # A zoom factor of exactly 1 along the plane axis leaves each slice untouched, so this equals
+    # resizing every slice on its own.
+    resized = resample_to_shape(slab, resized_shape, 1)
+    maps = slicewise_inference(resized, plane_axis, patch, predict, **common)
+    return {name: np.ascontiguousarray(resample_linear(v, shape)) for name, v in maps.items()}
+
+
+def predict_model_grid(
+    predict: Predictor, image: np.ndarray, **settings: Any
+) -> dict[str, np.ndarray]:
+    """All maps of :func:`iter_model_grid` assembled on the whole model grid (K x voxels held:
+    for evaluation and tests; :meth:`Engine.segment` streams instead)."""
+    out: dict[str, np.ndarray] = {}
+    spatial = image.shape[1:]
+    for axis, start, stop, maps in iter_model_grid(predict, image, **settings):
+        for name, values in maps.items():
+            if name not in out:
+                out[name] = np.empty((values.shape[0], *spatial), dtype=np.float32)
+            out[name][(slice(None),) * (axis + 1) + (slice(start, stop),)] = values
+    return out
+
+
+def count_windows(model_shape: Sequence[int], *, spatial_dims: int, patch_size: Sequence[int],
+                  plane_axis: int = 2, input_mode: str = "spacing",
+                  overlap: float | Sequence[float] = 0.5) -> int:
+    """How many windows :func:`iter_model_grid` runs on a model grid of ``model_shape``."""
+    shape = [int(n) for n in model_shape]
+    n_slices = 1
+    if spatial_dims == 2:
+        n_slices = shape.pop(plane_axis)
+        if input_mode == "resize":
+            return n_slices
+    padded = [max(n, int(p)) for n, p in zip(shape, patch_size, strict=True)]
+    roi = [int(p) for p in patch_size]
+    return n_slices * len(window_starts(padded, roi, scan_interval(padded, roi, overlap)))
+
+
+def softmax(logits: np.ndarray, axis: int = 1, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / temperature) over ``axis``, float32, overflow-safe."""
+    z = np.asarray(logits, dtype=np.float32) / np.float32(temperature)
+    z -= z.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentationResult:
+    """A mask on the input grid, optional uncertainty maps, and what to report about them.
+
+    ``mask`` (uint8, the input's spatial shape) is meant to be saved with ``affine`` (the
+    input's). In uncertainty mode ``entropy`` = H(p_bar)/ln K and ``mutual_information`` =
+    (H(p_bar) - mean_m H(p_m))/ln K, both float32 in [0, 1] on the input grid.
+    """
+
+    mask: np.ndarray
+    affine: np.ndarray
+    class_names: list[str]
+    uncertainty: bool
+    statistics: dict[str, Any]
+    timings: dict[str, float]
+    n_windows: int
+    entropy: np.ndarray | None = None
+    mutual_information: np.ndarray | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    geometry: dict[str, Any] = field(default_factory=dict)
+
+    def maps(self) -> dict[str, np.ndarray]:
+        """The uncertainty maps present, by name."""
+        found = {"entropy": self.entropy, "mutual_information": self.mutual_information}
+        return {k: v for k, v in found.items() if v is not None}
+
+    def to_report(self) -> dict[str, Any]:
+        """Everything but the arrays, as JSON-able builtins."""
+        return {
+            "model": dict(self.model),
+            "uncertainty": self.uncertainty,
+            "uncertainty_maps": {
+                "entropy": "predictive entropy H(p_bar) / ln K, in [0, 1]",
+                "mutual_information": "(H(p_bar) - mean_m H(p_m)) / ln K, in [0, 1]",
+            } if self.uncertainty else {},
+            "class_names": list(self.class_names),
+            "shape": [int(n) for n in self.mask.shape],
+            "affine": np.asarray(self.affine, dtype=float).tolist(),
+            "geometry": self.geometry,
+            "statistics": self.statistics,
+            "timings": {k: float(v) for k, v in self.timings.items()},
+            "n_windows": int(self.n_windows),
+        }
+
+
+class Engine:
+    """Segment volumes with an exported SFPC model through any :class:`Backend`.
+
+    ``sw_batch_size`` windows go to the backend per call (default: the metadata's
+    ``inference.sw_batch_size``, at least 16 for 2D models as in training evaluation).
+    ``progress(done, total)`` is called with window counts after every backend call.
+    ``slab_bytes`` caps the float32 maps of one streamed slab; ``band`` is the boundary band
+    width (voxels of the input grid) of the statistics. ``metadata.temperature`` scales the
+    logits of plain mode only: the uncertainty graph returns probabilities with its softmax
+    inside. Thread-safe if the backend is.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        metadata: ModelMetadata,
+        *,
+        sw_batch_size: int | None = None,
+        progress: Progress | None = None,
+        slab_bytes: int = DEFAULT_SLAB_BYTES,
+        band: int = DEFAULT_BAND,
+    ) -> None:
+        self.backend = backend
+        self.metadata = metadata
+        self.progress = progress
+        self.slab_bytes = int(slab_bytes)
+        self.band = int(band)
+        _check_metadata(metadata)
+        inference = dict(metadata.inference or {})
+        self.overlap = inference.get("overlap", 0.5)
+        self.mode = inference.get("mode", "gaussian")
+        self.sigma_scale = inference.get("sigma_scale", 0.125)
+        if sw_batch_size is None:
+            sw_batch_size = int(inference.get("sw_batch_size", 4))
+            if metadata.spatial_dims == 2:
+                sw_batch_size = max(sw_batch_size, 16)
+        if sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        self.sw_batch_size = int(sw_batch_size)
+        self.plane_axis = _plane_axis(metadata)
+        self.target_spacing, self.resample_axes = _target_spacing(metadata, self.plane_axis)
+
+    # -- the three stages, public for callers that need the model grid (evaluation, tests) ----
+    def preprocess(self, image: Any, affine: Any) -> tuple[np.ndarray, Geometry]:
+        """Validate, then reorient / resample / normalise to the model grid (C, X', Y', Z')."""
+        arr = validate_image(image, self.metadata.in_channels)
+        aff = validate_affine(affine)
+        return self._prepare(arr, aff)
+
+    def infer_model_grid(self, model_image: np.ndarray, *,
+                         uncertainty: bool = False) -> dict[str, np.ndarray]:
+        """Blended maps on the whole model grid: {"probs"} (softmax of logits / temperature) or
+        {"mean_probs", "mean_entropy"} (natural log), each (K or 1, X', Y', Z') float32."""
+        self._check_uncertainty(uncertainty)
+        counter = _Counter()
+        predict = self._predictor(uncertainty, counter, self._total(model_image.shape[1:]),
+                                  self.progress)
+        return predict_model_grid(predict, model_image, **self._grid_settings(model_image))
+
+    def segment(self, image: Any, affine: Any, *, uncertainty: bool = False,
+                progress: Progress | None = None) -> SegmentationResult:
+        """Mask (and uncertainty maps) of ``image`` on its own grid; see the module docstring."""
+        self._check_uncertainty(uncertainty)
+        timings = {"preprocess": 0.0, "inference": 0.0, "backend": 0.0, "postprocess": 0.0}
+        t_start = time.perf_counter()
+        arr = validate_image(image, self.metadata.in_channels)
+        aff = validate_affine(affine)
+        model_image, geometry = self._prepare(arr, aff)
+        timings["preprocess"] = time.perf_counter() - t_start
+
+        outputs = _Outputs(geometry, uncertainty)
+        counter = _Counter()
+        total = self._total(geometry.model_shape)
+        predict = self._predictor(uncertainty, counter, total, progress or self.progress)
+        chunks = iter_model_grid(predict, model_image, **self._grid_settings(model_image))
+        while True:
+            t0 = time.perf_counter()
+            try:
+                axis, start, stop, maps = next(chunks)
+            except StopIteration:
+                timings["inference"] += time.perf_counter() - t0
+                break
+            t1 = time.perf_counter()
+            timings["inference"] += t1 - t0
+            self._restore_chunk(outputs, geometry, axis, start, stop, maps)
+            del maps
+            timings["postprocess"] += time.perf_counter() - t1
+        del model_image, chunks
+
+        t0 = time.perf_counter()
+        voxel_ml = abs(float(np.linalg.det(aff[:3, :3]))) / 1000.0
+        statistics = region_statistics(outputs.mask, outputs.maps(), self.metadata.class_names,
+                                       voxel_ml, band=self.band)
+        timings["postprocess"] += time.perf_counter() - t0
+        timings["backend"] = counter.seconds
+        timings["total"] = time.perf_counter() - t_start
+        meta = self.metadata
+        return SegmentationResult(
+            mask=outputs.mask,
+            affine=aff,
+            class_names=[str(c) for c in meta.class_names],
+            uncertainty=uncertainty,
+            statistics=statistics,
+            timings=timings,
+            n_windows=counter.windows,
+            entropy=outputs.entropy,
+            mutual_information=outputs.mutual_information,
+            model={"name": meta.name, "version": meta.version, "spatial_dims": meta.spatial_dims,
+                   "temperature": float(meta.temperature) if not uncertainty else None,
+                   "perturbations": int(meta.perturbation.get("M") or 0) if uncertainty else 0},
+            geometry={
+                "input_shape": list(geometry.input_shape),
+                "input_spacing": list(spacing_from_affine(aff)),
+                "model_shape": list(geometry.model_shape),
+                "model_spacing": list(spacing_from_affine(np.asarray(geometry.affine))),
+                "orientation": meta.orientation,
+            },
+        )
+
+    # -- internals ---------------------------------------------------------------------------
+    def _prepare(self, arr: np.ndarray, aff: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        return prepare_image(arr, aff, self.metadata.normalisation, self.target_spacing,
+                             self.resample_axes, orientation=self.metadata.orientation)
+
+    def _check_uncertainty(self, uncertainty: bool) -> None:
+        if uncertainty and not self.metadata.has_uncertainty:
+            raise InputError(
+                f"model {self.metadata.name!r} was exported without an uncertainty graph "
+                "(no FLPM); request plain segmentation"
+            )
+
+    def _grid_settings(self, model_image: np.ndarray) -> dict[str, Any]:
+        meta = self.metadata
+        settings: dict[str, Any] = {
+            "spatial_dims": meta.spatial_dims, "patch_size": meta.patch_size,
+            "plane_axis": self.plane_axis, "input_mode": meta.input_mode,
+            "overlap": self.overlap, "mode": self.mode, "sigma_scale": self.sigma_scale,
+            "sw_batch_size": self.sw_batch_size,
+        }
+        if meta.spatial_dims == 2:
+            # Budget the larger of the model slice and the slice it is resized to.
+            plane = [n for a, n in enumerate(model_image.shape[1:]) if a != self.plane_axis]
+            if meta.input_mode == "resize":
+                plane = [max(n, int(p)) for n, p in zip(plane, meta.patch_size, strict=True)]
+            per_slice = (meta.num_classes + 1) * 4 * math.prod(plane)
+            slices = max(1, self.slab_bytes // per_slice)
+            if slices >= self.sw_batch_size:
+                slices -= slices % self.sw_batch_size  # whole batches where windows allow
+            settings["slab_slices"] = slices
+        return settings
+
+    def _total(self, model_shape: Sequence[int]) -> int:
+        meta = self.metadata
+        return count_windows(model_shape, spatial_dims=meta.spatial_dims,
+                             patch_size=meta.patch_size, plane_axis=self.plane_axis,
+                             input_mode=meta.input_mode, overlap=self.overlap)
+
+    def _predictor(self, uncertainty: bool, counter: _Counter, total: int,
+                   progress: Progress | None = None) -> Predictor:
+        backend, temperature = self.backend, float(self.metadata.temperature or 1.0)
+        expected = UNCERTAINTY_KEYS if uncertainty else ("logits",)
+
+        def predict(batch: np.ndarray) -> dict[str, np.ndarray]:
+            t0 = time.perf_counter()
+            raw = backend.infer(batch, uncertainty=uncertainty)
+            counter.seconds += time.perf_counter() - t0
+            missing = [k for k in expected if k not in raw]
+            if missing:
+                raise BackendError(f"backend returned {sorted(raw)}, missing {missing}")
+            counter.windows += batch.shape[0]
+            if progress is not None:
+                progress(counter.windows, total)
+            if uncertainty:
+                return {k: raw[k] for k in UNCERTAINTY_KEYS}
+            return {PLAIN_KEY: softmax(raw["logits"], axis=1, temperature=temperature)}
+
+        return predict
+
+    def _restore_chunk(self, outputs: _Outputs, geometry: Geometry, axis: int, start: int,
+                       stop: int, maps: Mapping[str, np.ndarray]) -> None:
+        """Resample the model-grid rows ``start:stop`` (along ``axis``) to the oriented input
+        grid in slabs of rows, and write mask and maps into the outputs."""
+        out_shape = list(geometry.oriented_shape)
+        offset = 0
+        if stop - start != geometry.model_shape[axis]:
+            # A 2D slab: the plane axis is never resampled, so model rows are oriented rows.
+            if geometry.model_shape[axis] != out_shape[axis]:
+                raise RuntimeError(f"partial chunk along axis {axis}, which was resampled")
+            out_shape[axis] = stop - start
+            offset = start
+        channels = sum(v.shape[0] for v in maps.values())
+        row_bytes = channels * 4 * math.prod(n for a, n in enumerate(out_shape) if a != axis)
+        rows = max(1, self.slab_bytes // max(1, row_bytes))
+        for first in range(0, out_shape[axis], rows):
+            last = min(first + rows, out_shape[axis])
+            block = {name: resample_linear(v, out_shape, axis=axis, start=first, stop=last)
+                     for name, v in maps.items()}
+            index = (slice(None),) * axis + (slice(offset + first, offset + last),)
+            outputs.write(index, block)
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.windows = 0
+        self.seconds = 0.0
+
+
+class _Outputs:
+    """Input-grid results, written through views in the model's orientation (no final copy)."""
+
+    def __init__(self, geometry: Geometry, uncertainty: bool) -> None:
+        shape = geometry.input_shape
+        transform = np.asarray(geometry.transform)
+        self.mask = np.zeros(shape, dtype=np.uint8)
+        self._mask_view = apply_orientation(self.mask, transform)
+        self.entropy = self.mutual_information = None
+        if uncertainty:
+            self.entropy = np.zeros(shape, dtype=np.float32)
+            self.mutual_information = np.zeros(shape, dtype=np.float32)
+            self._entropy_view = apply_orientation(self.entropy, transform)
+            self._mi_view = apply_orientation(self.mutual_information, transform)
+        if tuple(self._mask_view.shape) != tuple(geometry.oriented_shape):
+            raise RuntimeError(f"oriented view {self._mask_view.shape} != "
+                               f"{geometry.oriented_shape}")
+
+    def write(self, index: tuple[slice, ...], block: Mapping[str, np.ndarray]) -> None:
+        probs = block[PLAIN_KEY] if PLAIN_KEY in block else block["mean_probs"]
+        self._mask_view[index] = np.argmax(probs, axis=0)
+        if self.entropy is not None:
+            maps = uncertainty_maps(probs, block["mean_entropy"])
+            self._entropy_view[index] = maps["entropy"]
+            self._mi_view[index] = maps["mutual_information"]
+
+    def maps(self) -> dict[str, np.ndarray]:
+        if self.entropy is None:
+            return {}
+        return {"entropy": self.entropy, "mutual_information": self.mutual_information}
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_metadata(meta: ModelMetadata) -> None:
+    problems = []
+    if meta.spatial_dims not in (2, 3):
+        problems.append(f"spatial_dims {meta.spatial_dims} (2 or 3)")
+    if len(meta.patch_size) != meta.spatial_dims or min(meta.patch_size) < 1:
+        problems.append(f"patch_size {meta.patch_size} for a {meta.spatial_dims}D model")
+    if not 2 <= meta.num_classes <= 256:
+        problems.append(f"num_classes {meta.num_classes} (2..256 fit a uint8 mask)")
+    if len(meta.class_names) != meta.num_classes:
+        problems.append(f"{len(meta.class_names)} class_names for {meta.num_classes} classes")
+    if meta.in_channels < 1:
+        problems.append(f"in_channels {meta.in_channels}")
+    if meta.input_mode not in INPUT_MODES:
+        problems.append(f"input_mode {meta.input_mode!r} (one of {INPUT_MODES})")
+    if not float(meta.temperature or 1.0) > 0:
+        problems.append(f"temperature {meta.temperature} (must be > 0)")
+    try:
+        axcodes2ornt(tuple(meta.orientation))
+        if len(meta.orientation) != 3:
+            raise ValueError
+    except ValueError:
+        problems.append(f"orientation {meta.orientation!r} (three axis codes such as 'RAS')")
+    if meta.normalisation is not None:
+        try:
+            validate_normalisation(meta.normalisation)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ValueError(f"model metadata of {meta.name!r} is not servable: {'; '.join(problems)}")
+
+
+def _plane_axis(meta: ModelMetadata) -> int:
+    """Axis of the oriented array that 2D slices are normal to (meta.plane in its orientation)."""
+    if meta.plane not in _PLANE_CODES:
+        raise ValueError(f"plane {meta.plane!r} is not one of {tuple(_PLANE_CODES)}")
+    codes = _PLANE_CODES[meta.plane]
+    for axis, code in enumerate(str(meta.orientation).upper()):
+        if code in codes:
+            return axis
+    raise ValueError(f"orientation {meta.orientation!r} has no {meta.plane} axis")
+
+
+def _target_spacing(
+    meta: ModelMetadata, plane_axis: int
+) -> tuple[list[float | None] | float | None, list[int] | None]:
+    """prepare_image's target spacing and resample axes: 2D models resample in-plane only."""
+    spacing = meta.spacing
+    in_plane = [a for a in range(3) if a != plane_axis] if meta.spatial_dims == 2 else None
+    if spacing is None:
+        return None, in_plane
+    if isinstance(spacing, (int, float)):
+        return float(spacing), in_plane
+    values = [None if v is None else float(v) for v in spacing]
+    if meta.spatial_dims == 2 and len(values) == 2:
+        full: list[float | None] = [None, None, None]
+        for a, v in zip(in_plane, values, strict=True):
+            full[a] = v
+        return full, in_plane
+    if len(values) != 3:
+        raise ValueError(f"metadata spacing {spacing!r} needs 3 entries (2 for a 2D model)")
+    return values, in_plane

@@ -1,0 +1,215 @@
+"""Voxel-wise uncertainty maps and their region statistics, in plain numpy.
+
+Shared by the serving engine and the uncertainty evaluation command, so that a map shown to a user
+and a map scored offline are computed by the same lines.
+
+Conventions: probabilities are channel-first (K, *spatial); entropies use the natural log with
+0 ln 0 = 0 (the exported uncertainty graph clamps p at 1e-12 before the log, which gives the same
+value to float32 precision). "Normalised" means divided by ln K, so both maps lie in [0, 1]:
+
+- predictive entropy ``H(p_bar) / ln K``, p_bar the mean of the M perturbed softmax outputs;
+- mutual information ``(H(p_bar) - mean_m H(p_m)) / ln K`` (the BALD score), the part of the
+  predictive entropy that comes from the perturbations disagreeing. It is >= 0 by concavity of H;
+  float rounding can make it a hair negative, which is clipped to 0.
+
+The band statistics use :func:`sfpc.training.metrics.boundary_band`, so "the 10-voxel band around
+the boundary" means the same voxels here as in the boundary Dice of the metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from sfpc.training.metrics import boundary_band
+
+ENTROPY_FLOOR = 1e-12  # as the exported graph: p * ln(max(p, 1e-12)) is 0 at p = 0
+DEFAULT_BAND = 10
+# Voxels per chunk when reducing over a whole volume: float64 accumulators and bool temporaries
+# stay at a few tens of MB even for a 512x512x400 CT.
+_CHUNK_VOXELS = 1 << 22
+
+
+def entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Shannon entropy in nats over ``axis`` (float32), with 0 ln 0 = 0."""
+    p = np.asarray(probs, dtype=np.float32)
+    logp = np.log(np.maximum(p, np.float32(ENTROPY_FLOOR)))
+    return -np.sum(p * logp, axis=axis, dtype=np.float32)
+
+
+def sample_moments(samples: np.ndarray, sample_axis: int = 0,
+                   class_axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """From M sample probability maps, the mean probabilities and the mean per-sample entropy.
+
+    ``samples`` holds the M softmax outputs along ``sample_axis`` and the K classes along
+    ``class_axis`` (e.g. (M, K, *spatial) or SFPCNet.sample_probs' (M, B, K, *spatial) with
+    class_axis=2). Returns ``(mean_probs, mean_entropy)`` as the uncertainty graph does: the
+    sample axis removed, the class axis kept (size K, resp. 1). float32.
+    """
+    s = np.asarray(samples, dtype=np.float32)
+    class_axis = class_axis % s.ndim
+    per_sample = np.expand_dims(entropy(s, axis=class_axis), class_axis)
+    return s.mean(axis=sample_axis), per_sample.mean(axis=sample_axis)
+
+
+def predictive_entropy(mean_probs: np.ndarray, axis: int = 0,
+                       normalise: bool = True) -> np.ndarray:
+    """H(p_bar) over the class ``axis``; divided by ln K and clipped to [0, 1] when normalised."""
+    p = np.asarray(mean_probs)
+    h = entropy(p, axis=axis)
+    if not normalise:
+        return h
+    k = p.shape[axis]
+    _check_classes(k)
+    h /= np.float32(math.log(k))
+    return np.clip(h, 0.0, 1.0, out=h)
+
+
+def mutual_information(mean_probs: np.ndarray, mean_entropy: np.ndarray, axis: int = 0,
+                       normalise: bool = True) -> np.ndarray:
+    """H(p_bar) - mean_m H(p_m), clipped at 0; divided by ln K when normalised.
+
+    ``mean_entropy`` is in nats, with or without the singleton class axis.
+    """
+    p = np.asarray(mean_probs)
+    me = np.asarray(mean_entropy, dtype=np.float32)
+    if me.ndim == p.ndim:
+        me = np.squeeze(me, axis=axis)
+    mi = entropy(p, axis=axis) - me
+    np.maximum(mi, 0.0, out=mi)
+    if normalise:
+        k = p.shape[axis]
+        _check_classes(k)
+        mi /= np.float32(math.log(k))
+        np.minimum(mi, 1.0, out=mi)
+    return mi
+
+
+def uncertainty_maps(mean_probs: np.ndarray, mean_entropy: np.ndarray,
+                     axis: int = 0) -> dict[str, np.ndarray]:
+    """Both normalised maps: {"entropy": H(p_bar)/ln K, "mutual_information": MI/ln K}."""
+    return {
+        "entropy": predictive_entropy(mean_probs, axis=axis),
+        "mutual_information": mutual_information(mean_probs, mean_entropy, axis=axis),
+    }
+
+
+def _check_classes(k: int) -> None:
+    if k < 2:
+        raise ValueError(f"normalised entropy needs at least 2 classes, got {k}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Region statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def class_sums(labels: np.ndarray, values: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """Per label 0..K-1, the number of voxels (``values`` None) or the float64 sum of ``values``.
+
+    Chunked along the first axis so that the float64 weights bincount needs never exist for the
+    whole volume at once.
+    """
+    lab = np.asarray(labels)
+    if values is not None and np.shape(values) != lab.shape:
+        raise ValueError(f"values shape {np.shape(values)} != labels shape {lab.shape}")
+    out = np.zeros(num_classes, dtype=np.float64)
+    if lab.size == 0:
+        return out
+    rows = max(1, _CHUNK_VOXELS // max(1, lab[0].size)) if lab.ndim > 1 else lab.shape[0]
+    for start in range(0, lab.shape[0], rows):
+        chunk = lab[start:start + rows].ravel()
+        weights = None if values is None else np.asarray(values[start:start + rows]).ravel()
+        out += np.bincount(chunk, weights=weights, minlength=num_classes)[:num_classes]
+    return out
+
+
+def masked_mean(values: np.ndarray, mask: np.ndarray) -> float | None:
+    """Mean of ``values`` where ``mask`` (float64 accumulation); None for an empty mask."""
+    n = int(np.count_nonzero(mask))
+    if n == 0:
+        return None
+    return float(np.sum(values, where=mask, dtype=np.float64) / n)
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding every True voxel, grown by ``margin`` and clipped to
+    the array; None when the mask is empty."""
+    m = np.asarray(mask, dtype=bool)
+    box = []
+    for axis in range(m.ndim):
+        other = tuple(a for a in range(m.ndim) if a != axis)
+        hits = np.flatnonzero(m.any(axis=other))
+        if hits.size == 0:
+            return None
+        box.append(slice(max(int(hits[0]) - margin, 0),
+                         min(int(hits[-1]) + 1 + margin, m.shape[axis])))
+    return tuple(box)
+
+
+def cropped_boundary_band(mask: np.ndarray,
+                          band: int = DEFAULT_BAND) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """:func:`~sfpc.training.metrics.boundary_band` of ``mask``, computed on the mask's bounding
+    box grown by ``band + 1`` voxels. Returns ``(box, band_in_box)``, None for an empty mask.
+
+    Identical to the band of the whole array: every band voxel lies within ``band`` voxels of a
+    mask voxel, hence inside the box, and the (2 band + 1)-cube of such a voxel never reaches past
+    the box's margin except where the box meets the image edge, which both versions treat alike.
+    A small organ in a CT thus costs a filter over its box, not over the volume.
+    """
+    box = bounding_box(mask, margin=int(band) + 1)
+    if box is None:
+        return None
+    return box, boundary_band(np.asarray(mask, dtype=bool)[box], band)
+
+
+def region_statistics(
+    labels: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    class_names: Sequence[str],
+    voxel_volume_ml: float,
+    band: int = DEFAULT_BAND,
+) -> dict[str, Any]:
+    """Volumes and uncertainty summaries of a predicted label map.
+
+    Per class: voxel count, volume in mL, and for every map in ``maps`` (e.g. "entropy",
+    "mutual_information") its mean inside the class and, for foreground classes (label > 0), its
+    mean inside the ``band``-voxel band around the class boundary (boundary_band, both sides).
+    The background's boundary is the union of the foreground ones, reported once for the case as
+    "boundary": the mean inside the union of the foreground bands. "case" also holds the mean of
+    each map over the whole volume. Means over no voxels are None (JSON null).
+    """
+    labels = np.asarray(labels)
+    num_classes = len(class_names)
+    counts = class_sums(labels, None, num_classes)
+    sums = {name: class_sums(labels, values, num_classes) for name, values in maps.items()}
+    classes: dict[str, Any] = {}
+    union = np.zeros(labels.shape, dtype=bool) if maps else None
+    for k, cname in enumerate(class_names):
+        n = int(counts[k])
+        entry: dict[str, Any] = {"label": k, "voxels": n, "volume_ml": n * float(voxel_volume_ml)}
+        for name in maps:
+            entry[f"mean_{name}"] = float(sums[name][k] / n) if n else None
+        if k > 0 and maps:
+            entry["boundary_voxels"] = 0
+            for name in maps:
+                entry[f"boundary_mean_{name}"] = None
+            found = cropped_boundary_band(labels == k, band) if n else None
+            if found is not None:
+                box, class_band = found
+                entry["boundary_voxels"] = int(np.count_nonzero(class_band))
+                for name, values in maps.items():
+                    entry[f"boundary_mean_{name}"] = masked_mean(values[box], class_band)
+                union[box] |= class_band
+        classes[str(cname)] = entry
+    case: dict[str, Any] = {"voxels": int(labels.size)}
+    if maps:
+        case["boundary_voxels"] = int(np.count_nonzero(union))
+        for name, values in maps.items():
+            case[f"mean_{name}"] = float(sums[name].sum() / labels.size)
+            case[f"boundary_mean_{name}"] = masked_mean(values, union)
+    return {"voxel_volume_ml": float(voxel_volume_ml), "band_width_voxels": int(band),
+            "classes": classes, "case": case}
