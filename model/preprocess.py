@@ -87,7 +87,7 @@ def normalise(
     to 0, never NaN.
     """
     spec = validate_normalisation(spec)
-    data = np.asarray(array, dtype=np.float32)
+    data = np.asarray(array)
     if channel_axis is not None:
         moved = np.moveaxis(data, channel_axis, 0)
         out = np.stack([_normalise_one(channel, spec) for channel in moved])
@@ -96,31 +96,47 @@ def normalise(
 
 
 def _normalise_one(data: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
-    # Non-finite voxels (NaN padding in some MR exports) would poison every statistic below.
-    data = np.where(np.isfinite(data), data, np.float32(0)).astype(np.float32, copy=False)
+    # One float32 working copy, then in-place arithmetic: a 512x512x400 CT must not cost several
+    # copies of itself. Non-finite voxels (NaN padding in some MR exports) would poison every
+    # statistic below, so they become 0 first.
+    out = np.array(data, dtype=np.float32, copy=True)
+    if not np.isfinite(out).all():
+        np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     kind = spec["kind"]
     if kind == "ct_window":
         lo, hi = spec["window"]
-        return ((np.clip(data, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+        np.clip(out, lo, hi, out=out)
+        out -= np.float32(lo)
+        out *= np.float32(1.0 / (hi - lo))
+        return out
     if kind == "zscore":
-        mask = data != 0 if spec["foreground"] == "nonzero" else np.ones(data.shape, dtype=bool)
-        out = np.zeros_like(data)
-        if not mask.any():
-            return out
-        values = data[mask].astype(np.float64)
-        mean, std = values.mean(), values.std()
-        scale = 1.0 / std if std > 0 else 0.0
-        out[mask] = ((values - mean) * scale).astype(np.float32)
+        if spec["foreground"] == "nonzero":
+            mask = out != 0
+            if not mask.any():
+                return out
+            values = out[mask]
+        else:
+            mask, values = None, out
+        mean = float(values.mean(dtype=np.float64))
+        std = float(values.std(dtype=np.float64))
+        scale = np.float32(1.0 / std if std > 0 else 0.0)
+        out -= np.float32(mean)
+        out *= scale
+        if mask is not None:
+            out[~mask] = 0.0  # background stays exactly 0
         return out
     # minmax
     if "percentiles" in spec:
-        lo, hi = np.percentile(data, spec["percentiles"])
-        data = np.clip(data, lo, hi)
+        lo, hi = (float(v) for v in np.percentile(out, spec["percentiles"]))
+        np.clip(out, lo, hi, out=out)
     else:
-        lo, hi = float(data.min()), float(data.max())
+        lo, hi = float(out.min()), float(out.max())
     if hi <= lo:
-        return np.zeros_like(data)
-    return ((data - lo) / (hi - lo)).astype(np.float32)
+        out[...] = 0.0
+        return out
+    out -= np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
