@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo clean
+.PHONY: setup system-deps test lint demo serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,12 +28,20 @@ setup: $(STAMP)
 lint: setup
 	$(BIN)/ruff check .
 
-test: $(STAMP) $(TRITON_VENV)/.installed
+# dciodvfy (Debian's dicom3tools), the DICOM standard's validator, checks the SEG we write.
+system-deps:
+	command -v dciodvfy >/dev/null || { apt-get update -qq && apt-get install -y -qq dicom3tools; }
+
+test: system-deps $(STAMP) $(TRITON_VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 demo: setup
 	$(BIN)/sfpc demo --out runs/demo
+
+# Serve an exported model: make serve MODEL=runs/demo/export
+serve: setup
+	$(BIN)/sfpc serve --model $(MODEL)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

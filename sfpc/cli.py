@@ -64,6 +64,12 @@ def _cmd_demo(argv: Sequence[str]) -> int:
     return demo.main(list(argv))
 
 
+def _cmd_serve(argv: Sequence[str]) -> int:
+    from sfpc.server.cli import serve
+
+    return serve(argv)
+
+
 COMMANDS = {
     "synth": (_cmd_synth, "generate synthetic BraTS-like 3D or ACDC-like 2D NIfTI data"),
     "train": (_cmd_train, "train SFPC, an ablation row or a baseline"),
@@ -71,6 +77,7 @@ COMMANDS = {
     "export": (_cmd_export, "export a checkpoint to ONNX (+ uncertainty graph, Triton repo)"),
     "organ-split": (_cmd_organ_split, "write the abdominal CT organ task's slice-block split"),
     "demo": (_cmd_demo, "synthetic data -> short training -> evaluation, end to end"),
+    "serve": (_cmd_serve, "serve exported models over HTTP (FastAPI gateway)"),
 }
 
 

@@ -1,0 +1,199 @@
+"""The FastAPI application of the SFPC gateway: ``create_app(settings)``.
+
+Models are loaded when the app is created, so a broken export stops the server before it binds
+its port. Middleware, outermost first: request context (request id, access log, metrics,
+last-resort 500 JSON), body size limit (413), CORS when origins are configured. Every error a
+client can cause is a 4xx JSON body ``{"error": {"code", "message", "detail"?, "request_id"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import sfpc
+from sfpc.server.backends import BackendError, BackendUnavailable
+from sfpc.server.engine import InputError
+from sfpc.server.observability import REQUEST_ID, RequestContextMiddleware, count_error
+from sfpc.server.routers import models as models_router
+from sfpc.server.routers import ops as ops_router
+from sfpc.server.routers import segment as segment_router
+from sfpc.server.routers.segment import SegmentationPool
+from sfpc.server.security import BodyLimitMiddleware, require_api_key
+from sfpc.server.service import Cancelled, ModelRegistry, SegmentationService, ServiceError
+from sfpc.server.settings import Settings
+
+log = logging.getLogger("sfpc.server.app")
+
+DESCRIPTION = """
+Semi-supervised medical image segmentation (SFPC) with voxel-wise uncertainty.
+
+Upload a NIfTI volume or a DICOM series to `POST /v1/segment` and get the mask back with the
+upload's exact shape and affine (NIfTI) or as a DICOM SEG; ask for predictive entropy and mutual
+information maps, a PNG overlay and a JSON report. Batch pipelines submit jobs to `/v1/jobs`.
+When the server has API keys, send one in `X-API-Key` or `Authorization: Bearer`.
+"""
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+                 410: "gone", 413: "upload_too_large", 415: "unsupported_media_type",
+                 422: "invalid_request", 429: "too_many_requests", 503: "unavailable"}
+
+
+def error_response(status: int, code: str, message: str, detail: Any = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one JSON error shape, with the request id; counted by code in the metrics."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        error["detail"] = detail
+    error["request_id"] = REQUEST_ID.get()
+    count_error(code, status)
+    if status >= 500:
+        log.warning("error response", extra={"status": status, "code": code})
+    return JSONResponse(status_code=status, content={"error": error}, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    try:  # the I/O layer's error type; absent only in a partial checkout
+        from sfpc.server.io import UploadError
+    except ImportError:  # pragma: no cover - the package ships with sfpc.server.io
+        UploadError = None  # noqa: N806
+
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, exc.message, exc.detail, headers)
+
+    if UploadError is not None:
+        @app.exception_handler(UploadError)
+        async def _upload(request: Request, exc: Any) -> JSONResponse:
+            return error_response(int(exc.status), str(exc.code), str(exc))
+
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        return error_response(422, "invalid_image", str(exc))
+
+    @app.exception_handler(Cancelled)
+    async def _cancelled(request: Request, exc: Cancelled) -> JSONResponse:
+        return error_response(504, "timeout", "segmentation was cancelled before it finished")
+
+    @app.exception_handler(BackendUnavailable)
+    async def _unavailable(request: Request, exc: BackendUnavailable) -> JSONResponse:
+        return error_response(503, "backend_unavailable", str(exc), headers={"Retry-After": "5"})
+
+    @app.exception_handler(BackendError)
+    async def _backend(request: Request, exc: BackendError) -> JSONResponse:
+        return error_response(502, "backend_error", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [{"field": ".".join(str(p) for p in e.get("loc", ())),
+                     "message": str(e.get("msg", ""))} for e in exc.errors()]
+        text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        return error_response(422, "invalid_request", f"invalid request: {text}", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no endpoint at {request.url.path}; see /docs for the API"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return error_response(exc.status_code, code, message,
+                              headers=getattr(exc, "headers", None))
+
+
+def _jobs_manager(settings: Settings, service: SegmentationService) -> tuple[Any, Any] | None:
+    """The asynchronous jobs router and its manager, when that subsystem is installed."""
+    try:
+        from sfpc.server.routers import jobs
+    except ImportError:
+        return None
+    manager_cls = getattr(jobs, "JobManager", None)
+    router = getattr(jobs, "router", None)
+    if manager_cls is None or router is None:
+        return None
+    return router, manager_cls.from_settings(settings, service)
+
+
+def create_app(settings: Settings | None = None, *,
+               registry: ModelRegistry | None = None) -> FastAPI:
+    """Build the gateway: load the models of ``settings`` (or use ``registry``), mount the
+    routers, and refuse a network-facing configuration without API keys."""
+    settings = settings or Settings()
+    settings.check_startable()
+    registry = registry or ModelRegistry(settings)
+    service = SegmentationService(registry, settings)
+    pool = SegmentationPool(settings.concurrency)
+    jobs = _jobs_manager(settings, service)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        manager = jobs[1] if jobs else None
+        if manager is not None and hasattr(manager, "start"):
+            await _maybe_await(manager.start())
+        log.info("gateway ready", extra={"models": registry.names,
+                                         "default_model": registry.default_name})
+        try:
+            yield
+        finally:
+            if manager is not None and hasattr(manager, "stop"):
+                # Stopping joins worker threads: off the event loop.
+                await _maybe_await(await run_in_threadpool(manager.stop))
+            pool.shutdown()
+            registry.close()
+
+    app = FastAPI(title="SFPC Seg gateway", version=sfpc.__version__, description=DESCRIPTION,
+                  lifespan=lifespan, root_path=settings.root_path)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.service = service
+    app.state.pool = pool
+    app.state.api_keys = settings.key_values()
+    if jobs is not None:
+        app.state.job_manager = jobs[1]
+
+    _install_error_handlers(app)
+    app.include_router(ops_router.router)
+    app.include_router(models_router.router)
+    app.include_router(segment_router.router)
+    if jobs is not None:
+        app.include_router(jobs[0], dependencies=[Depends(require_api_key)])
+
+    # Added innermost first: CORS (only when configured), body limit, request context.
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["X-API-Key", "Authorization", "Content-Type",
+                                          "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "X-SFPC-Model", "X-SFPC-Series-UID",
+                                           "X-SFPC-Artefacts", "Content-Disposition"])
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+async def _maybe_await(value: Any) -> Any:
+    if hasattr(value, "__await__"):
+        return await value
+    return value
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory (``uvicorn --factory sfpc.server.app:app_from_env``): settings from the
+    environment and SFPC_CONFIG_FILE."""
+    from sfpc.server.observability import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return create_app(settings)

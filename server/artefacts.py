@@ -1,0 +1,147 @@
+"""Encoders of the result files: NIfTI on the input's grid, DICOM SEG, report JSON, zip.
+
+The NIfTI outputs reuse the upload's own header when there was one (same NIfTI version, same
+sform/qform codes and units), so a viewer overlays them on the input without a resampling step and
+the affine round-trips bit for bit. DICOM uploads get a fresh NIfTI-1 header with the affine
+decoded from the series (scanner coordinates).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_MEDIA_TYPE = "application/gzip"
+DICOM_MEDIA_TYPE = "application/dicom"
+PNG_MEDIA_TYPE = "image/png"
+JSON_MEDIA_TYPE = "application/json"
+ZIP_MEDIA_TYPE = "application/zip"
+ZIP_NAME = "sfpc_result.zip"
+# gzip level 4 writes masks within a few % of level 9 at a third of the time; float maps barely
+# compress at any level.
+GZIP_LEVEL = 4
+# Members already compressed gain nothing from deflate; storing them saves the CPU.
+_STORED_SUFFIXES = (".gz", ".png", ".zip")
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, header: Any = None, *,
+                description: str = "") -> bytes:
+    """``array`` (uint8 labels or float32 maps) as a gzipped NIfTI with ``affine``.
+
+    With the upload's ``header`` the file keeps its NIfTI version, sform/qform fields and codes
+    and spatial units, so the affine a reader computes is the upload's, bit for bit; intensity
+    scaling, calibration, intent and slice timing are reset so that the stored values are the
+    array's. A header whose copy would not give back ``affine`` (fields no writer should have
+    produced) is replaced by a fresh one holding ``affine`` as the scanner sform and qform.
+    """
+    data = np.asarray(array)
+    if data.dtype.kind == "f":
+        data = data.astype(np.float32, copy=False)
+    affine = np.asarray(affine, dtype=np.float64)
+    if isinstance(header, nib.Nifti1Header):  # Nifti2Header derives from it
+        try:
+            image = _with_header(data, affine, header)
+            _describe(image, data, description)
+            raw = image.to_bytes()
+            if _written_affine_equals(raw, type(header), affine):
+                return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
+        except Exception:  # a corrupt field nibabel cannot write: use a fresh header below
+            pass
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    image = image_class(data, affine)
+    image.set_data_dtype(data.dtype)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    image.header.set_xyzt_units(xyz="mm")
+    _describe(image, data, description)
+    return gzip.compress(image.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
+
+
+_XFORM_CODES = (0, 1, 2, 3, 4, 5)
+
+
+def _with_header(data: np.ndarray, affine: np.ndarray, header: Any) -> nib.Nifti1Image:
+    hdr = header.copy()
+    hdr.set_slope_inter(1.0, 0.0)
+    for key in ("cal_min", "cal_max", "slice_start", "slice_end", "slice_duration", "toffset",
+                "intent_p1", "intent_p2", "intent_p3", "intent_code", "slice_code", "dim_info"):
+        hdr[key] = 0
+    hdr["intent_name"] = b""
+    hdr["aux_file"] = b""
+    xyz = int(hdr["xyzt_units"]) & 0x07  # the time bits mean nothing for a 3D mask
+    hdr["xyzt_units"] = xyz if xyz in (0, 1, 2, 3) else 2
+    for key in ("sform_code", "qform_code"):
+        if int(hdr[key]) not in _XFORM_CODES:
+            # Readers use any non-zero code's transform; 1 (scanner) keeps that choice valid.
+            hdr[key] = 1
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    image = image_class(data, affine, header=hdr)
+    image.set_data_dtype(data.dtype)
+    return image
+
+
+def _written_affine_equals(raw: bytes, header_class: type, affine: np.ndarray) -> bool:
+    size = 540 if issubclass(header_class, nib.Nifti2Header) else 348
+    written = header_class.from_fileobj(io.BytesIO(raw[:size]))
+    return bool(np.array_equal(written.get_best_affine(), affine))
+
+
+def _describe(image: nib.Nifti1Image, data: np.ndarray, description: str) -> None:
+    header = image.header
+    if description:
+        header["descrip"] = description.encode("ascii", "replace")[:79]
+    if data.dtype == np.uint8 and data.size:
+        # Viewers scale label maps to [cal_min, cal_max]: the label range, not the input's.
+        header["cal_min"] = 0
+        header["cal_max"] = int(data.max())
+
+
+def report_bytes(report: dict[str, Any]) -> bytes:
+    """The report as indented UTF-8 JSON (NaN would be invalid JSON: numbers are finite or
+    null by construction of the statistics)."""
+    return (json.dumps(report, indent=2, allow_nan=False, default=_default) + "\n").encode()
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return value.name
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def zip_bytes(members: Iterable[tuple[str, bytes | Path]]) -> bytes:
+    """A zip of ``(name, bytes or path)`` members; already-compressed members are stored."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in members:
+            method = (zipfile.ZIP_STORED if name.lower().endswith(_STORED_SUFFIXES)
+                      else zipfile.ZIP_DEFLATED)
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = method
+            info.external_attr = 0o644 << 16
+            data = content if isinstance(content, bytes) else Path(content).read_bytes()
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+def dicom_seg_bytes(mask: np.ndarray, volume: Any, class_names: list[str],
+                    metadata: Any) -> bytes:
+    """A DICOM SEG of ``mask`` referencing the uploaded series (highdicom, via sfpc.server.
+    dicom_seg)."""
+    import sfpc
+    from sfpc.server.dicom_seg import write_seg
+
+    return write_seg(mask, volume, class_names, algorithm_name=f"SFPC {metadata.name}",
+                     algorithm_version=str(metadata.version),
+                     software_versions=sfpc.__version__)

@@ -1,0 +1,243 @@
+"""Asynchronous jobs: ``/v1/jobs`` submit, status, results, cancel, list.
+
+``POST /v1/jobs`` takes exactly what ``POST /v1/segment`` takes (multipart ``file`` parts plus the
+same options as query parameters or form fields) and answers 202 once the upload is fsynced to
+the data dir and the job is committed to the job database: a server killed after the 202 loses
+nothing. Results are the files the synchronous endpoint would have returned.
+
+The app factory builds the manager with ``JobManager.from_settings(settings, service)``, stores
+it as ``app.state.job_manager``, calls ``start()``/``stop()`` in its lifespan and includes
+``router`` behind the API key dependency.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sfpc.server.jobs.manager import JobError, JobManager
+from sfpc.server.jobs.models import (
+    ErrorDetail,
+    JobList,
+    JobRecord,
+    JobStatus,
+    JobSubmitted,
+    JobTimings,
+    JobView,
+    iso_time,
+)
+from sfpc.server.routers import error_responses
+from sfpc.server.service import ServiceError
+
+router = APIRouter(tags=["jobs"])
+
+MAX_PAGE = 500
+
+__all__ = ["JobManager", "router"]
+
+
+def _manager(request: Request) -> JobManager:
+    manager = getattr(request.app.state, "job_manager", None)
+    if manager is None:
+        raise JobError(503, "jobs_unavailable", "asynchronous jobs are not enabled on this server")
+    return manager
+
+
+def _error(exc: JobError) -> JSONResponse:
+    from sfpc.server.app import error_response  # the app's one error shape (and its metrics)
+
+    return error_response(exc.status, exc.code, exc.message, headers=exc.headers or None)
+
+
+def _urls(request: Request, job_id: str) -> tuple[str, str]:
+    return (str(request.url_for("get_job", job_id=job_id)),
+            str(request.url_for("get_job_results", job_id=job_id)))
+
+
+def _view(request: Request, record: JobRecord, now: float) -> JobView:
+    status_url, results_url = _urls(request, record.id)
+    queued_until = record.started_at or record.finished_at or now
+    run_s = None
+    if record.started_at is not None:
+        run_s = (record.finished_at or now) - record.started_at
+    stages = {}
+    if record.report and isinstance(record.report.get("timings"), dict):
+        stages = {str(k): float(v) for k, v in record.report["timings"].items()
+                  if isinstance(v, (int, float))}
+    error = None
+    if record.error_code:
+        error = ErrorDetail(code=record.error_code, message=record.error_message or "")
+    # Past its expiry but not yet swept: shown as what it is.
+    status = JobStatus.EXPIRED if record.is_expired(now) else record.status
+    return JobView(
+        id=record.id, status=status, created_at=iso_time(record.created_at) or "",
+        started_at=iso_time(record.started_at), finished_at=iso_time(record.finished_at),
+        expires_at=iso_time(record.expires_at), attempts=record.attempts,
+        options=record.options, inputs=len(record.inputs),
+        input_bytes=sum(f.size for f in record.inputs), error=error,
+        results=[] if status is JobStatus.EXPIRED else list(record.results),
+        timings=JobTimings(queued_s=max(0.0, queued_until - record.created_at), run_s=run_s,
+                           stages=stages),
+        status_url=status_url, results_url=results_url)
+
+
+_SUBMIT_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                     "description": "As for POST /v1/segment: one .nii/.nii.gz, a .zip of a "
+                                    "DICOM series, several DICOM files or one multi-frame file."},
+            "model": {"type": "string", "maxLength": 200},
+            "outputs": {"type": "array", "items": {"type": "string"}},
+            "uncertainty": {"type": "boolean"},
+            "series_uid": {"type": "string", "maxLength": 64},
+            "format": {"type": "string", "enum": ["auto", "nifti", "dicom-seg", "zip"]},
+        },
+    }}},
+}
+
+
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=JobSubmitted,
+    summary="Submit a segmentation job",
+    responses={**error_responses(400, 401, 404, 413, 415, 422, 503, 507)},
+    openapi_extra={"requestBody": _SUBMIT_BODY},
+)
+async def submit_job(
+    request: Request,
+    model: str | None = Query(None, max_length=200, description="Served model name."),
+    outputs: list[str] | None = Query(None, description="Artefacts, repeated or "
+                                      "comma-separated (as for /v1/segment)."),
+    uncertainty: bool | None = Query(None, description="Run the multi-sample FLPM graph."),
+    series_uid: str | None = Query(None, max_length=64, description="DICOM series to segment."),
+    format: str | None = Query(None, description="Packing of GET .../results: auto, nifti, "
+                               "dicom-seg, zip."),
+) -> Any:
+    """Queue an upload for segmentation; 202 with the job's id, status URL and results URL (also
+    in ``Location``). 503 with ``Retry-After`` when the queue is full."""
+    from sfpc.server.routers.segment import _check_fields, build_options
+
+    try:
+        manager = _manager(request)
+    except JobError as exc:
+        return _error(exc)
+    settings = request.app.state.settings
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ServiceError(
+            "send the image as multipart/form-data (curl -F file=@image.nii.gz), got "
+            f"Content-Type {content_type.split(';')[0] or 'none'}", status=415,
+            code="unsupported_media_type")
+    try:
+        form = await request.form(max_files=settings.max_files, max_fields=64,
+                                  max_part_size=64 << 10)
+    except StarletteHTTPException as exc:
+        raise ServiceError(f"malformed multipart body: {exc.detail}", status=400,
+                           code="malformed_multipart") from None
+    try:
+        uploads = [upload for _, upload in _check_fields(form)]
+        options = build_options({"model": model, "outputs": outputs, "uncertainty": uncertainty,
+                                 "series_uid": series_uid, "format": format}, form)
+        request.app.state.service.registry.get(options.model)  # 404 before queuing
+        for upload in uploads:
+            upload.file.seek(0)
+        try:
+            record = await run_in_threadpool(manager.submit, uploads, options)
+        except JobError as exc:
+            return _error(exc)
+    finally:
+        await form.close()
+    status_url, results_url = _urls(request, record.id)
+    body = JobSubmitted(id=record.id, status=record.status, status_url=status_url,
+                        results_url=results_url)
+    return JSONResponse(status_code=202, content=body.model_dump(mode="json"),
+                        headers={"Location": status_url})
+
+
+@router.get("/v1/jobs", response_model=JobList, summary="List jobs",
+            responses={**error_responses(401, 422)})
+async def list_jobs(
+    request: Request,
+    status: JobStatus | None = Query(None, description="Only jobs in this state."),
+    limit: int = Query(50, ge=1, le=MAX_PAGE, description="Jobs per page."),
+    offset: int = Query(0, ge=0, le=2**62, description="Jobs to skip (newest first)."),
+) -> Any:
+    """Jobs newest first, optionally of one status, one page at a time."""
+    try:
+        manager = _manager(request)
+    except JobError as exc:
+        return _error(exc)
+    records, total = await run_in_threadpool(manager.list, status, limit, offset)
+    now = manager.clock()
+    next_offset = offset + len(records) if offset + len(records) < total else None
+    return JobList(items=[_view(request, r, now) for r in records], total=total, limit=limit,
+                   offset=offset, next_offset=next_offset)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobView, summary="Job status",
+            name="get_job", responses={**error_responses(401, 404, 410)})
+async def get_job(request: Request, job_id: str) -> Any:
+    """State, attempts, timings, error and result file names of one job; 410 once expired."""
+    try:
+        manager = _manager(request)
+        record = await run_in_threadpool(manager.get, job_id)
+    except JobError as exc:
+        return _error(exc)
+    return _view(request, record, manager.clock())
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobView, summary="Cancel a job",
+               responses={**error_responses(401, 404, 409, 410)})
+async def cancel_job(request: Request, job_id: str) -> Any:
+    """Cancel a queued job, or a running one (it stops at its next stage boundary and whatever
+    it computed is discarded); 409 when it already ended."""
+    try:
+        manager = _manager(request)
+        record = await run_in_threadpool(manager.cancel, job_id)
+    except JobError as exc:
+        return _error(exc)
+    return _view(request, record, manager.clock())
+
+
+@router.get("/v1/jobs/{job_id}/results", summary="Job results", name="get_job_results",
+            response_class=Response,
+            responses={200: {"description": "As POST /v1/segment would have answered: one file "
+                             "or a zip of several."}, **error_responses(401, 404, 409, 410)})
+async def get_job_results(request: Request, job_id: str) -> Any:
+    """The results of a succeeded job; 409 while queued or running (or when it failed or was
+    cancelled), 410 once expired."""
+    try:
+        manager = _manager(request)
+        path, body = await run_in_threadpool(manager.result_body, job_id)
+        record = await run_in_threadpool(manager.get, job_id)
+    except JobError as exc:
+        return _error(exc)
+    headers = {"X-SFPC-Artefacts": ",".join(record.results)}
+    model = (record.report or {}).get("model") or {}
+    if isinstance(model, dict) and model.get("name"):
+        headers["X-SFPC-Model"] = str(model["name"])
+    return FileResponse(path, media_type=body.media_type, filename=body.filename,
+                        headers=headers)
+
+
+@router.get("/v1/jobs/{job_id}/results/{filename}", summary="One result file",
+            response_class=Response,
+            responses={200: {"description": "The named artefact."},
+                       **error_responses(401, 404, 409, 410)})
+async def get_job_result_file(request: Request, job_id: str, filename: str) -> Any:
+    """One artefact of a succeeded job, by the name listed in its status ``results``."""
+    try:
+        manager = _manager(request)
+        path, media_type = await run_in_threadpool(manager.result_file, job_id, filename)
+    except JobError as exc:
+        return _error(exc)
+    return FileResponse(path, media_type=media_type, filename=filename)

@@ -1,0 +1,222 @@
+"""Gateway pieces without a server: settings sources, the loopback rule, API key comparison,
+the overlay's display convention and slice choice, the service's output rules."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from sfpc.server.overlay import _display, choose_slices, class_colour, render_overlay, zoom_box
+from sfpc.server.security import keys_match
+from sfpc.server.service import OptionError, SegmentOptions
+from sfpc.server.settings import Settings, is_loopback_host, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("SFPC_"):
+            monkeypatch.delenv(key)
+
+
+def test_settings_from_env_json_and_comma_lists(monkeypatch):
+    monkeypatch.setenv("SFPC_CORS_ORIGINS", "https://a.org, https://b.org")
+    monkeypatch.setenv("SFPC_API_KEYS", '["k1", "k 2"]')
+    monkeypatch.setenv("SFPC_MODEL_DIRS", "/m/one,/m/two")
+    monkeypatch.setenv("SFPC_CONCURRENCY", "3")
+    s = Settings()
+    assert s.cors_origins == ["https://a.org", "https://b.org"]
+    assert s.key_values() == ["k1", "k 2"]
+    assert [str(p) for p in s.model_dirs] == ["/m/one", "/m/two"]
+    assert s.concurrency == 3
+    assert "k1" not in s.model_dump_json()  # secrets never serialise in clear
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json", ".yaml"])
+def test_config_file_below_env_and_arguments(tmp_path, monkeypatch, suffix):
+    if suffix == ".yaml":
+        pytest.importorskip("yaml")
+    values = {"port": 9001, "host": "10.0.0.5", "api_keys": ["from-file"],
+              "request_timeout_s": 12.5}
+    path = tmp_path / f"gateway{suffix}"
+    if suffix == ".toml":
+        path.write_text('port = 9001\nhost = "10.0.0.5"\napi_keys = ["from-file"]\n'
+                        "request_timeout_s = 12.5\n")
+    else:  # JSON is valid YAML
+        path.write_text(json.dumps(values))
+    monkeypatch.setenv("SFPC_PORT", "9002")
+    s = load_settings(path, host="127.0.0.1")
+    assert s.port == 9002  # environment over file
+    assert s.host == "127.0.0.1"  # arguments over everything
+    assert s.key_values() == ["from-file"] and s.request_timeout_s == 12.5
+    with pytest.raises(FileNotFoundError):
+        load_settings(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("host,loopback", [
+    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("[::1]", True),
+    ("localhost", True), ("0.0.0.0", False), ("::", False), ("192.168.1.10", False),
+    ("gateway.hospital.org", False)])
+def test_loopback_rule(host, loopback):
+    assert is_loopback_host(host) is loopback
+    settings = Settings(host=host)
+    if loopback:
+        settings.check_startable()
+    else:
+        with pytest.raises(ValueError, match="API keys"):
+            settings.check_startable()
+        Settings(host=host, api_keys=["a-key"]).check_startable()
+
+
+def test_keys_match_exactly():
+    assert keys_match("abc", ["x", "abc"])
+    assert not keys_match("abc ", ["abc"]) and not keys_match("ab", ["abc"])
+    assert not keys_match("anything", [])
+    assert keys_match("clé-ü", ["clé-ü"])
+
+
+def test_output_rules():
+    assert SegmentOptions().resolve_outputs("nifti") == ["mask_nifti"]
+    assert SegmentOptions().resolve_outputs("dicom") == ["seg_dicom"]
+    assert SegmentOptions(uncertainty=True).resolve_outputs("nifti") == [
+        "mask_nifti", "entropy_nifti", "mi_nifti", "report_json"]
+    assert SegmentOptions(outputs=["mi_nifti"]).wants_uncertainty()
+    assert not SegmentOptions(outputs=["overlay_png"]).wants_uncertainty()
+    assert SegmentOptions(outputs=["report_json"], format="nifti").resolve_outputs("nifti") == [
+        "mask_nifti", "report_json"]
+    with pytest.raises(OptionError) as info:
+        SegmentOptions(format="dicom-seg").resolve_outputs("nifti")
+    assert info.value.status == 422 and info.value.code == "seg_needs_dicom"
+    with pytest.raises(ValueError):
+        SegmentOptions(outputs=[])
+
+
+# ----------------------------------------------------------------------------------------------
+# Overlay
+# ----------------------------------------------------------------------------------------------
+
+
+def test_display_is_radiological():
+    # RAS slice (x, y): x grows to the patient's right, y to anterior. On screen the patient's
+    # right is on the viewer's left and anterior is up.
+    s = np.zeros((5, 4))
+    s[4, 3] = 1  # right-most, anterior-most voxel
+    s[0, 0] = 2  # left-most, posterior-most voxel
+    shown = _display(s)
+    assert shown.shape == (4, 5)
+    assert shown[0, 0] == 1 and shown[-1, -1] == 2
+
+
+def test_choose_slices_spans_the_structure():
+    mask = np.zeros((4, 4, 50), np.uint8)
+    mask[1, 1, 20:31] = 1
+    picks, found = choose_slices(mask, 6)
+    assert found and picks[0] == 20 and picks[-1] == 30 and len(picks) == 6
+    picks, found = choose_slices(np.zeros((4, 4, 9), np.uint8), 12)
+    assert not found and picks == list(range(9))
+
+
+def test_zoom_box_only_for_small_structures():
+    mask = np.zeros((200, 200, 3), np.uint8)
+    mask[100:106, 50:58, 1] = 1
+    box = zoom_box(mask, (1.0, 1.0))
+    assert box is not None
+    (bx, by) = box
+    assert bx.start <= 100 and bx.stop >= 106 and by.start <= 50 and by.stop >= 58
+    assert (bx.stop - bx.start) == pytest.approx(by.stop - by.start, abs=1)  # square in mm
+    mask[10:190, 10:190, 1] = 1
+    assert zoom_box(mask, (1.0, 1.0)) is None
+
+
+def test_overlay_draws_outlines_heat_and_legend():
+    from PIL import Image
+
+    image = np.random.default_rng(0).normal(size=(48, 40, 12)).astype(np.float32)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[10:30, 10:25, 3:9] = 1
+    mask[32:40, 20:30, 4:7] = 2
+    heat = np.zeros(image.shape, np.float32)
+    heat[5:20, 5:20] = 0.9
+    affine = np.diag([-1.5, -1.5, 3.0, 1.0])  # LPS voxel order
+    def draw(uncertainty):
+        png = render_overlay(image, affine, mask, ["bg", "tumour", "oedema"],
+                             uncertainty=uncertainty, volumes_ml={"tumour": 12.5, "oedema": 3.0},
+                             title="test")
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+    with_heat, without = draw(heat), draw(None)
+    colours = {tuple(c) for c in with_heat.reshape(-1, 3)}
+    assert class_colour(1) in colours and class_colour(2) in colours
+
+    def warm(picture):  # red-yellow tint over grey: red well above blue
+        return int(np.count_nonzero(picture[..., 0] - picture[..., 2] > 60))
+
+    # The heat map tints 15 x 15 voxels on each of 12 slices; without it only the colour bar's
+    # absence and grey tiles remain.
+    assert warm(with_heat) > warm(without) + 1000
+
+
+# ----------------------------------------------------------------------------------------------
+# Readiness with an unreachable Triton (in process: no Triton server is needed to be absent)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_unreachable_triton_is_not_ready_and_answers_503(tmp_path):
+    pytest.importorskip("tritonclient.grpc")
+    import gzip
+    import socket
+
+    import nibabel as nib
+    from fastapi.testclient import TestClient
+
+    from sfpc.model.metadata import ModelMetadata
+    from sfpc.server.app import create_app
+
+    # The Triton backend reads only the metadata here; the graphs live on the (absent) server.
+    ModelMetadata(name="remote", spatial_dims=3, num_classes=2, patch_size=[16, 16, 16],
+                  class_names=["background", "organ"]).save(tmp_path)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(model_dirs=[tmp_path], backend="triton",
+                        triton_url=f"127.0.0.1:{port}", triton_timeout_s=2.0,
+                        data_dir=tmp_path / "jobs")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["error"]["detail"]["models"] == {"remote": False}
+        volume = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
+        upload = gzip.compress(nib.Nifti1Image(volume, np.eye(4)).to_bytes())
+        response = client.post("/v1/segment", files={"file": ("v.nii.gz", upload)})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "backend_unavailable"
+        assert response.headers["retry-after"]
+
+
+@pytest.mark.parametrize("field,value", [("xyzt_units", 120), ("sform_code", 200),
+                                         ("qform_code", 77), ("intent_code", 9999),
+                                         ("slice_code", 250), ("scl_slope", np.nan),
+                                         ("dim_info", 255)])
+def test_mask_nifti_survives_odd_header_fields(field, value):
+    """Found by the fuzz test: header fields a reader tolerates must not break the writer, and
+    the mask keeps the upload's affine (as nibabel reads it)."""
+    import gzip
+
+    import nibabel as nib
+
+    from sfpc.server.artefacts import nifti_bytes
+
+    upload = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.diag([1.5, 2.0, 3.0, 1.0]))
+    upload.header[field] = value
+    read = nib.Nifti1Image.from_bytes(upload.to_bytes())
+    mask = np.zeros((4, 5, 6), np.uint8)
+    mask[1, 2, 3] = 1
+    out = nib.Nifti1Image.from_bytes(gzip.decompress(nifti_bytes(mask, read.affine, read.header)))
+    assert np.array_equal(out.affine, read.affine)
+    assert np.array_equal(np.asarray(out.dataobj), mask)
