@@ -17,7 +17,6 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sfpc.server.jobs.manager import JobError, JobManager
 from sfpc.server.jobs.models import (
@@ -31,7 +30,6 @@ from sfpc.server.jobs.models import (
     iso_time,
 )
 from sfpc.server.routers import error_responses
-from sfpc.server.service import ServiceError
 
 router = APIRouter(tags=["jobs"])
 
@@ -124,27 +122,16 @@ async def submit_job(
 ) -> Any:
     """Queue an upload for segmentation; 202 with the job's id, status URL and results URL (also
     in ``Location``). 503 with ``Retry-After`` when the queue is full."""
-    from sfpc.server.routers.segment import _check_fields, build_options
+    from sfpc.server.routers.segment import build_options, check_fields, read_multipart
 
     try:
         manager = _manager(request)
     except JobError as exc:
         return _error(exc)
     settings = request.app.state.settings
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
-        raise ServiceError(
-            "send the image as multipart/form-data (curl -F file=@image.nii.gz), got "
-            f"Content-Type {content_type.split(';')[0] or 'none'}", status=415,
-            code="unsupported_media_type")
+    form = await read_multipart(request, settings)
     try:
-        form = await request.form(max_files=settings.max_files, max_fields=64,
-                                  max_part_size=64 << 10)
-    except StarletteHTTPException as exc:
-        raise ServiceError(f"malformed multipart body: {exc.detail}", status=400,
-                           code="malformed_multipart") from None
-    try:
-        uploads = [upload for _, upload in _check_fields(form)]
+        uploads = [upload for _, upload in check_fields(form)]
         options = build_options({"model": model, "outputs": outputs, "uncertainty": uncertainty,
                                  "series_uid": series_uid, "format": format}, form)
         request.app.state.service.registry.get(options.model)  # 404 before queuing

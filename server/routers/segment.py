@@ -140,7 +140,7 @@ def build_options(query: dict[str, Any], form: FormData) -> SegmentOptions:
         raise OptionError(f"invalid options: {text}", detail=problems) from None
 
 
-def _check_fields(form: FormData) -> list[tuple[str, UploadFile]]:
+def check_fields(form: FormData) -> list[tuple[str, UploadFile]]:
     uploads: list[tuple[str, UploadFile]] = []
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
@@ -220,6 +220,23 @@ _REQUEST_BODY = {
 }
 
 
+
+async def read_multipart(request: Request, settings: Settings) -> Any:
+    """The upload form of /v1/segment and /v1/jobs, with bad bodies as 4xx ServiceErrors."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ServiceError(
+            "send the image as multipart/form-data (curl -F file=@image.nii.gz), got "
+            f"Content-Type {content_type.split(';')[0] or 'none'}", status=415,
+            code="unsupported_media_type")
+    try:
+        form = await request.form(max_files=settings.max_files, max_fields=64,
+                                  max_part_size=64 << 10)
+    except StarletteHTTPException as exc:
+        raise ServiceError(f"malformed multipart body: {exc.detail}", status=400,
+                           code="malformed_multipart") from None
+    return form
+
 @router.post(
     "/v1/segment",
     summary="Segment an uploaded volume",
@@ -252,22 +269,11 @@ async def segment(
     settings: Settings = app.state.settings
     service: SegmentationService = app.state.service
     pool: SegmentationPool = app.state.pool
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
-        raise ServiceError(
-            "send the image as multipart/form-data (curl -F file=@image.nii.gz), got "
-            f"Content-Type {content_type.split(';')[0] or 'none'}", status=415,
-            code="unsupported_media_type")
-    try:
-        form = await request.form(max_files=settings.max_files, max_fields=64,
-                                  max_part_size=64 << 10)
-    except StarletteHTTPException as exc:
-        raise ServiceError(f"malformed multipart body: {exc.detail}", status=400,
-                           code="malformed_multipart") from None
+    form = await read_multipart(request, settings)
     folder = Path(tempfile.mkdtemp(prefix="sfpc-upload-", dir=settings.temp_dir))
     handed_over = False
     try:
-        uploads = _check_fields(form)
+        uploads = check_fields(form)
         options = build_options({"model": model, "outputs": outputs, "uncertainty": uncertainty,
                                  "series_uid": series_uid, "format": format}, form)
         service.registry.get(options.model)  # 404 before any decoding work
