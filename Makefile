@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps test lint demo serve clean
+.PHONY: setup system-deps test lint demo serve default-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: system-deps $(STAMP) $(TRITON_VENV)/.installed
 
 demo: setup
 	$(BIN)/sfpc demo --out runs/demo
+
+# Re-create the shipped default model (server/default_model/) from ../shared/data/organs.
+default-model: setup
+	$(BIN)/sfpc build-default-model --data ../shared/data/organs --no-progress
 
 # Serve an exported model: make serve MODEL=runs/demo/export
 serve: setup

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,15 +34,17 @@ LABELS = {"supervised": "Seg (supervised-only UNet)", "seg+rec": "Seg+Rec",
           "sfpc:sdrop": "SFPC, spatial dropout"}
 
 
-def run_one(key: str, dataset: Path, out: Path, args: argparse.Namespace) -> dict:
+def run_one(key: str, dataset: Path, out: Path, args: argparse.Namespace, seed: int) -> dict:
     method, _, perturbation = key.partition(":")
     fields = train_overrides()
+    fields["augment"] = {**fields["augment"], "empty_slice_prob": args.empty_slice_prob}
     fields.update(
         data=str(dataset), method=method, perturbation=perturbation or "flpm",
         iterations=args.iterations, lr_step=max(1, round(args.iterations * 2500 / 6000)),
-        val_every=args.val_every or max(1, args.iterations // 5), seed=args.seed,
-        out=str(out / key.replace(":", "_").replace("+", "_")), progress=not args.no_progress,
-        split_file=str(out / "split.json"), uamt_t=args.uamt_t,
+        val_every=args.val_every or max(1, args.iterations // 5), seed=seed,
+        out=str(out / f"{key.replace(':', '_').replace('+', '_')}_seed{seed}"),
+        progress=not args.no_progress, split_file=str(out / f"split_seed{seed}.json"),
+        uamt_t=args.uamt_t,
     )
     cfg = TrainConfig(**fields)
     t0 = time.perf_counter()
@@ -49,28 +52,40 @@ def run_one(key: str, dataset: Path, out: Path, args: argparse.Namespace) -> dic
     wall = time.perf_counter() - t0
     best = torch.load(Path(cfg.out) / "best.pt", weights_only=False)
     summary = best["metadata"]["metrics"]["validation"]
-    return {"method": key, "wall_s": wall, "step_time_median_s": result["step_time_median_s"],
+    return {"method": key, "seed": seed, "wall_s": wall,
+            "step_time_median_s": result["step_time_median_s"],
             "best_iteration": best["metadata"]["metrics"]["iteration"], "summary": summary}
 
 
-def fmt_row(r: dict, base_step: float) -> str:
-    s = r["summary"]
-    cells = [LABELS.get(r["method"], r["method"])]
-    for metric, scale in (("dice", 100), ("hd95", 1), ("asd", 1), ("boundary_dice", 100)):
-        cells.append(f"{s['mean'][metric]['mean'] * scale:.2f}")
+def fmt_row(runs: list[dict], base_step: float) -> str:
+    """One method's row: the mean over seeds (and the spread of the mean Dice over seeds)."""
+
+    def avg(get) -> float:
+        return float(statistics.fmean(get(r["summary"]) for r in runs))
+
+    dice = [r["summary"]["mean"]["dice"]["mean"] * 100 for r in runs]
+    spread = f" ± {statistics.pstdev(dice):.1f}" if len(runs) > 1 else ""
+    cells = [LABELS.get(runs[0]["method"], runs[0]["method"]),
+             f"{statistics.fmean(dice):.2f}{spread}"]
+    for metric, scale in (("hd95", 1), ("asd", 1), ("boundary_dice", 100)):
+        cells.append(f"{avg(lambda s, m=metric: s['mean'][m]['mean']) * scale:.2f}")
     for cls in CLASS_NAMES[1:]:
-        cells.append(f"{s[cls]['dice']['mean'] * 100:.1f}")
-    cells.append(f"{r['step_time_median_s'] / base_step:.2f}x")
+        cells.append(f"{avg(lambda s, c=cls: s[c]['dice']['mean']) * 100:.1f}")
+    step = statistics.median(r["step_time_median_s"] for r in runs)
+    cells.append(f"{step / base_step:.2f}x")
     return "| " + " | ".join(cells) + " |"
 
 
 def table(results: list[dict]) -> str:
-    base = next((r["step_time_median_s"] for r in results if r["method"] == "supervised"),
-                results[0]["step_time_median_s"])
-    head = ("| method | Dice % | HD95 mm | ASD mm | boundary Dice % | spleen Dice % | "
-            "liver Dice % | stomach Dice % | step time vs supervised |")
+    by_method: dict[str, list[dict]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], []).append(r)
+    first = next(iter(by_method.values()))
+    base = statistics.median(r["step_time_median_s"] for r in by_method.get("supervised", first))
+    head = ("| method | Dice % (± sd over seeds) | HD95 mm | ASD mm | boundary Dice % | "
+            "spleen Dice % | liver Dice % | stomach Dice % | step time vs supervised |")
     sep = "|" + "---|" * 9
-    return "\n".join([head, sep, *(fmt_row(r, base) for r in results)])
+    return "\n".join([head, sep, *(fmt_row(runs, base) for runs in by_method.values())])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--val-every", type=int, default=0)
     p.add_argument("--labelled-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337],
+                   help="one split and one training run per seed; the table averages them")
+    p.add_argument("--empty-slice-prob", type=float, default=1.0,
+                   help="relative weight of labelled slices without organs (1 = uniform)")
     p.add_argument("--uamt-t", type=int, default=8)
     p.add_argument("--methods", nargs="*", default=None, help=f"subset of {ROWS}")
     p.add_argument("--figure9", action="store_true", help="add F-Noise, F-Drop, spatial dropout")
@@ -98,18 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown methods {bad}")
     out = Path(args.out)
-    split = make_organ_dataset(args.data, out / "dataset.json", args.labelled_fraction, args.seed)
-    print(json.dumps(split), flush=True)
+    splits = {seed: make_organ_dataset(args.data, out / f"dataset_seed{seed}.json",
+                                       args.labelled_fraction, seed) for seed in args.seeds}
+    print(json.dumps(splits), flush=True)
     results = []
     for key in keys:
-        print(f"== {key}", flush=True)
-        results.append(run_one(key, out / "dataset.json", out, args))
-        (out / "results.json").write_text(json.dumps({"split": split, "args": vars(args),
-                                                      "results": results}, indent=1))
+        for seed in args.seeds:
+            print(f"== {key} seed {seed}", flush=True)
+            results.append(run_one(key, out / f"dataset_seed{seed}.json", out, args, seed))
+            (out / "results.json").write_text(json.dumps(
+                {"splits": splits, "args": vars(args), "results": results}, indent=1))
     print()
-    print(f"iterations {args.iterations}, seed {args.seed}, torch threads "
-          f"{torch.get_num_threads()}, labelled slices {split['labelled_slices']} "
-          f"(organ: {split['labelled_organ_slices']}), validation block {split['val_block']}")
+    print(f"iterations {args.iterations}, seeds {args.seeds}, torch threads "
+          f"{torch.get_num_threads()}, empty-slice weight {args.empty_slice_prob}, validation "
+          f"block {splits[args.seeds[0]]['val_block']}, labelled slices per seed "
+          + "; ".join(f"{s}: {v['labelled_slices']} (organ {v['labelled_organ_slices']})"
+                      for s, v in splits.items()))
     print(table(results))
     return 0
 

@@ -260,7 +260,10 @@ class JobManager:
         if record.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             raise JobError(409, "results_not_ready", f"job {job_id} is {record.status.value}; "
                            "poll its status URL until it has succeeded")
-        reason = f": {record.error_code}: {record.error_message}" if record.error_code else ""
+        # A cancelled job's code repeats its status; say the message alone then.
+        detail = [v for v in (record.error_code, record.error_message)
+                  if v and v != record.status.value]
+        reason = f" ({': '.join(detail)})" if detail else ""
         raise JobError(409, f"job_{record.status.value}",
                        f"job {job_id} {record.status.value}{reason}; it has no results")
 

@@ -208,10 +208,9 @@ async def get_job_results(request: Request, job_id: str) -> Any:
         record = await run_in_threadpool(manager.get, job_id)
     except JobError as exc:
         return _error(exc)
-    headers = {"X-SFPC-Artefacts": ",".join(record.results)}
-    model = (record.report or {}).get("model") or {}
-    if isinstance(model, dict) and model.get("name"):
-        headers["X-SFPC-Model"] = str(model["name"])
+    from sfpc.server.routers.segment import result_headers
+
+    headers = result_headers(record.report, list(record.results))
     return FileResponse(path, media_type=body.media_type, filename=body.filename,
                         headers=headers)
 

@@ -318,18 +318,25 @@ async def segment(
         "shape": (report.get("input") or {}).get("shape"), "outputs": result.filenames,
         "uncertainty": report.get("uncertainty"), "timings": report.get("timings"),
         "response_bytes": artefact.size})
-    headers = {
-        "Content-Disposition": f'attachment; filename="{artefact.filename}"',
-        "X-SFPC-Model": model_name,
-        "X-SFPC-Model-Version": str(report.get("model", {}).get("version", "")),
-        "X-SFPC-Artefacts": ",".join(result.filenames),
-    }
-    series = (report.get("input") or {}).get("series") or {}
-    if series.get("series_instance_uid"):
-        headers["X-SFPC-Series-UID"] = str(series["series_instance_uid"])
+    headers = {"Content-Disposition": f'attachment; filename="{artefact.filename}"',
+               **result_headers(report, result.filenames)}
     if isinstance(artefact.content, Path):
         return FileResponse(artefact.content, media_type=artefact.media_type, headers=headers)
     return Response(content=artefact.content, media_type=artefact.media_type, headers=headers)
+
+
+def result_headers(report: dict[str, Any] | None, filenames: list[str]) -> dict[str, str]:
+    """What a client needs without opening the body: model, version, artefacts, series used.
+    Shared by /v1/segment and job results, so that both answer alike."""
+    report = report or {}
+    model = report.get("model") if isinstance(report.get("model"), dict) else {}
+    headers = {"X-SFPC-Model": str(model.get("name", "")),
+               "X-SFPC-Model-Version": str(model.get("version", "")),
+               "X-SFPC-Artefacts": ",".join(filenames)}
+    series = (report.get("input") or {}).get("series") or {}
+    if series.get("series_instance_uid"):
+        headers["X-SFPC-Series-UID"] = str(series["series_instance_uid"])
+    return headers
 
 
 def _model_label(service: SegmentationService, name: str | None) -> str:

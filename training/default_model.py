@@ -1,0 +1,199 @@
+"""`sfpc build-default-model`: re-create the embedded default model from the data, in one command.
+
+The shipped model (``server/default_model/``) is a 2D SFPC model for spleen, liver and stomach on
+CT, trained semi-supervised on the TotalSegmentator test CTs (``shared/data/organs``). The steps
+are the project's own commands, in order, with the committed config
+``configs/default_organ_ct.yaml``:
+
+1. ``sfpc organ-split``: a seeded, stratified 20% of ct_a's axial slices as labelled, a held-apart
+   block of slices for validation (never labelled, never seen), everything else of ct_a and all of
+   ct_b as the unlabelled pool;
+2. ``sfpc train --config configs/default_organ_ct.yaml``;
+3. ``sfpc export`` of the *last* checkpoint (not the best on validation: the card's numbers are
+   then measured on slices that played no part in training or model selection);
+4. validation of the exported ONNX graphs through the serving engine on the raw ct_a volume
+   (HU, its own affine), scored on the validation block, written into the metadata and the model
+   card ``MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "default_organ_ct.yaml"
+DEFAULT_OUT = REPO / "server" / "default_model"
+MODEL_NAME = "sfpc-organs-ct"
+CARD_FILE = "MODEL_CARD.md"
+
+
+def validate_export(export_dir: str | Path, data_dir: str | Path,
+                    val_block: Sequence[int] | None = None) -> dict[str, Any]:
+    """Score an exported organ model through the serving engine (ONNX Runtime) on ct_a.
+
+    The whole raw volume goes in (as a user would post it); the metrics are computed on the
+    validation block of axial slices only, on ct_a's own 3 mm grid, against the mapped labels.
+    """
+    from sfpc.model.metadata import ModelMetadata
+    from sfpc.model.preprocess import to_orientation
+    from sfpc.server.backends import make_backend
+    from sfpc.server.engine import Engine
+    from sfpc.training.metrics import case_metrics
+    from sfpc.training.organ_task import LABEL_MAP, VAL_BLOCK
+
+    meta = ModelMetadata.load(export_dir)
+    lo, hi = val_block or meta.training.get("val_block") or VAL_BLOCK
+    data = Path(data_dir)
+    img = nib.load(str(data / "ct_a_image.nii.gz"))
+    lab = nib.load(str(data / "ct_a_label.nii.gz"))
+    engine = Engine(make_backend("onnxruntime", export_dir=str(export_dir)), meta)
+    t0 = time.perf_counter()
+    result = engine.segment(np.asarray(img.dataobj), img.affine)
+    seconds = time.perf_counter() - t0
+    # Score in RAS so that "axial slices lo:hi" means what organ_task's split means.
+    pred, _, _ = to_orientation(result.mask, img.affine, "RAS")
+    raw, _, _ = to_orientation(np.asarray(lab.dataobj), lab.affine, "RAS")
+    gt = np.zeros(raw.shape, dtype=np.uint8)
+    for src, dst in LABEL_MAP.items():
+        gt[raw == src] = dst
+    spacing = tuple(float(s) for s in nib.affines.voxel_sizes(img.affine))
+    metrics = case_metrics(pred[..., lo:hi], gt[..., lo:hi], meta.num_classes, spacing,
+                           class_names=meta.class_names)
+    return {"case": f"ct_a axial slices [{lo}, {hi})", "metrics": metrics,
+            "seconds": round(seconds, 2)}
+
+
+def model_card(meta: Any, validation: dict[str, Any], command: str) -> str:
+    """The model card, from the metadata and the measured validation numbers."""
+    m = validation["metrics"]
+    rows = ["| class | Dice | HD95 (mm) | ASD (mm) | boundary Dice |", "|---|---|---|---|---|"]
+    for name in [*meta.class_names[1:], "mean"]:
+        v = m[name]
+        rows.append(f"| {name} | {v['dice']:.3f} | {v['hd95']:.1f} | {v['asd']:.2f} | "
+                    f"{v['boundary_dice']:.3f} |")
+    t = meta.training
+    quality = meta.quality or {}
+    flag = (f"Cases whose mean boundary uncertainty exceeds {quality['threshold']:.4f} are "
+            f"flagged \"review recommended\" ({quality.get('rule', '')})."
+            if quality.get("threshold") is not None else
+            "No review threshold has been calibrated for this export.")
+    return f"""# Model card: {meta.name} {meta.version}
+
+**Task.** {meta.task}. 2D model run slice by slice on axial slices; classes
+{", ".join(f"{i} = {n}" for i, n in enumerate(meta.class_names))}.
+
+**Method.** SFPC (semi-supervised, feature-perturbed consistency; shared encoder, segmentation
+decoder with FLPM, reconstruction decoder for training only), trained with this project's
+`sfpc train`. The uncertainty graph applies FLPM M = {meta.perturbation.get("M")} times in one
+pass (tau = {meta.perturbation.get("tau")}).
+
+**Input expectations.** CT in Hounsfield units (rescale slope/intercept applied, as the server's
+DICOM reader does), any orientation, any spacing: the engine reorients to {meta.orientation},
+resamples in-plane to {meta.spacing[0]} x {meta.spacing[1]} mm (slices keep their own spacing),
+clips to the window {meta.normalisation.get("window")} HU and scales to [0, 1]. Abdominal field of
+view. Not for MR (intensities are meaningless to it), contrast phases or paediatric anatomy it has
+not seen.
+
+**Training data and licences.** The TotalSegmentator 2.18.0 test CTs (Apache-2.0):
+`ct_a` (abdominal CT, 122x101x112 at 3 mm) with TotalSegmentator's own 'total' labels
+(ids 1, 5, 6 -> spleen, liver, stomach) - model outputs, a *silver standard*, not manual
+tracing - and `ct_b` (chest-abdomen CT, 1.5 mm, no labels). Labelled: {t.get("n_labelled")}
+runs of slices = {len(t.get("labelled_slices", []))} axial slices of ct_a
+(labelled fraction {t.get("labelled_fraction_slices")} of its usable slices, stratified by organ
+presence, seed {t.get("seed")}); unlabelled: the rest of ct_a and all of ct_b.
+Augmentation: {json.dumps(t.get("augment"))}. No left-right flips (they would swap liver and
+spleen). Iterations: {t.get("iterations")}.
+
+**Validation.** {validation["case"]}: a block of slices held apart from training
+(never labelled, never in the unlabelled pool, with a {t.get("gap")}-slice gap on each side),
+scored on the exported ONNX graphs through the serving engine, from the raw HU volume, against
+the silver-standard labels:
+
+{chr(10).join(rows)}
+
+This is one patient; figures on other patients and scanners will differ, and the labels are
+themselves model outputs.
+
+**Calibration and review flag.** Temperature {meta.temperature:.3f}. {flag}
+
+**Known limits.** Trained on two CTs: expect lower accuracy on unusual anatomy, strong
+pathology, contrast phases, metal artefacts and fields of view that cut organs. The stomach's
+appearance depends on its filling (gas, fluid, contrast) and is the least reliable class.
+The uncertainty maps flag where the model's perturbed predictions disagree; they are not a
+guarantee of correctness.
+
+**Reproduce.** `{command}` re-creates every file of this folder from `shared/data/organs`
+(bit-identical graphs are not guaranteed across torch builds; the validation numbers are checked
+by the test suite within a tolerance).
+"""
+
+
+def build(data_dir: str | Path, config: str | Path = DEFAULT_CONFIG,
+          work: str | Path = "runs/default_model", out: str | Path = DEFAULT_OUT,
+          iterations: int | None = None, progress: bool = True) -> dict[str, Any]:
+    from sfpc.model.export import export_checkpoint
+    from sfpc.model.metadata import ModelMetadata
+    from sfpc.training.config import TrainConfig, load_config_file
+    from sfpc.training.organ_task import make_organ_dataset, train_overrides
+    from sfpc.training.trainer import train
+
+    work, out = Path(work), Path(out)
+    fields = train_overrides()
+    fields.update(load_config_file(config))
+    split_args = fields.pop("split", {})
+    split = make_organ_dataset(data_dir, work / "dataset.json", **split_args)
+    fields.update(data=str(work / "dataset.json"), out=str(work / "run"),
+                  split_file=str(work / "run" / "split.json"), progress=progress)
+    if iterations:
+        fields["iterations"] = iterations
+    cfg = TrainConfig(**fields)
+    train(cfg)
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    meta = export_checkpoint(work / "run" / "last.pt", tmp, name=MODEL_NAME)
+    meta.training.update(
+        labelled_slices=split["labelled_slices"], val_block=split["val_block"], gap=split["gap"],
+        labelled_fraction_slices=split["labelled_fraction"], augment=cfg.augment,
+        data_files=["ct_a_image.nii.gz", "ct_a_label.nii.gz", "ct_b_image_unlabelled.nii.gz"],
+        labels="TotalSegmentator 'total' outputs (silver standard), ids 1, 5, 6",
+        licence="Apache-2.0 (TotalSegmentator test data)")
+    validation = validate_export(tmp, data_dir, split["val_block"])
+    meta.metrics = {"validation": validation["metrics"], "validated_on": validation["case"],
+                    "checkpoint": "last", "labels": "silver standard"}
+    meta.save(tmp)
+    command = "make default-model"
+    (tmp / CARD_FILE).write_text(model_card(ModelMetadata.load(tmp), validation, command))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {"out": str(out), "validation": validation}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sfpc build-default-model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "organs"),
+                   help="folder with ct_a_image/ct_a_label/ct_b_image_unlabelled (.nii.gz)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--work", default="runs/default_model", help="dataset JSON and checkpoints")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="export folder (replaced)")
+    p.add_argument("--iterations", type=int, default=None, help="override (for a quick try)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--validate-only", action="store_true",
+                   help="only re-score an existing export on the validation block")
+    a = p.parse_args(argv)
+    if a.validate_only:
+        print(json.dumps(validate_export(a.out, a.data), indent=2))
+        return 0
+    res = build(a.data, a.config, a.work, a.out, a.iterations, progress=not a.no_progress)
+    print(json.dumps(res, indent=2))
+    return 0
