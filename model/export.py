@@ -3,7 +3,10 @@ uncertainty graph, plus the metadata file that serving reads.
 
 Only encoder + segmentation decoder go out (no reconstruction decoder, no baseline heads). The
 uncertainty graph applies FLPM M times on the fixed eps grid, with the running dMu/dSigma
-buffers, and returns the mean probabilities and the mean per-sample entropy.
+buffers, divides each sample's logits by its `temperature` input ([B, 1], batch-dimensioned so
+that Triton can batch requests) and returns the mean probabilities and the mean per-sample
+entropy. It is the "folded" graph by default (FLPM folded into the classifier weights) or the
+"stacked" one (the perturbed feature stack as written in the equations); see UncertaintyHead.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import torch
 
 import sfpc
 from sfpc.model.metadata import METADATA_FILE, ModelMetadata, sha256_file
-from sfpc.model.networks import NetConfig, SFPCNet, UncertaintyHead
+from sfpc.model.networks import UNCERTAINTY_GRAPHS, NetConfig, SFPCNet, UncertaintyHead
 from sfpc.model.perturbation import eps_grid
 
 SEG_FILE = "seg.onnx"
 UNCERTAINTY_FILE = "seg_uncertainty.onnx"
 INPUT_NAME = "image"
+TEMPERATURE_NAME = "temperature"
 SEG_OUTPUTS = ("logits",)
 UNCERTAINTY_OUTPUTS = ("mean_probs", "mean_entropy")
 OPSET = 17
@@ -37,18 +41,21 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[SFPCNe
     return net, ModelMetadata.from_dict(ck["metadata"])
 
 
-def _export(module: torch.nn.Module, example: torch.Tensor, path: Path,
-            outputs: tuple[str, ...], dynamic_spatial: bool) -> None:
-    axes = {0: "batch"}
+def _export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path,
+            inputs: tuple[str, ...], outputs: tuple[str, ...], dynamic_spatial: bool) -> None:
+    spatial = {0: "batch"}
     if dynamic_spatial:
-        axes.update({i: f"dim{i - 2}" for i in range(2, example.dim())})
-    dynamic = {name: dict(axes) for name in (INPUT_NAME, *outputs)}
+        spatial.update({i: f"dim{i - 2}" for i in range(2, example[0].dim())})
+    # The image and every output carry the spatial axes; further inputs ([B, 1] temperature)
+    # share only the batch axis, under the same name so that runtimes know they agree.
+    dynamic = {name: dict(spatial) for name in (inputs[0], *outputs)}
+    dynamic.update({name: {0: "batch"} for name in inputs[1:]})
     module.eval()
     with warnings.catch_warnings():
         # The TorchScript exporter warns about its own deprecation; the dynamo exporter needs
         # onnxscript and does not yet handle our data-dependent reshapes as cleanly.
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
+        torch.onnx.export(module, example, str(path), dynamo=False, input_names=list(inputs),
                           output_names=list(outputs), dynamic_axes=dynamic, opset_version=OPSET,
                           do_constant_folding=True)
     module.eval()  # the exporter restores the module's previous mode; keep eval
@@ -63,8 +70,16 @@ def export_model(
     dynamic_spatial: bool = True,
     name: str | None = None,
     version: str | None = None,
+    uncertainty_graph: str = "folded",
 ) -> ModelMetadata:
-    """Write seg.onnx, seg_uncertainty.onnx (when the net has FLPM) and sfpc_model.json."""
+    """Write seg.onnx, seg_uncertainty.onnx (when the net has FLPM) and sfpc_model.json.
+
+    ``uncertainty_graph`` is "folded" (default) or "stacked" (UncertaintyHead); both compute
+    the same outputs and take the same inputs, and the choice is recorded in the metadata.
+    """
+    if uncertainty_graph not in UNCERTAINTY_GRAPHS:
+        raise ValueError(f"uncertainty_graph must be one of {UNCERTAINTY_GRAPHS}, "
+                         f"not {uncertainty_graph!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net = net.cpu().eval()
@@ -76,13 +91,16 @@ def export_model(
         meta.version = version
     meta.dynamic_spatial = dynamic_spatial
     meta.graphs = {}
-    _export(net, example, out / SEG_FILE, SEG_OUTPUTS, dynamic_spatial)
+    _export(net, (example,), out / SEG_FILE, (INPUT_NAME,), SEG_OUTPUTS, dynamic_spatial)
     meta.graphs["seg"] = {"file": SEG_FILE, "sha256": sha256_file(out / SEG_FILE)}
     if net.flpm() is not None:
         m = int(m or meta.perturbation.get("M") or 4)
         tau = float(net.flpm().tau)
-        _export(UncertaintyHead(net, m), example, out / UNCERTAINTY_FILE, UNCERTAINTY_OUTPUTS,
-                dynamic_spatial)
+        head = UncertaintyHead(net, m, uncertainty_graph)
+        temperature = torch.ones(1, 1)
+        _export(head, (example, temperature), out / UNCERTAINTY_FILE,
+                (INPUT_NAME, TEMPERATURE_NAME), UNCERTAINTY_OUTPUTS, dynamic_spatial)
+        meta.uncertainty_graph = uncertainty_graph
         meta.graphs["uncertainty"] = {"file": UNCERTAINTY_FILE,
                                       "sha256": sha256_file(out / UNCERTAINTY_FILE)}
         meta.perturbation = {"kind": "flpm", "M": m, "tau": tau, "eps_grid": eps_grid(m, tau),
@@ -90,6 +108,7 @@ def export_model(
                              "running_dsigma_mean": float(net.flpm().running_dsigma.mean())}
     else:
         meta.perturbation = {"kind": None, "M": 0, "tau": 0.0, "eps_grid": []}
+        meta.uncertainty_graph = ""
     meta.sfpc_version = sfpc.__version__
     meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meta.save(out / METADATA_FILE)
@@ -102,24 +121,34 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, **kwargs) -> 
 
 
 def parity(
-    net: SFPCNet, export_dir: str | Path, batch: np.ndarray
+    net: SFPCNet, export_dir: str | Path, batch: np.ndarray, temperature: float = 1.0
 ) -> dict[str, float]:
-    """Max absolute difference between ONNX Runtime and PyTorch eval outputs on `batch`."""
+    """Max absolute difference between ONNX Runtime and PyTorch eval outputs on `batch`.
+
+    The reference for the uncertainty graph is the "stacked" UncertaintyHead, FLPM's equations
+    as written, whichever graph was exported: a folded export is checked against them too.
+    `temperature` is fed to graphs that take it (exports from before it existed do not).
+    """
     import onnxruntime as ort
 
     out = Path(export_dir)
     meta = ModelMetadata.load(out)
     net = net.cpu().eval()
     x = torch.from_numpy(batch)
+    t = np.full((batch.shape[0], 1), temperature, dtype=np.float32)
     diffs: dict[str, float] = {}
     with torch.no_grad():
         ref = {"logits": net(x).numpy()}
         if meta.has_uncertainty:
-            mp, me = UncertaintyHead(net, meta.perturbation["M"]).eval()(x)
+            head = UncertaintyHead(net, meta.perturbation["M"], "stacked").eval()
+            mp, me = head(x, torch.from_numpy(t))
             ref.update(mean_probs=mp.numpy(), mean_entropy=me.numpy())
     for key, graph in meta.graphs.items():
         sess = ort.InferenceSession(str(out / graph["file"]), providers=["CPUExecutionProvider"])
+        feeds = {INPUT_NAME: batch}
+        if TEMPERATURE_NAME in {i.name for i in sess.get_inputs()}:
+            feeds[TEMPERATURE_NAME] = t
         names = [o.name for o in sess.get_outputs()]
-        for nm, val in zip(names, sess.run(None, {INPUT_NAME: batch}), strict=True):
+        for nm, val in zip(names, sess.run(None, feeds), strict=True):
             diffs[f"{key}.{nm}"] = float(np.abs(val - ref[nm]).max())
     return diffs

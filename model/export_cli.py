@@ -19,6 +19,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", help="model name (default: the training run's --name)")
     p.add_argument("--model-version", help="model version string for the metadata")
     p.add_argument("--m", type=int, default=None, help="perturbation samples (default: training M)")
+    p.add_argument("--uncertainty-graph", choices=("folded", "stacked"), default="folded",
+                   help="folded (default): FLPM folded into the classifier weights, one batched "
+                        "matmul for all M samples; stacked: the M perturbed feature maps "
+                        "through the classifier, as the equations are written. Same outputs")
     p.add_argument("--fixed-spatial", action="store_true",
                    help="fix spatial dims to the patch size (TensorRT plans like this)")
     p.add_argument("--check", action="store_true",
@@ -40,11 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     net, meta = load_checkpoint(a.checkpoint)
     written = export_model(net, meta, a.out, m=a.m, dynamic_spatial=not a.fixed_spatial,
-                           name=a.name, version=a.model_version)
+                           name=a.name, version=a.model_version,
+                           uncertainty_graph=a.uncertainty_graph)
     report: dict = {"export": a.out, "graphs": written.graphs}
     if a.check:
         x = np.random.default_rng(0).normal(size=(2, meta.in_channels, *meta.patch_size))
-        report["max_abs_diff"] = parity(net, a.out, x.astype(np.float32))
+        report["max_abs_diff"] = parity(net, a.out, x.astype(np.float32),
+                                        temperature=float(written.temperature or 1.0))
     if a.triton_repo:
         from sfpc.model.triton_repo import write_triton_repository
 

@@ -47,6 +47,12 @@ class ModelMetadata:
                                  "sw_batch_size": 4}
     )
     temperature: float = 1.0
+    # How the uncertainty graph computes its M predictions: "folded" (FLPM folded into the
+    # classifier weights) or "stacked" (perturbed feature stack); "" when there is none.
+    uncertainty_graph: str = "folded"
+    # Per-case quality flag: {"measure": "boundary_uncertainty", "threshold": float, ...}, chosen
+    # on validation data (issue 7); empty = the server reports no flag.
+    quality: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     graphs: dict[str, dict[str, str]] = field(default_factory=dict)

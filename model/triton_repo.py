@@ -5,7 +5,7 @@ Layout (one model per exported graph; the gateway's TritonBackend relies on thes
     <repo>/<name>/config.pbtxt                   plain segmentation: image -> logits
     <repo>/<name>/1/model.onnx
     <repo>/<name>/sfpc_model.json
-    <repo>/<name>_uncertainty/config.pbtxt       image -> mean_probs, mean_entropy
+    <repo>/<name>_uncertainty/config.pbtxt       image, temperature -> mean_probs, mean_entropy
     <repo>/<name>_uncertainty/1/model.onnx
     <repo>/<name>_uncertainty/sfpc_model.json
 
@@ -115,6 +115,12 @@ def _shape_list(name: str, batch: int, dims: Sequence[int]) -> str:
     return f"{name}:" + "x".join(str(d) for d in (batch, *dims))
 
 
+def _shapes(specs: Sequence[TensorSpec], batch: int) -> str:
+    """Every input's shape at one batch size, in the comma-separated form of trtexec and of
+    ONNX Runtime's TensorRT profile options (both want all dynamic inputs listed)."""
+    return ",".join(_shape_list(spec.name, batch, spec.dims) for spec in specs)
+
+
 def _tensorrt_block(
     fp16: bool,
     engine_cache_dir: str | None,
@@ -220,11 +226,11 @@ def _fixed_shape_profile(
     """
     if metadata.get("dynamic_spatial", True) or any(d < 0 for s in inputs for d in s.dims):
         return None
-    spec = inputs[0]
+    # The uncertainty graph's temperature [B, 1] shares the batch axis, so it is listed too.
     return (
-        _shape_list(spec.name, 1, spec.dims),
-        _shape_list(spec.name, opt_batch, spec.dims),
-        _shape_list(spec.name, max_batch_size, spec.dims),
+        _shapes(inputs, 1),
+        _shapes(inputs, opt_batch),
+        _shapes(inputs, max_batch_size),
     )
 
 
@@ -313,24 +319,30 @@ def trtexec_command(
     opt_batch_size: int | None = None,
     spatial_shape: Sequence[int] | None = None,
     fp16: bool = True,
+    extra_inputs: Sequence[TensorSpec] = (),
 ) -> list[str]:
     """The trtexec call that builds a TensorRT plan for one SFPC graph.
 
     TensorRT plans have fixed optimisation ranges: the batch axis spans 1..max_batch_size and the
     spatial axes are pinned to `spatial_shape` (the patch size for sliding-window models).
+    `extra_inputs` are the graph's other inputs (the uncertainty graph's `temperature`, from
+    `read_graph_io(onnx)[0][1:]`); they share the batch range and have fixed dims.
     """
     spatial = tuple(spatial_shape) if spatial_shape is not None else input_spec.dims[1:]
     if any(d < 1 for d in spatial):
         raise ValueError("the graph has dynamic spatial axes: pass spatial_shape (the patch size)")
-    dims = (input_spec.dims[0], *spatial)
+    if any(d < 1 for spec in extra_inputs for d in spec.dims):
+        raise ValueError("extra inputs must have fixed dims besides the batch axis")
+    image = TensorSpec(input_spec.name, input_spec.data_type, (input_spec.dims[0], *spatial))
+    specs = [image, *extra_inputs]
     opt = opt_batch_size or max_batch_size
     command = [
         "trtexec",
         f"--onnx={onnx_path}",
         f"--saveEngine={engine_path}",
-        f"--minShapes={_shape_list(input_spec.name, 1, dims)}",
-        f"--optShapes={_shape_list(input_spec.name, opt, dims)}",
-        f"--maxShapes={_shape_list(input_spec.name, max_batch_size, dims)}",
+        f"--minShapes={_shapes(specs, 1)}",
+        f"--optShapes={_shapes(specs, opt)}",
+        f"--maxShapes={_shapes(specs, max_batch_size)}",
     ]
     if fp16:
         command.append("--fp16")

@@ -8,7 +8,8 @@ anywhere is preprocessed, tiled, stitched and restored the same way:
    its spacing (in-plane only for 2D models), normalise - the trainer's own code;
 3. sliding window over the model grid (3D) or slice by slice along the model's plane (2D), with
    Gaussian blending; plain mode blends softmax(logits / T), uncertainty mode blends the graph's
-   mean probabilities and mean per-sample entropy (M never materialises here);
+   mean probabilities and mean per-sample entropy, the graph dividing each sample's logits by the
+   T it is fed (M never materialises here);
 4. restore the probabilities to the input grid (linear, voxel edges aligned as in
    ``preprocess.restore``) and take the argmax there, so that masks are smooth at the input's
    resolution; uncertainty maps are computed on the input grid from the restored moments.
@@ -383,9 +384,9 @@ class Engine:
     ``inference.sw_batch_size``, at least 16 for 2D models as in training evaluation).
     ``progress(done, total)`` is called with window counts after every backend call.
     ``slab_bytes`` caps the float32 maps of one streamed slab; ``band`` is the boundary band
-    width (voxels of the input grid) of the statistics. ``metadata.temperature`` scales the
-    logits of plain mode only: the uncertainty graph returns probabilities with its softmax
-    inside. Thread-safe if the backend is.
+    width (voxels of the input grid) of the statistics. ``metadata.temperature`` T calibrates
+    every mode: plain mode takes softmax(logits / T) here, uncertainty mode feeds T to the
+    graph, whose softmax is inside. Thread-safe if the backend is.
     """
 
     def __init__(
@@ -428,7 +429,8 @@ class Engine:
     def infer_model_grid(self, model_image: np.ndarray, *,
                          uncertainty: bool = False) -> dict[str, np.ndarray]:
         """Blended maps on the whole model grid: {"probs"} (softmax of logits / temperature) or
-        {"mean_probs", "mean_entropy"} (natural log), each (K or 1, X', Y', Z') float32."""
+        {"mean_probs", "mean_entropy"} (natural log, samples at the same temperature), each
+        (K or 1, X', Y', Z') float32."""
         self._check_uncertainty(uncertainty)
         counter = _Counter()
         predict = self._predictor(uncertainty, counter, self._total(model_image.shape[1:]),
@@ -484,7 +486,7 @@ class Engine:
             entropy=outputs.entropy,
             mutual_information=outputs.mutual_information,
             model={"name": meta.name, "version": meta.version, "spatial_dims": meta.spatial_dims,
-                   "temperature": float(meta.temperature) if not uncertainty else None,
+                   "temperature": float(meta.temperature or 1.0),
                    "perturbations": int(meta.perturbation.get("M") or 0) if uncertainty else 0},
             geometry={
                 "input_shape": list(geometry.input_shape),
@@ -537,10 +539,16 @@ class Engine:
                    progress: Progress | None = None) -> Predictor:
         backend, temperature = self.backend, float(self.metadata.temperature or 1.0)
         expected = UNCERTAINTY_KEYS if uncertainty else ("logits",)
+        # The graph applies T in uncertainty mode. T = 1 is its default, and leaving the argument
+        # out then keeps Backend implementations that predate it (the benchmarks' eager and
+        # M-pass wrappers) working for uncalibrated models.
+        options: dict[str, Any] = {"uncertainty": uncertainty}
+        if uncertainty and temperature != 1.0:
+            options["temperature"] = temperature
 
         def predict(batch: np.ndarray) -> dict[str, np.ndarray]:
             t0 = time.perf_counter()
-            raw = backend.infer(batch, uncertainty=uncertainty)
+            raw = backend.infer(batch, **options)
             counter.seconds += time.perf_counter() - t0
             missing = [k for k in expected if k not in raw]
             if missing:

@@ -2,7 +2,7 @@
 
 Oracles: the exported graphs are compared with the PyTorch network they came from, and the
 uncertainty outputs with the mean softmax and the natural-log entropy computed here by hand from
-the network's M perturbed probability maps.
+the network's M perturbed logit maps divided by the temperature.
 """
 
 from __future__ import annotations
@@ -25,9 +25,23 @@ from sfpc.server.backends import (
 from sfpc.server.backends.onnxruntime_backend import resolve_providers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from triton_support import export_fixture_model, free_port  # noqa: E402
+from triton_support import (  # noqa: E402
+    export_fixture_model,
+    free_port,
+    pre_temperature_export,
+)
 
 torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # Tiny batches: one thread is as fast, and immune to OpenMP spin-waiting when the two cores
+    # are shared with other test processes.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +68,20 @@ def backend_3d(export_3d: tuple[Path, object]) -> OnnxRuntimeBackend:
     backend.close()
 
 
+@pytest.fixture(scope="module")
+def export_3d_old(export_3d, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pre_temperature_export(*export_3d, tmp_path_factory.mktemp("export3d_old"))
+
+
+def _sample_probs(net, batch: np.ndarray, m: int, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits_m / T) of the network's M perturbed predictions: (M, B, K, *sp)."""
+    with torch.no_grad():
+        logits = net.perturbed_logits(net.seg_features(torch.from_numpy(batch)), m).double()
+    z = logits.numpy() / temperature
+    e = np.exp(z - z.max(axis=2, keepdims=True))
+    return e / e.sum(axis=2, keepdims=True)
+
+
 def _hand_uncertainty(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean over samples of p and of H(p) = -sum_k p_k ln p_k, for probs (M, B, K, *sp)."""
     entropy = -np.sum(probs * np.log(np.clip(probs, 1e-12, None)), axis=2, keepdims=True)
@@ -70,13 +98,13 @@ def test_plain_inference_matches_torch(backend_3d, export_3d) -> None:
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_uncertainty_matches_hand_computation(backend_3d, export_3d) -> None:
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.8])
+def test_uncertainty_matches_hand_computation(backend_3d, export_3d, temperature) -> None:
     _, net = export_3d
     meta = backend_3d.metadata
     batch = np.random.default_rng(1).normal(size=(2, 1, 6, 8, 10)).astype(np.float32)
-    out = backend_3d.infer(batch, uncertainty=True)
-    with torch.no_grad():
-        samples = net.sample_probs(torch.from_numpy(batch), meta["perturbation"]["M"]).numpy()
+    out = backend_3d.infer(batch, uncertainty=True, temperature=temperature)
+    samples = _sample_probs(net, batch, meta["perturbation"]["M"], temperature)
     mean_probs, mean_entropy = _hand_uncertainty(samples)
     assert set(out) == {"mean_probs", "mean_entropy"}
     np.testing.assert_allclose(out["mean_probs"], mean_probs, rtol=1e-4, atol=1e-5)
@@ -92,9 +120,9 @@ def test_uncertainty_matches_hand_computation(backend_3d, export_3d) -> None:
 
 def test_batch_results_do_not_depend_on_batch_composition(backend_3d) -> None:
     batch = np.random.default_rng(2).normal(size=(4, 1, 8, 8, 8)).astype(np.float32)
-    together = backend_3d.infer(batch, uncertainty=True)
+    together = backend_3d.infer(batch, uncertainty=True, temperature=1.4)
     for i in range(4):
-        alone = backend_3d.infer(batch[i : i + 1], uncertainty=True)
+        alone = backend_3d.infer(batch[i : i + 1], uncertainty=True, temperature=1.4)
         for name, value in alone.items():
             np.testing.assert_allclose(together[name][i : i + 1], value, rtol=1e-5, atol=1e-6)
 
@@ -122,6 +150,10 @@ def test_bad_batches_are_explained(backend_3d, shape, needle) -> None:
 def test_fixed_patch_model_rejects_other_sizes(export_2d_fixed) -> None:
     backend = OnnxRuntimeBackend(export_2d_fixed[0])
     assert backend.infer(np.zeros((2, 2, 16, 16), np.float32))["logits"].shape == (2, 4, 16, 16)
+    batch = np.random.default_rng(4).normal(size=(3, 2, 16, 16)).astype(np.float32)
+    out = backend.infer(batch, uncertainty=True, temperature=2.0)
+    expected, _ = _hand_uncertainty(_sample_probs(export_2d_fixed[1], batch, 4, 2.0))
+    np.testing.assert_allclose(out["mean_probs"], expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(BackendError, match="patch size"):
         backend.infer(np.zeros((1, 2, 16, 32), np.float32))
 
@@ -132,7 +164,34 @@ def test_describe_reports_threads_and_providers(backend_3d) -> None:
     assert info["providers"] == ["CPUExecutionProvider"]
     assert info["intra_op_threads"] == 1 and info["inter_op_threads"] == 1
     assert info["uncertainty"] is True and info["ready"] is True
+    assert info["temperature_input"] is True
     json.dumps(info)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf"), "warm"])
+def test_bad_temperature_is_refused(backend_3d, temperature) -> None:
+    with pytest.raises(BackendError, match="temperature"):
+        backend_3d.infer(np.zeros((1, 1, 8, 8, 8), np.float32), uncertainty=True,
+                         temperature=temperature)
+
+
+def test_export_without_temperature_input_serves_temperature_one(
+    export_3d_old, backend_3d
+) -> None:
+    """Graphs exported before the temperature input still load; T = 1 is all they can serve."""
+    old = OnnxRuntimeBackend(export_3d_old, intra_op_threads=1, inter_op_threads=1)
+    assert old.takes_temperature is False and old.describe()["temperature_input"] is False
+    batch = np.random.default_rng(6).normal(size=(2, 1, 8, 8, 8)).astype(np.float32)
+    served = old.infer(batch, uncertainty=True)
+    assert served.keys() == {"mean_probs", "mean_entropy"}
+    expected = backend_3d.infer(batch, uncertainty=True, temperature=1.0)
+    for name, value in expected.items():
+        np.testing.assert_allclose(served[name], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(BackendError, match="no 'temperature' input.*not 1.5.*re-export"):
+        old.infer(batch, uncertainty=True, temperature=1.5)
+    # Plain mode returns logits, whose temperature the caller applies: nothing to refuse.
+    assert old.infer(batch, temperature=1.5)["logits"].shape == (2, 3, 8, 8, 8)
+    old.close()
 
 
 def test_checksum_mismatch_is_refused(export_3d, tmp_path) -> None:

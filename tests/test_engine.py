@@ -294,10 +294,11 @@ def _torch_plain(net, temperature: float = 1.0):
     return run
 
 
-def _torch_moments(net, m: int):
-    """Mean softmax and mean natural-log entropy of the M perturbed predictions, by hand."""
+def _torch_moments(net, m: int, temperature: float = 1.0):
+    """Mean softmax and mean natural-log entropy of the M perturbed predictions, by hand; the
+    calibration temperature divides every perturbed logit map, as in plain mode."""
     def run(x):
-        p = net.sample_probs(x, m)  # (M, B, K, *sp)
+        p = torch.softmax(net.perturbed_logits(net.seg_features(x), m) / temperature, dim=2)
         h = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=2, keepdim=True)
         return {"mean_probs": p.mean(dim=0), "mean_entropy": h.mean(dim=0)}
     return run
@@ -317,7 +318,7 @@ def test_3d_model_grid_matches_monai(model_3d):
         ref = monai_inferers.sliding_window_inference(
             x, predictor=_torch_plain(net, 1.7), **settings)[0].numpy()
         ref_u = monai_inferers.sliding_window_inference(
-            x, predictor=_torch_moments(net, meta.perturbation["M"]), **settings)
+            x, predictor=_torch_moments(net, meta.perturbation["M"], 1.7), **settings)
     out = engine.infer_model_grid(model_image)
     assert list(out) == ["probs"] and out["probs"].shape == (3, 60, 50, 17)
     np.testing.assert_allclose(out["probs"], ref, atol=ATOL)

@@ -1,18 +1,45 @@
-"""ONNX Runtime equals PyTorch eval output for both exported graphs, 2D/3D, batch 1 and >1."""
+"""The exported graphs against PyTorch and against FLPM's equations written out by hand.
+
+- seg.onnx: ONNX Runtime equals the PyTorch network's eval logits.
+- seg_uncertainty.onnx, both graph kinds ("folded", the default, and "stacked"): equal to
+  PyTorch's stacked UncertaintyHead (``parity``) and to a float64 NumPy transcription of the
+  paper's equations 1-3 with METHOD.md's serving choices (running dMu/dSigma buffers, the eps grid
+  -tau, -tau/3, tau/3, tau), the 1x1 classifier, softmax(logits / T) and the natural-log entropy;
+  2D and 3D, batch 1 and >1, a temperature per image.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
-from sfpc.model.export import INPUT_NAME, export_model, parity
+from sfpc.model import export_cli
+from sfpc.model.export import INPUT_NAME, TEMPERATURE_NAME, export_model, parity
 from sfpc.model.metadata import ModelMetadata, sha256_file
 from sfpc.model.networks import NetConfig, SFPCNet
 
 # Stated tolerance: float32 graphs, same ops; differences come from kernel summation order.
 ATOL = 1e-4
+GRAPHS = ("folded", "stacked")
+CASES = {2: [64, 64], 3: [32, 32, 32]}
+# Larger than the patch and not square: the spatial axes are dynamic (multiples of 16).
+OTHER_SHAPE = {2: [64, 96], 3: [32, 32, 48]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # Small batches: one thread is as fast, and immune to OpenMP spin-waiting when the two cores
+    # are shared with other test processes (10x slower training steps were seen).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _trained_a_little(spatial_dims: int, patch: list[int]) -> tuple[SFPCNet, ModelMetadata]:
@@ -33,20 +60,158 @@ def _trained_a_little(spatial_dims: int, patch: list[int]) -> tuple[SFPCNet, Mod
     return net.eval(), meta
 
 
-@pytest.mark.parametrize("spatial_dims,patch", [(2, [64, 64]), (3, [32, 32, 32])])
-def test_onnx_matches_pytorch(tmp_path, spatial_dims, patch):
-    net, meta = _trained_a_little(spatial_dims, patch)
-    written = export_model(net, meta, tmp_path)
+@pytest.fixture(scope="module")
+def nets() -> dict[int, tuple[SFPCNet, ModelMetadata]]:
+    return {d: _trained_a_little(d, patch) for d, patch in CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def exports(nets, tmp_path_factory) -> dict[tuple[int, str], Path]:
+    out = {}
+    for d, (net, meta) in nets.items():
+        for graph in GRAPHS:
+            folder = tmp_path_factory.mktemp(f"export{d}d_{graph}")
+            export_model(net, meta, folder, uncertainty_graph=graph)
+            out[d, graph] = folder
+    return out
+
+
+def _equations(net: SFPCNet, x: np.ndarray, m: int, temperature: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean probabilities and mean entropy of M perturbed predictions, by hand in float64."""
+    flpm = net.flpm()
+    tau = flpm.tau
+    grid = np.linspace(-tau, tau, m)  # METHOD.md: evenly spaced over [-tau, tau]
+    if m == 4:
+        np.testing.assert_allclose(grid, [-tau, -tau / 3, tau / 3, tau], rtol=1e-12)
+    with torch.no_grad():
+        f = net.seg_features(torch.from_numpy(x)).double().numpy()
+    w = net.classifier.weight.detach().double().numpy()
+    w = w.reshape(w.shape[0], w.shape[1])
+    bias = net.classifier.bias.detach().double().numpy()
+    dmu = flpm.running_dmu.double().numpy()
+    dsigma = flpm.running_dsigma.double().numpy()
+    b, c, *spatial = f.shape
+    f = f.reshape(b, c, -1)  # (B, C, N)
+    mean = f.mean(axis=2, keepdims=True)
+    std = np.sqrt(f.var(axis=2, keepdims=True) + 1e-6)
+    t = temperature.astype(np.float64).reshape(b, 1, 1)
+    probs, entropies = [], []
+    for eps in grid:
+        # Eq. 1-3: f' = (s + eps dSigma_c) (f - m) / s + (m + eps dMu_c)
+        perturbed = ((std + eps * dsigma[:, None]) * (f - mean) / std
+                     + (mean + eps * dmu[:, None]))
+        logits = w @ perturbed + bias[:, None]  # the 1x1 conv: (B, K, N)
+        z = logits / t
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        p = e / e.sum(axis=1, keepdims=True)
+        probs.append(p)
+        entropies.append(-(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1, keepdims=True))
+    shape = (b, -1, *spatial)
+    return np.mean(probs, axis=0).reshape(shape), np.mean(entropies, axis=0).reshape(shape)
+
+
+def _session(folder: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(folder / "seg_uncertainty.onnx"), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _run_uncertainty(sess: ort.InferenceSession, x: np.ndarray, t: np.ndarray
+                     ) -> list[np.ndarray]:
+    return sess.run(["mean_probs", "mean_entropy"], {INPUT_NAME: x, TEMPERATURE_NAME: t})
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("spatial_dims", sorted(CASES))
+def test_onnx_matches_pytorch_and_the_equations(nets, exports, spatial_dims, graph):
+    net, _ = nets[spatial_dims]
+    folder = exports[spatial_dims, graph]
+    written = ModelMetadata.load(folder)
     assert set(written.graphs) == {"seg", "uncertainty"}
+    assert written.uncertainty_graph == graph
     for g in written.graphs.values():
-        assert sha256_file(tmp_path / g["file"]) == g["sha256"]
-    assert ModelMetadata.load(tmp_path).graphs == written.graphs
-    rng = np.random.default_rng(0)
-    for batch, shape in ((1, patch), (3, patch), (2, [p * 2 for p in patch])):
+        assert sha256_file(folder / g["file"]) == g["sha256"]
+    tau = net.flpm().tau
+    assert written.perturbation["eps_grid"] == pytest.approx([-tau, -tau / 3, tau / 3, tau])
+    patch = CASES[spatial_dims]
+    rng = np.random.default_rng(spatial_dims)
+    x = rng.normal(size=(2, 1, *patch)).astype(np.float32)
+    diffs = parity(net, folder, x, temperature=1.3)
+    assert set(diffs) == {"seg.logits", "uncertainty.mean_probs", "uncertainty.mean_entropy"}
+    assert max(diffs.values()) < ATOL, diffs
+    sess = _session(folder)
+    for batch, shape, temperatures in (
+        (1, patch, [1.0]),
+        (3, patch, [0.5, 1.0, 2.5]),
+        (2, OTHER_SHAPE[spatial_dims], [1.7, 0.8]),
+    ):
         x = rng.normal(size=(batch, 1, *shape)).astype(np.float32)
-        diffs = parity(net, tmp_path, x)
-        assert set(diffs) == {"seg.logits", "uncertainty.mean_probs", "uncertainty.mean_entropy"}
-        assert max(diffs.values()) < ATOL, diffs
+        t = np.asarray(temperatures, dtype=np.float32)[:, None]
+        mean_probs, mean_entropy = _run_uncertainty(sess, x, t)
+        ref_probs, ref_entropy = _equations(net, x, written.perturbation["M"], t)
+        assert mean_probs.shape == (batch, 3, *shape) and mean_entropy.shape == (batch, 1, *shape)
+        np.testing.assert_allclose(mean_probs, ref_probs, atol=ATOL)
+        np.testing.assert_allclose(mean_entropy, ref_entropy, atol=ATOL)
+
+
+def test_temperature_changes_the_uncertainty_outputs(nets, exports):
+    # Guards the oracle comparison above against a graph that ignores its temperature input.
+    net, _ = nets[2]
+    x = np.random.default_rng(5).normal(size=(2, 1, *CASES[2])).astype(np.float32)
+    for graph in GRAPHS:
+        sess = _session(exports[2, graph])
+        at_1 = _run_uncertainty(sess, x, np.ones((2, 1), np.float32))
+        at_3 = _run_uncertainty(sess, x, np.full((2, 1), 3.0, np.float32))
+        assert np.abs(at_1[0] - at_3[0]).max() > 1e-2
+        # A higher temperature flattens every sample's softmax, so each sample's entropy rises.
+        assert np.all(at_3[1] >= at_1[1] - 1e-6)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_uncertainty_graph_inputs_share_the_batch_axis(exports, graph):
+    model = onnx.load(exports[3, graph] / "seg_uncertainty.onnx")
+    inputs = {i.name: i.type.tensor_type for i in model.graph.input}
+    assert list(inputs) == [INPUT_NAME, TEMPERATURE_NAME]
+    image = [d.dim_param or d.dim_value for d in inputs[INPUT_NAME].shape.dim]
+    temperature = [d.dim_param or d.dim_value for d in inputs[TEMPERATURE_NAME].shape.dim]
+    assert inputs[TEMPERATURE_NAME].elem_type == onnx.TensorProto.FLOAT
+    assert isinstance(image[0], str) and temperature == [image[0], 1]
+
+
+def test_folded_graph_runs_no_classifier_conv(exports):
+    """Folded: FLPM and the 1x1 classifier become one batched MatMul on the clean features."""
+    def ops(path: Path) -> list[str]:
+        return [node.op_type for node in onnx.load(path).graph.node]
+
+    seg = ops(exports[2, "folded"] / "seg.onnx")
+    folded = ops(exports[2, "folded"] / "seg_uncertainty.onnx")
+    stacked = ops(exports[2, "stacked"] / "seg_uncertainty.onnx")
+    assert stacked.count("Conv") == seg.count("Conv")
+    assert folded.count("Conv") == seg.count("Conv") - 1
+    assert folded.count("MatMul") >= 1
+
+
+def test_unknown_uncertainty_graph_is_refused(nets, tmp_path):
+    net, meta = nets[2]
+    with pytest.raises(ValueError, match="uncertainty_graph must be one of"):
+        export_model(net, meta, tmp_path, uncertainty_graph="looped")
+
+
+def test_export_cli_records_the_graph_kind_and_checks_parity(nets, tmp_path, capsys):
+    net, meta = nets[3]
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"net_config": net.cfg.to_dict(), "model": net.state_dict(),
+                "metadata": meta.to_dict()}, checkpoint)
+    out = tmp_path / "export"
+    assert export_cli.main(["--checkpoint", str(checkpoint), "--out", str(out),
+                            "--uncertainty-graph", "stacked", "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert max(report["max_abs_diff"].values()) < ATOL
+    assert ModelMetadata.load(out).uncertainty_graph == "stacked"
+    assert export_cli.main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert ModelMetadata.load(out).uncertainty_graph == "folded"
 
 
 def test_exported_graph_has_no_reconstruction_decoder_and_dynamic_batch(tmp_path):

@@ -35,6 +35,7 @@ from triton_support import (  # noqa: E402
     export_fixture_model,
     find_triton_install,
     missing_triton_message,
+    pre_temperature_export,
     python_backend_repository,
     require_module,
     running_in_ci,
@@ -48,12 +49,23 @@ model_config_pb2 = require_module("tritonclient.grpc.model_config_pb2")
 
 MAX_BATCH = 4
 MODEL = "sfpc_fixture"
+OLD_MODEL = "sfpc_old"  # exported before the uncertainty graph took a temperature input
 
 
 # --- the repository writer ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def export_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_fixture_model(tmp_path_factory.mktemp("export3d"))[0]
+def export_3d_and_net(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    return export_fixture_model(tmp_path_factory.mktemp("export3d"))
+
+
+@pytest.fixture(scope="module")
+def export_3d(export_3d_and_net) -> Path:
+    return export_3d_and_net[0]
+
+
+@pytest.fixture(scope="module")
+def export_3d_old(export_3d_and_net, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pre_temperature_export(*export_3d_and_net, tmp_path_factory.mktemp("export3d_old"))
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +149,12 @@ def test_configs_parse_and_match_the_onnx_graphs(which, export_3d, export_2d_fix
         assert embedded["graphs"] == metadata["graphs"]
     seg = _parse(tmp_path / "seg" / "config.pbtxt")
     spatial = [-1] * 3 if which == "3d_dynamic" else [16, 16]
-    k = metadata["num_classes"]
-    assert _config_io(seg)["output"] == [("logits", model_config_pb2.TYPE_FP32, [k, *spatial])]
+    k, c = metadata["num_classes"], metadata["in_channels"]
+    fp32 = model_config_pb2.TYPE_FP32
+    assert _config_io(seg)["output"] == [("logits", fp32, [k, *spatial])]
+    # The uncertainty model takes the temperature per image: dims [1] after the batch axis.
+    uncertainty = _config_io(_parse(tmp_path / "seg_uncertainty" / "config.pbtxt"))
+    assert uncertainty["input"] == [("image", fp32, [c, *spatial]), ("temperature", fp32, [1])]
 
 
 def test_tensorrt_accelerator_block(export_2d_fixed, tmp_path) -> None:
@@ -164,6 +180,15 @@ def test_tensorrt_accelerator_block(export_2d_fixed, tmp_path) -> None:
         "trt_profile_min_shapes": "image:1x2x16x16",
         "trt_profile_opt_shapes": "image:4x2x16x16",
         "trt_profile_max_shapes": "image:8x2x16x16",
+    }
+    # Every dynamic input needs a profile: the temperature [B, 1] shares the batch range.
+    config = _parse(tmp_path / "seg_uncertainty" / "config.pbtxt")
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    profile = {k: v for k, v in accelerator.parameters.items() if k.startswith("trt_profile")}
+    assert profile == {
+        "trt_profile_min_shapes": "image:1x2x16x16,temperature:1x1",
+        "trt_profile_opt_shapes": "image:4x2x16x16,temperature:4x1",
+        "trt_profile_max_shapes": "image:8x2x16x16,temperature:8x1",
     }
 
 
@@ -204,6 +229,21 @@ def test_tensorrt_plan_config_and_trtexec_command(export_3d) -> None:
     ]
     with pytest.raises(ValueError, match="spatial_shape"):
         trtexec_command("seg.onnx", "model.plan", inputs[0])
+    u_inputs, _ = read_graph_io(export_3d / "seg_uncertainty.onnx")
+    command = trtexec_command(
+        "seg_uncertainty.onnx",
+        "model.plan",
+        u_inputs[0],
+        max_batch_size=8,
+        spatial_shape=(64, 64, 32),
+        fp16=False,
+        extra_inputs=u_inputs[1:],
+    )
+    assert command[3:] == [
+        "--minShapes=image:1x1x64x64x32,temperature:1x1",
+        "--optShapes=image:8x1x64x64x32,temperature:8x1",
+        "--maxShapes=image:8x1x64x64x32,temperature:8x1",
+    ]
     text = model_config_text(
         "seg_plan", inputs, outputs, platform="tensorrt_plan", instance_kind="KIND_GPU"
     )
@@ -224,14 +264,17 @@ def triton_install() -> TritonInstall:
 
 
 @pytest.fixture(scope="module")
-def triton_repo(export_3d: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def triton_repo(
+    export_3d: Path, export_3d_old: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     production = tmp_path_factory.mktemp("production_repo")
-    write_triton_repository(
-        export_3d, production, MODEL, max_batch_size=MAX_BATCH, preferred_batch_sizes=[2, 4]
-    )
+    for export_dir, name in ((export_3d, MODEL), (export_3d_old, OLD_MODEL)):
+        write_triton_repository(
+            export_dir, production, name, max_batch_size=MAX_BATCH, preferred_batch_sizes=[2, 4]
+        )
     test_repo = tmp_path_factory.mktemp("python_backend_repo")
     names = python_backend_repository(production, test_repo)
-    assert names == [MODEL, MODEL + "_uncertainty"]
+    assert names == [MODEL, MODEL + "_uncertainty", OLD_MODEL, OLD_MODEL + "_uncertainty"]
     return test_repo
 
 
@@ -261,16 +304,20 @@ def triton_backend(request, triton_server: TritonServer) -> TritonBackend:
     backend.close()
 
 
-@pytest.mark.parametrize("uncertainty", [False, True], ids=["plain", "uncertainty"])
+@pytest.mark.parametrize(
+    ("uncertainty", "temperature"),
+    [(False, 1.0), (True, 1.0), (True, 1.7)],
+    ids=["plain", "uncertainty", "uncertainty-T1.7"],
+)
 @pytest.mark.parametrize("batch_size", [1, 3, 2 * MAX_BATCH + 1])
 def test_triton_equals_onnxruntime(
-    triton_backend, reference, exact, uncertainty, batch_size
+    triton_backend, reference, exact, uncertainty, temperature, batch_size
 ) -> None:
     # Spatial sizes other than the export's patch: the axes are dynamic end to end.
     rng = np.random.default_rng(batch_size)
     batch = rng.normal(size=(batch_size, 1, 8, 12, 6)).astype(np.float32)
-    served = triton_backend.infer(batch, uncertainty=uncertainty)
-    expected = reference.infer(batch, uncertainty=uncertainty)
+    served = triton_backend.infer(batch, uncertainty=uncertainty, temperature=temperature)
+    expected = reference.infer(batch, uncertainty=uncertainty, temperature=temperature)
     assert served.keys() == expected.keys()
     for name, value in expected.items():
         assert served[name].dtype == np.float32
@@ -294,11 +341,40 @@ def assert_same(actual: np.ndarray, desired: np.ndarray, exact: bool, name: str 
         np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_temperature_reaches_the_served_graph(triton_backend, reference, exact) -> None:
+    # Guards the comparison above against both sides ignoring the temperature.
+    batch = np.random.default_rng(7).normal(size=(2, 1, 8, 8, 8)).astype(np.float32)
+    at_1 = triton_backend.infer(batch, uncertainty=True)["mean_probs"]
+    at_2 = triton_backend.infer(batch, uncertainty=True, temperature=2.0)["mean_probs"]
+    assert np.abs(at_1 - at_2).max() > 1e-3
+
+
+def test_model_without_temperature_input(
+    triton_backend, triton_server, export_3d_old, exact
+) -> None:
+    url = triton_server.grpc_url if triton_backend.protocol == "grpc" else triton_server.http_url
+    old = TritonBackend(url, triton_backend.protocol, OLD_MODEL, timeout_s=30)
+    reference = OnnxRuntimeBackend(export_3d_old, intra_op_threads=1)
+    try:
+        assert old.takes_temperature(OLD_MODEL + "_uncertainty") is False
+        assert old.describe()["temperature_input"] is False
+        batch = np.random.default_rng(8).normal(size=(3, 1, 8, 8, 8)).astype(np.float32)
+        served = old.infer(batch, uncertainty=True)
+        for name, value in reference.infer(batch, uncertainty=True).items():
+            assert_same(served[name], value, exact, name)
+        with pytest.raises(BackendError, match="no 'temperature' input.*re-export"):
+            old.infer(batch, uncertainty=True, temperature=0.5)
+    finally:
+        old.close()
+        reference.close()
+
+
 def test_health_and_description(triton_backend, export_3d) -> None:
     assert triton_backend.ready() is True
     assert triton_backend.uncertainty_ready() is True
     info = triton_backend.describe()
     assert info["max_batch_size"] == MAX_BATCH and info["uncertainty"] is True
+    assert info["temperature_input"] is True
     metadata = json.loads((export_3d / "sfpc_model.json").read_text())
     assert triton_backend.export_metadata() == metadata
 

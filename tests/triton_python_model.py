@@ -3,6 +3,10 @@
 The pip-installed tritonserver has no ONNX Runtime backend, so this model runs the production
 repository's model.onnx with onnxruntime itself. It is copied next to the ONNX file as
 `<model>/1/model.py`; it runs under the Python-backend stub of the triton venv, never in pytest.
+
+Every input the config lists is fed to the graph by name: `image` for the plain model, `image` and
+`temperature` ([B, 1]) for the uncertainty model, `image` alone for an uncertainty model exported
+before the temperature input existed. Triton refuses a request that lacks a listed input.
 """
 
 import json

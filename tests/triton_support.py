@@ -1,7 +1,9 @@
 """Test fixtures for the Triton and backend tests.
 
 1. `export_fixture_model`: a narrow SFPC network exported by `sfpc.model.export.export_model`
-   (seg.onnx, seg_uncertainty.onnx, sfpc_model.json), small enough to keep the tests fast.
+   (seg.onnx, seg_uncertainty.onnx, sfpc_model.json), small enough to keep the tests fast;
+   `pre_temperature_export`: the same export with an uncertainty graph of the kind written before
+   the graph took a temperature input.
 2. `python_backend_repository`: turns a production repository (ONNX Runtime platform) into one the
    pip-installed tritonserver can run. The nvidia-pytriton wheel ships tritonserver with the
    Python backend only, so each model keeps its name, tensors, dims and batching, and a model.py
@@ -78,6 +80,36 @@ def export_fixture_model(
     )
     export_model(net, metadata, out_dir, dynamic_spatial=dynamic_spatial)
     return out_dir, net
+
+
+def pre_temperature_export(export_dir: Path, net: Any, out_dir: Path) -> Path:
+    """A copy of `export_dir` whose uncertainty graph is what sfpc exported before the graph took
+    a temperature: the stacked UncertaintyHead traced with the image as its only input.
+
+    The checksum in the copied metadata is updated, as the exporter of the time wrote it, so that
+    the backends load the graph and only its missing input differs.
+    """
+    import json
+
+    import torch
+
+    from sfpc.model.export import INPUT_NAME, UNCERTAINTY_OUTPUTS, _export
+    from sfpc.model.metadata import METADATA_FILE, sha256_file
+    from sfpc.model.networks import UncertaintyHead
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in export_dir.iterdir():
+        shutil.copyfile(item, out_dir / item.name)
+    metadata = json.loads((out_dir / METADATA_FILE).read_text())
+    graph = out_dir / metadata["graphs"]["uncertainty"]["file"]
+    head = UncertaintyHead(net, metadata["perturbation"]["M"], "stacked")
+    example = torch.zeros(1, metadata["in_channels"], *metadata["patch_size"])
+    _export(head, (example,), graph, (INPUT_NAME,), UNCERTAINTY_OUTPUTS,
+            metadata["dynamic_spatial"])
+    metadata["graphs"]["uncertainty"]["sha256"] = sha256_file(graph)
+    metadata["uncertainty_graph"] = "stacked"
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return out_dir
 
 
 # --- 2. the Python-backend test repository ------------------------------------------------------

@@ -4,16 +4,20 @@ A backend runs the exported SFPC graphs (see `sfpc_model.json` in an export dire
 laid out channel-first, [B, C_in, *spatial], float32. Plain inference returns the class logits;
 uncertainty inference returns the mean softmax over the M feature-perturbed predictions and the mean
 per-sample entropy, from which the gateway derives predictive entropy and mutual information.
+The uncertainty graph takes the calibration temperature as a second input, [B, 1] float32; graphs
+exported before that input existed can only serve temperature 1.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 INPUT_NAME = "image"
+TEMPERATURE_NAME = "temperature"
 PLAIN_OUTPUTS: tuple[str, ...] = ("logits",)
 UNCERTAINTY_OUTPUTS: tuple[str, ...] = ("mean_probs", "mean_entropy")
 
@@ -30,11 +34,14 @@ class BackendUnavailable(BackendError):
 class Backend(Protocol):
     """What the gateway needs from an inference engine."""
 
-    def infer(self, batch: np.ndarray, *, uncertainty: bool = False) -> dict[str, np.ndarray]:
+    def infer(
+        self, batch: np.ndarray, *, uncertainty: bool = False, temperature: float = 1.0
+    ) -> dict[str, np.ndarray]:
         """Run one batch [B, C_in, *spatial].
 
-        Plain: {"logits": [B, K, *spatial]}. Uncertainty: {"mean_probs": [B, K, *spatial],
-        "mean_entropy": [B, 1, *spatial]}. All float32.
+        Plain: {"logits": [B, K, *spatial]}, raw (the caller takes softmax(logits / T)).
+        Uncertainty: {"mean_probs": [B, K, *spatial], "mean_entropy": [B, 1, *spatial]}, each
+        sample's softmax taken of its logits / `temperature`. All float32.
         """
         ...
 
@@ -54,6 +61,32 @@ class Backend(Protocol):
 def output_names(uncertainty: bool) -> tuple[str, ...]:
     """The output tensors a request asks for."""
     return UNCERTAINTY_OUTPUTS if uncertainty else PLAIN_OUTPUTS
+
+
+def check_temperature(temperature: float) -> float:
+    """`temperature` as a float, or BackendError unless it is finite and > 0."""
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError) as exc:
+        raise BackendError(f"temperature {temperature!r} is not a number") from exc
+    if not (math.isfinite(value) and value > 0):
+        raise BackendError(f"temperature must be finite and > 0, got {value}")
+    return value
+
+
+def temperature_input(batch_size: int, temperature: float) -> np.ndarray:
+    """The uncertainty graph's `temperature` tensor: T for every image of the batch, [B, 1]."""
+    return np.full((batch_size, 1), temperature, dtype=np.float32)
+
+
+def untempered_graph_error(where: str, temperature: float) -> BackendError:
+    """The error for a temperature other than 1 asked of a graph without the temperature input."""
+    return BackendError(
+        f"the uncertainty graph of {where} has no '{TEMPERATURE_NAME}' input (it was exported "
+        f"before sfpc fed the calibration temperature to it), so it can only serve temperature "
+        f"1, not {temperature:g}; re-export the model with `sfpc export` or set its "
+        "temperature to 1"
+    )
 
 
 def check_batch(batch: np.ndarray, metadata: Mapping[str, Any] | None = None) -> np.ndarray:

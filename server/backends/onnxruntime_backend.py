@@ -10,10 +10,14 @@ import numpy as np
 
 from sfpc.server.backends.base import (
     INPUT_NAME,
+    TEMPERATURE_NAME,
     BackendError,
     BackendUnavailable,
     check_batch,
+    check_temperature,
     output_names,
+    temperature_input,
+    untempered_graph_error,
 )
 from sfpc.server.backends.export_metadata import (
     graph_entry,
@@ -75,7 +79,8 @@ class OnnxRuntimeBackend:
     """Both SFPC graphs of an export directory in ONNX Runtime sessions.
 
     Both graphs are verified and loaded at construction, so a broken or tampered export fails at
-    start-up rather than on the first request. Sessions are thread-safe for `run`.
+    start-up rather than on the first request. Sessions are thread-safe for `run`. An uncertainty
+    graph exported before the `temperature` input existed still loads, and serves temperature 1.
     """
 
     def __init__(
@@ -93,8 +98,11 @@ class OnnxRuntimeBackend:
         self.inter_op_threads = inter_op_threads
         self._closed = False
         self._sessions: dict[str, Any] = {"seg": self._load("seg")}
+        self.takes_temperature = False
         if graph_entry(self.metadata, "uncertainty") is not None:
             self._sessions["uncertainty"] = self._load("uncertainty")
+            inputs = {i.name for i in self._sessions["uncertainty"].get_inputs()}
+            self.takes_temperature = TEMPERATURE_NAME in inputs
 
     def _session_options(self) -> Any:
         options = self._ort.SessionOptions()
@@ -127,13 +135,21 @@ class OnnxRuntimeBackend:
             )
         return session
 
-    def infer(self, batch: np.ndarray, *, uncertainty: bool = False) -> dict[str, np.ndarray]:
+    def infer(
+        self, batch: np.ndarray, *, uncertainty: bool = False, temperature: float = 1.0
+    ) -> dict[str, np.ndarray]:
         """Run one batch [B, C_in, *spatial]; see `Backend.infer`."""
         session = self._session(uncertainty)
         arr = check_batch(batch, self.metadata)
+        temperature = check_temperature(temperature)
         names = list(output_names(uncertainty))
+        feeds = {INPUT_NAME: arr}
+        if uncertainty and self.takes_temperature:
+            feeds[TEMPERATURE_NAME] = temperature_input(arr.shape[0], temperature)
+        elif uncertainty and temperature != 1.0:
+            raise untempered_graph_error(str(self.export_dir), temperature)
         try:
-            results = session.run(names, {INPUT_NAME: arr})
+            results = session.run(names, feeds)
         except Exception as exc:
             raise BackendError(
                 f"onnxruntime failed on a batch of shape {arr.shape}: {exc}"
@@ -158,6 +174,7 @@ class OnnxRuntimeBackend:
             "intra_op_threads": options.intra_op_num_threads if options else None,
             "inter_op_threads": options.inter_op_num_threads if options else None,
             "uncertainty": "uncertainty" in self._sessions,
+            "temperature_input": self.takes_temperature,
             "ready": self.ready(),
         }
 

@@ -1,7 +1,8 @@
 """Send inference to an NVIDIA Triton Inference Server over gRPC or HTTP (binary tensors).
 
 The server hosts the repository written by `sfpc.model.triton_repo.write_triton_repository`: a
-plain model `<name>` and an uncertainty model `<name>_uncertainty`. Tensors always travel as raw
+plain model `<name>` and an uncertainty model `<name>_uncertainty` (inputs `image` and, for
+exports that have it, `temperature` [B, 1]). Tensors always travel as raw
 bytes: gRPC does so natively and HTTP uses Triton's binary tensor extension, since JSON-encoded
 volumes are an order of magnitude larger and slower to parse.
 """
@@ -16,10 +17,14 @@ import numpy as np
 
 from sfpc.server.backends.base import (
     INPUT_NAME,
+    TEMPERATURE_NAME,
     BackendError,
     BackendUnavailable,
     check_batch,
+    check_temperature,
     output_names,
+    temperature_input,
+    untempered_graph_error,
 )
 
 PROTOCOLS = ("grpc", "http")
@@ -169,19 +174,36 @@ class TritonBackend:
                 f"[B, {expected}] (channel-first; fixed sizes are the model's patch size)"
             )
 
+    def takes_temperature(self, model: str) -> bool:
+        """Whether the served `model` has the `temperature` input (uncertainty models exported
+        since it exists)."""
+        inputs = self.model_config(model).get("input", [])
+        return any(t.get("name") == TEMPERATURE_NAME for t in inputs)
+
     # -- inference --------------------------------------------------------------------------
-    def _infer_chunk(self, model: str, chunk: np.ndarray, names: tuple[str, ...]) -> list:
-        image = self._module.InferInput(INPUT_NAME, list(chunk.shape), "FP32")
+    def _tensor(self, name: str, value: np.ndarray) -> Any:
+        tensor = self._module.InferInput(name, list(value.shape), "FP32")
         if self.protocol == "http":
-            image.set_data_from_numpy(chunk, binary_data=True)
+            tensor.set_data_from_numpy(value, binary_data=True)
+        else:
+            tensor.set_data_from_numpy(value)
+        return tensor
+
+    def _infer_chunk(
+        self, model: str, chunk: np.ndarray, names: tuple[str, ...], temperature: float | None
+    ) -> list:
+        inputs = [self._tensor(INPUT_NAME, chunk)]
+        if temperature is not None:
+            inputs.append(self._tensor(TEMPERATURE_NAME,
+                                       temperature_input(chunk.shape[0], temperature)))
+        if self.protocol == "http":
             outputs = [self._module.InferRequestedOutput(n, binary_data=True) for n in names]
         else:
-            image.set_data_from_numpy(chunk)
             outputs = [self._module.InferRequestedOutput(n) for n in names]
         try:
             result = self._client().infer(
                 model,
-                [image],
+                inputs,
                 model_version=self.model_version,
                 outputs=outputs,
                 **self._timeout_kwargs(),
@@ -200,12 +222,21 @@ class TritonBackend:
             arrays.append(array)
         return arrays
 
-    def infer(self, batch: np.ndarray, *, uncertainty: bool = False) -> dict[str, np.ndarray]:
-        """Run one batch [B, C_in, *spatial], split to the model's max_batch_size."""
+    def infer(
+        self, batch: np.ndarray, *, uncertainty: bool = False, temperature: float = 1.0
+    ) -> dict[str, np.ndarray]:
+        """Run one batch [B, C_in, *spatial], split to the model's max_batch_size; see
+        `Backend.infer`."""
         arr = check_batch(batch)
+        temperature = check_temperature(temperature)
         model = self.uncertainty_model_name if uncertainty else self.model_name
         names = output_names(uncertainty)
         self._check_shape(arr, model)
+        feed: float | None = None
+        if uncertainty and self.takes_temperature(model):
+            feed = temperature
+        elif uncertainty and temperature != 1.0:
+            raise untempered_graph_error(self._where(model), temperature)
         limit = self.max_batch_size(model)
         if limit <= 0:
             raise BackendError(
@@ -213,7 +244,7 @@ class TritonBackend:
                 "regenerate the repository with write_triton_repository"
             )
         pieces = [
-            self._infer_chunk(model, arr[start : start + limit], names)
+            self._infer_chunk(model, arr[start : start + limit], names, feed)
             for start in range(0, arr.shape[0], limit)
         ]
         return {
@@ -261,6 +292,9 @@ class TritonBackend:
             try:
                 info["max_batch_size"] = self.max_batch_size(self.model_name)
                 info["uncertainty"] = self.uncertainty_ready()
+                if info["uncertainty"]:
+                    info["temperature_input"] = self.takes_temperature(
+                        self.uncertainty_model_name)
             except BackendError as exc:
                 info["error"] = str(exc)
         return info
