@@ -28,9 +28,15 @@ setup: $(STAMP)
 lint: setup
 	$(BIN)/ruff check .
 
-# dciodvfy (Debian's dicom3tools), the DICOM standard's validator, checks the SEG we write.
+# dciodvfy (Debian's dicom3tools), the DICOM standard's validator, checks the SEG we write;
+# Orthanc with its DICOMweb plugin is the real PACS of the client tests.
+SYSTEM_PACKAGES := dicom3tools orthanc orthanc-dicomweb
 system-deps:
-	command -v dciodvfy >/dev/null || { apt-get update -qq && apt-get install -y -qq dicom3tools; }
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing"; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 test: system-deps $(STAMP) $(TRITON_VENV)/.installed
 	$(BIN)/ruff check .
