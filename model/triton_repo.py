@@ -359,7 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("export_dir", type=Path)
     parser.add_argument("repo_dir", type=Path)
-    parser.add_argument("--name", default="sfpc", help="Triton model name (default: sfpc)")
+    parser.add_argument("--name", default=None,
+                        help="Triton model name (default: the export's own model name, which "
+                             "is the name the gateway asks Triton for)")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--instances", type=int, default=1, help="instances per model")
     parser.add_argument("--gpu", action="store_true", help="KIND_GPU instances (default CPU)")
@@ -371,6 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.tensorrt or args.fp16) and not args.gpu:
         parser.error("TensorRT runs on GPU instances: add --gpu")
+    if args.name is None:
+        from sfpc.model.metadata import ModelMetadata
+
+        args.name = ModelMetadata.load(args.export_dir).name
     written = write_triton_repository(
         args.export_dir,
         args.repo_dir,

@@ -190,11 +190,18 @@ def test_triton_names_match_the_repository_writer(exported: Path, tmp_path: Path
     from sfpc.model.triton_repo import main as write_repo
 
     repo = tmp_path / "triton_repo"
-    assert write_repo([str(exported), str(repo)]) == 0  # every option at its default
-    generated = {p.parent.name for p in repo.glob("*/config.pbtxt")}
     served = Path(gateway_environment(compose())["SFPC_MODEL_DIRS"]).name
+    # The writer names the Triton models after the export's own model name by default, which
+    # is the name the gateway asks Triton for: compose serves a model exported as `served`.
+    assert write_repo([str(exported), str(repo), "--name", served]) == 0
+    generated = {p.parent.name for p in repo.glob("*/config.pbtxt")}
     assert served in generated and f"{served}_uncertainty" in generated
     assert (repo / served / METADATA_FILE).is_file()  # what the gateway loads
+    by_default = tmp_path / "by_default"
+    assert write_repo([str(exported), str(by_default)]) == 0
+    own = json.loads((exported / METADATA_FILE).read_text())["name"]
+    assert {p.parent.name for p in by_default.glob("*/config.pbtxt")} == {
+        own, f"{own}_uncertainty"}
 
     doc = DEPLOY_DOC.read_text(encoding="utf-8")
     named = set(re.findall(r"/v2/models/([\w.-]+)/", doc))
