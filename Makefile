@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine (see README):
-#   make demo   - the main job (until the server lands: synthetic data -> train -> evaluate)
+#   make serve  - the main job: the gateway on the embedded default organ CT model
 #   make test   - the test suite (what CI runs through .ci/run)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -49,9 +49,10 @@ demo: setup
 default-model: setup
 	$(BIN)/sfpc build-default-model --data ../shared/data/organs --no-progress
 
-# Serve an exported model: make serve MODEL=runs/demo/export
+# The main job: the gateway on http://127.0.0.1:8000 with the embedded default model
+# (server/default_model/), or another export with: make serve MODEL=runs/demo/export
 serve: setup
-	$(BIN)/sfpc serve --model $(MODEL)
+	$(BIN)/sfpc serve $(if $(MODEL),--model $(MODEL))
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
