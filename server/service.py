@@ -508,7 +508,7 @@ class SegmentationService:
             timings[stage] = float(result.timings.get(stage, 0.0))
         timings["backend"] = float(result.timings.get("backend", 0.0))
         statistics = engine_report["statistics"]
-        return {
+        report = {
             "sfpc_version": sfpc.__version__,
             "model": {**engine_report["model"], "task": model.metadata.task},
             "input": {
@@ -530,6 +530,10 @@ class SegmentationService:
             "n_windows": engine_report["n_windows"],
             "timings": timings,
         }
+        quality = _quality(model.metadata, statistics, result.uncertainty)
+        if quality is not None:
+            report["quality"] = quality
+        return report
 
     def _encode(self, volume: Any, model: LoadedModel, result: SegmentationResult,
                 outputs: Sequence[str], report: Mapping[str, Any]) -> list[Artefact]:
@@ -635,6 +639,18 @@ def first_slice(result: SegmentationResult, axis: int, engine: Engine) -> Segmen
     return dataclasses.replace(result, mask=mask, statistics=statistics, geometry=geometry,
                                entropy=maps.get("entropy"),
                                mutual_information=maps.get("mutual_information"))
+
+
+def _quality(metadata: ModelMetadata, statistics: Mapping[str, Any],
+             uncertainty: bool) -> dict[str, Any] | None:
+    """The per-case review flag of a model calibrated by `sfpc calibrate` (metadata.quality):
+    its measure is the case's boundary uncertainty, which only uncertainty mode computes."""
+    if not metadata.quality or not uncertainty:
+        return None
+    from sfpc.training.calibration import quality_flag
+
+    measure = f"boundary_mean_{metadata.quality.get('map', 'entropy')}"
+    return quality_flag(statistics["case"].get(measure), metadata.quality)
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:

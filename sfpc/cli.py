@@ -64,10 +64,34 @@ def _cmd_demo(argv: Sequence[str]) -> int:
     return demo.main(list(argv))
 
 
+def _cmd_uncertainty_eval(argv: Sequence[str]) -> int:
+    from sfpc.training import uncertainty_cli
+
+    return uncertainty_cli.eval_main(list(argv))
+
+
+def _cmd_calibrate(argv: Sequence[str]) -> int:
+    from sfpc.training import uncertainty_cli
+
+    return uncertainty_cli.calibrate_main(list(argv))
+
+
+def _cmd_build_default_model(argv: Sequence[str]) -> int:
+    from sfpc.training import default_model
+
+    return default_model.main(list(argv))
+
+
 def _cmd_serve(argv: Sequence[str]) -> int:
     from sfpc.server.cli import serve
 
     return serve(argv)
+
+
+def _cmd_client(argv: Sequence[str]) -> int:
+    from sfpc.clients.cli import main as client_main
+
+    return client_main(argv)
 
 
 COMMANDS = {
@@ -77,7 +101,13 @@ COMMANDS = {
     "export": (_cmd_export, "export a checkpoint to ONNX (+ uncertainty graph, Triton repo)"),
     "organ-split": (_cmd_organ_split, "write the abdominal CT organ task's slice-block split"),
     "demo": (_cmd_demo, "synthetic data -> short training -> evaluation, end to end"),
+    "uncertainty-eval": (_cmd_uncertainty_eval, "score uncertainty maps (error AUROC/AP, ECE) of "
+                                                "an export on labelled cases"),
+    "calibrate": (_cmd_calibrate, "fit an export's temperature and review-flag threshold"),
+    "build-default-model": (_cmd_build_default_model, "re-create the shipped organ CT model "
+                                                      "from shared/data/organs"),
     "serve": (_cmd_serve, "serve exported models over HTTP (FastAPI gateway)"),
+    "client": (_cmd_client, "batch-segment folders or PACS series through a gateway"),
 }
 
 
