@@ -108,8 +108,9 @@ not seen.
 (ids 1, 5, 6 -> spleen, liver, stomach) - model outputs, a *silver standard*, not manual
 tracing - and `ct_b` (chest-abdomen CT, 1.5 mm, no labels). Labelled: {t.get("n_labelled")}
 runs of slices = {len(t.get("labelled_slices", []))} axial slices of ct_a
-(labelled fraction {t.get("labelled_fraction_slices")} of its usable slices, stratified by organ
-presence, seed {t.get("seed")}); unlabelled: the rest of ct_a and all of ct_b.
+(a fraction {t.get("labelled_fraction_slices")} of its {t.get("n_slices", 112)} slices; selection
+"{t.get("selection")}": {t.get("organ_share")} of the budget on slices with organs, evenly
+spaced, as sparse annotation would give); unlabelled: the rest of ct_a and all of ct_b.
 Augmentation: {json.dumps(t.get("augment"))}. No left-right flips (they would swap liver and
 spleen). Iterations: {t.get("iterations")}.
 
@@ -162,8 +163,9 @@ def build(data_dir: str | Path, config: str | Path = DEFAULT_CONFIG,
     shutil.rmtree(tmp, ignore_errors=True)
     meta = export_checkpoint(work / "run" / "last.pt", tmp, name=MODEL_NAME)
     meta.training.update(
-        labelled_slices=split["labelled_slices"], val_block=split["val_block"], gap=split["gap"],
-        labelled_fraction_slices=split["labelled_fraction"], augment=cfg.augment,
+        labelled_slices=split["labelled_slices"], n_slices=split["n_slices"], val_block=split["val_block"], gap=split["gap"],
+        labelled_fraction_slices=round(len(split["labelled_slices"]) / split["n_slices"], 4),
+        selection=split["selection"], organ_share=split["organ_share"], augment=cfg.augment,
         data_files=["ct_a_image.nii.gz", "ct_a_label.nii.gz", "ct_b_image_unlabelled.nii.gz"],
         labels="TotalSegmentator 'total' outputs (silver standard), ids 1, 5, 6",
         licence="Apache-2.0 (TotalSegmentator test data)")

@@ -46,6 +46,8 @@ def make_organ_dataset(
     val_block: tuple[int, int] = VAL_BLOCK,
     gap: int = GAP,
     use_ct_b: bool = True,
+    selection: str = "random",
+    organ_share: float | None = None,
 ) -> dict:
     """Write the dataset JSON (layout "json") and return a description of the split."""
     data = Path(data_dir).resolve()
@@ -60,12 +62,28 @@ def make_organ_dataset(
     lo, hi = val_block
     excluded = set(range(max(0, lo - gap), min(n, hi + gap)))
     pool = [z for z in range(n) if z not in excluded]
+    if selection not in ("random", "even"):
+        raise ValueError(f"selection must be 'random' or 'even', not {selection!r}")
     rng = np.random.default_rng(seed)
+    strata = ([z for z in pool if organ[z]], [z for z in pool if not organ[z]])
+    budget = int(round(labelled_fraction * len(pool)))
+    if organ_share is None:
+        # Stratified by organ presence so that 10% of slices keeps 10% of the organ slices.
+        counts = [int(round(labelled_fraction * len(s))) for s in strata]
+    else:
+        # An annotator's budget spent mostly where the organs are (sparse annotation).
+        k_organ = min(len(strata[0]), int(round(organ_share * budget)))
+        counts = [k_organ, min(len(strata[1]), budget - k_organ)]
     labelled: list[int] = []
-    # Stratified by organ presence so that 10% of slices keeps 10% of the organ slices.
-    for stratum in ([z for z in pool if organ[z]], [z for z in pool if not organ[z]]):
-        k = int(round(labelled_fraction * len(stratum)))
-        labelled += [int(z) for z in rng.choice(stratum, size=k, replace=False)] if k else []
+    for stratum, k in zip(strata, counts, strict=True):
+        if not k:
+            continue
+        if selection == "even":
+            # Every n-th slice across the stratum, as annotators label sparse volumes.
+            picks = np.unique(np.round(np.linspace(0, len(stratum) - 1, k)).astype(int))
+            labelled += [int(stratum[i]) for i in picks]
+        else:
+            labelled += [int(z) for z in rng.choice(stratum, size=k, replace=False)]
     unlabelled = [z for z in pool if z not in set(labelled)]
     label_map = {str(k): v for k, v in LABEL_MAP.items()}
     entries = [{"id": f"ct_a_val_{lo}_{hi}", "image": str(image), "label": str(label),
@@ -85,7 +103,9 @@ def make_organ_dataset(
     return {"labelled_slices": sorted(labelled), "labelled_organ_slices":
             sorted(z for z in labelled if organ[z]), "val_block": [lo, hi], "gap": gap,
             "n_unlabelled_ct_a_slices": len(unlabelled), "ct_b": use_ct_b,
-            "labelled_fraction": labelled_fraction, "seed": seed, "json": str(out)}
+            "labelled_fraction": labelled_fraction, "selection": selection,
+            "organ_share": organ_share, "n_usable_slices": len(pool), "n_slices": n,
+            "seed": seed, "json": str(out)}
 
 
 def train_overrides() -> dict:
