@@ -198,6 +198,7 @@ class LoadedModel:
             "uncertainty": m.has_uncertainty,
             "perturbation": {k: m.perturbation.get(k) for k in ("kind", "M", "tau", "eps_grid")},
             "temperature": m.temperature,
+            "quality": m.quality,
             "metrics": m.metrics,
             "sfpc_version": m.sfpc_version,
             "created": m.created,

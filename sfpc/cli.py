@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: sfpc <command> [options]\n\ncommands:")
         for name, (_, text) in COMMANDS.items():
-            print(f"  {name:<10} {text}")
+            print(f"  {name:<20} {text}")
         print("\n`sfpc <command> --help` for a command's options.")
         return 0
     if argv[0] == "--version":

@@ -31,7 +31,11 @@ class ModelInfo(BaseModel):
     normalisation: dict[str, Any] | None = None
     uncertainty: bool = Field(description="Whether the FLPM uncertainty graph is served.")
     perturbation: dict[str, Any] = Field(default_factory=dict)
-    temperature: float = 1.0
+    temperature: float = Field(1.0, description="Calibration temperature applied to every "
+                               "softmax (plain and uncertainty mode).")
+    quality: dict[str, Any] = Field(default_factory=dict, description="The per-case review "
+                                    "flag's rule: measure, threshold and how it was chosen "
+                                    "(empty: no flag).")
     metrics: dict[str, Any] = Field(default_factory=dict, description="Validation metrics "
                                     "recorded at training.")
     sfpc_version: str = ""
