@@ -163,7 +163,8 @@ def build(data_dir: str | Path, config: str | Path = DEFAULT_CONFIG,
     shutil.rmtree(tmp, ignore_errors=True)
     meta = export_checkpoint(work / "run" / "last.pt", tmp, name=MODEL_NAME)
     meta.training.update(
-        labelled_slices=split["labelled_slices"], n_slices=split["n_slices"], val_block=split["val_block"], gap=split["gap"],
+        labelled_slices=split["labelled_slices"], n_slices=split["n_slices"],
+        val_block=split["val_block"], gap=split["gap"],
         labelled_fraction_slices=round(len(split["labelled_slices"]) / split["n_slices"], 4),
         selection=split["selection"], organ_share=split["organ_share"], augment=cfg.augment,
         data_files=["ct_a_image.nii.gz", "ct_a_label.nii.gz", "ct_b_image_unlabelled.nii.gz"],
