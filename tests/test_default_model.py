@@ -1,0 +1,87 @@
+"""The shipped default model: its files are what its metadata says, it still scores what its card
+says on its validation slices, and `sfpc serve` with no --model serves it end to end."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sfpc.model.metadata import METADATA_FILE, ModelMetadata, sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "server" / "default_model"
+ORGANS = REPO.parent / "shared" / "data" / "organs"
+DICE_TOLERANCE = 0.01  # ONNX Runtime builds may differ in the last bits of a few voxels
+
+needs_data = pytest.mark.skipif(not (ORGANS / "ct_a_image.nii.gz").exists(),
+                                reason=f"{ORGANS} (the shared organ CTs) is not here")
+
+
+@pytest.fixture(scope="module")
+def meta() -> ModelMetadata:
+    assert (MODEL / METADATA_FILE).is_file(), "the default model is not in server/default_model"
+    return ModelMetadata.load(MODEL)
+
+
+def test_shipped_files_match_their_metadata(meta: ModelMetadata) -> None:
+    assert set(meta.graphs) == {"seg", "uncertainty"}
+    for graph in meta.graphs.values():
+        assert sha256_file(MODEL / graph["file"]) == graph["sha256"], graph["file"]
+    assert meta.class_names == ["background", "spleen", "liver", "stomach"]
+    size = sum(p.stat().st_size for p in MODEL.iterdir())
+    assert size < 20e6, f"the shipped model is {size / 1e6:.1f} MB"
+    card = (MODEL / "MODEL_CARD.md").read_text()
+    for word in ("silver standard", "Apache-2.0", "spleen", "liver", "stomach"):
+        assert word in card
+
+
+@needs_data
+def test_shipped_model_reaches_its_card_validation_dice(meta: ModelMetadata) -> None:
+    from sfpc.training.default_model import validate_export
+
+    measured = validate_export(MODEL, ORGANS)["metrics"]
+    card = meta.metrics["validation"]
+    for name in [*meta.class_names[1:], "mean"]:
+        assert measured[name]["dice"] == pytest.approx(card[name]["dice"], abs=DICE_TOLERANCE), name
+
+
+@needs_data
+def test_serve_with_no_model_segments_ct_with_uncertainty(tmp_path: Path) -> None:
+    import httpx
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from server_support import GatewayServer
+
+    source = ORGANS / "ct_a_image.nii.gz"
+    image = nib.load(str(source))
+    with GatewayServer([], tmp_path / "gateway.log") as server:
+        models = httpx.get(f"{server.url}/v1/models", timeout=30).json()
+        assert models["default"] == "sfpc-organs-ct"
+        with open(source, "rb") as f:
+            r = httpx.post(f"{server.url}/v1/segment", files={"file": (source.name, f)},
+                           params={"outputs": "mask_nifti,entropy_nifti,overlay_png,report_json"},
+                           timeout=300)
+    assert r.status_code == 200, r.text
+    z = zipfile.ZipFile(io.BytesIO(r.content))
+    mask = nib.Nifti1Image.from_bytes(gzip.decompress(z.read("mask.nii.gz")))
+    entropy = nib.Nifti1Image.from_bytes(gzip.decompress(z.read("entropy.nii.gz")))
+    for out in (mask, entropy):
+        assert out.shape == image.shape
+        np.testing.assert_allclose(out.affine, image.affine, atol=1e-5)
+    labels = np.asarray(mask.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3} and (labels == 2).sum() > 1000  # a liver
+    h = np.asarray(entropy.dataobj)
+    assert 0 <= h.min() and h.max() <= 1 and h.max() > 0.1
+    png = Image.open(io.BytesIO(z.read("overlay.png")))
+    assert png.format == "PNG" and min(png.size) >= 256
+    report = json.loads(z.read("report.json"))
+    assert report["model"]["name"] == "sfpc-organs-ct"
