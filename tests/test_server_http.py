@@ -666,9 +666,11 @@ def test_serve_refuses_a_public_host_without_keys_and_needs_a_model(models, tmp_
                             capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert public.returncode == 2
     assert "API keys" in public.stderr and "0.0.0.0" in public.stderr
-    nothing = subprocess.run(base, capture_output=True, text=True, timeout=60, env=env,
-                             cwd=tmp_path)
-    assert nothing.returncode == 2 and "--model DIR" in nothing.stderr
+    # No --model means the embedded default model (tests/test_default_model.py serves it);
+    # the public-host rule still holds for it.
+    embedded = subprocess.run(base + ["--host", "0.0.0.0"], capture_output=True, text=True,
+                              timeout=60, env=env, cwd=tmp_path)
+    assert embedded.returncode == 2 and "API keys" in embedded.stderr
     wrong = subprocess.run(base + ["--model", str(tmp_path)], capture_output=True, text=True,
                            timeout=60, env=env, cwd=tmp_path)
     assert wrong.returncode == 2 and "sfpc_model.json" in wrong.stderr
