@@ -16,7 +16,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -24,6 +23,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from server_support import stop_process
 
 PLUGIN_NAME = "libOrthancDicomWeb.so"
 _PLUGIN_FALLBACKS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
@@ -179,14 +180,7 @@ class OrthancServer:
             return response.read()
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=timeout)
+        stop_process(self.process, timeout)
 
     def __enter__(self) -> OrthancServer:
         return self.start()

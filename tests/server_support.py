@@ -121,6 +121,18 @@ def tiny_models(base: Path) -> dict[str, Path]:
 
 
 # --- 2. the server ------------------------------------------------------------------------------
+def stop_process(process: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    """SIGTERM a child server by pid, SIGKILL it if it has not exited within ``timeout``."""
+    if process is None or process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+
+
 class GatewayServer:
     """``sfpc serve`` in a child process on 127.0.0.1; settings via SFPC_* variables."""
 
@@ -194,14 +206,7 @@ class GatewayServer:
         return records
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=timeout)
+        stop_process(self.process, timeout)
 
     def __enter__(self) -> GatewayServer:
         return self.start()
