@@ -1,11 +1,15 @@
 """Train every method side by side on the real abdominal CT organ task and print one table like
 the paper's Tables I and II (plus Figure 9's perturbation alternatives with --figure9).
 
-Same data, split, schedule and seed for every method; 2D axial at 3 mm in-plane, 128x128 patches,
-10% of ct_a's slices labelled (stratified), the rest of ct_a and all of ct_b unlabelled, scored on a
-held-apart block of ct_a slices (TotalSegmentator labels: a silver standard).
+Same data, split, schedule and seeds for every method; 2D axial (default 128x128 patches at 3 mm
+in-plane), 10% of ct_a's slices labelled (a seeded stratified draw, or --selection even), the rest
+of ct_a and all of ct_b unlabelled, scored on a held-apart block of ct_a slices (TotalSegmentator
+labels: a silver standard).
 
-    python benchmarks/organ_ssl_benchmark.py --iterations 1000          # the committed run
+    # the committed CPU table (about 30 minutes on 2 cores):
+    python benchmarks/organ_ssl_benchmark.py --iterations 400 --seeds 1337 7 --jobs 2 \
+        --threads 1 --patch-size 96 --spacing 4 --selection even --organ-share 0.75 \
+        --empty-slice-prob 0.25 --no-progress
     python benchmarks/organ_ssl_benchmark.py --quick                    # minutes
 """
 
@@ -13,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -44,7 +50,8 @@ def run_one(key: str, dataset: Path, out: Path, args: argparse.Namespace, seed: 
         val_every=args.val_every or max(1, args.iterations // 5), seed=seed,
         out=str(out / f"{key.replace(':', '_').replace('+', '_')}_seed{seed}"),
         progress=not args.no_progress, split_file=str(out / f"split_seed{seed}.json"),
-        uamt_t=args.uamt_t,
+        uamt_t=args.uamt_t, threads=args.threads,
+        patch_size=[args.patch_size] * 2, spacing=[args.spacing, args.spacing, None],
     )
     cfg = TrainConfig(**fields)
     t0 = time.perf_counter()
@@ -57,7 +64,7 @@ def run_one(key: str, dataset: Path, out: Path, args: argparse.Namespace, seed: 
             "best_iteration": best["metadata"]["metrics"]["iteration"], "summary": summary}
 
 
-def fmt_row(runs: list[dict], base_step: float) -> str:
+def fmt_row(runs: list[dict], base_step: float | None) -> str:
     """One method's row: the mean over seeds (and the spread of the mean Dice over seeds)."""
 
     def avg(get) -> float:
@@ -71,21 +78,24 @@ def fmt_row(runs: list[dict], base_step: float) -> str:
         cells.append(f"{avg(lambda s, m=metric: s['mean'][m]['mean']) * scale:.2f}")
     for cls in CLASS_NAMES[1:]:
         cells.append(f"{avg(lambda s, c=cls: s[c]['dice']['mean']) * 100:.1f}")
-    step = statistics.median(r["step_time_median_s"] for r in runs)
-    cells.append(f"{step / base_step:.2f}x")
+    if base_step:
+        step = statistics.median(r["step_time_median_s"] for r in runs)
+        cells.append(f"{step / base_step:.2f}x")
     return "| " + " | ".join(cells) + " |"
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], step_time: bool = True) -> str:
     by_method: dict[str, list[dict]] = {}
     for r in results:
         by_method.setdefault(r["method"], []).append(r)
     first = next(iter(by_method.values()))
     base = statistics.median(r["step_time_median_s"] for r in by_method.get("supervised", first))
     head = ("| method | Dice % (± sd over seeds) | HD95 mm | ASD mm | boundary Dice % | "
-            "spleen Dice % | liver Dice % | stomach Dice % | step time vs supervised |")
-    sep = "|" + "---|" * 9
-    return "\n".join([head, sep, *(fmt_row(runs, base) for runs in by_method.values())])
+            "spleen Dice % | liver Dice % | stomach Dice % |"
+            + (" step time vs supervised |" if step_time else ""))
+    sep = "|" + "---|" * (9 if step_time else 8)
+    rows = (fmt_row(runs, base if step_time else None) for runs in by_method.values())
+    return "\n".join([head, sep, *rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,12 +110,35 @@ def main(argv: list[str] | None = None) -> int:
                    help="one split and one training run per seed; the table averages them")
     p.add_argument("--empty-slice-prob", type=float, default=1.0,
                    help="relative weight of labelled slices without organs (1 = uniform)")
+    p.add_argument("--selection", choices=["random", "even"], default="random",
+                   help="labelled slices: a seeded stratified draw, or spread evenly through "
+                        "the organs (the split is then the same for every seed)")
+    p.add_argument("--organ-share", type=float, default=None,
+                   help="with --selection even: share of labelled slices that show organs")
+    p.add_argument("--patch-size", type=int, default=128, help="2D patch edge in pixels")
+    p.add_argument("--spacing", type=float, default=3.0, help="in-plane spacing in mm")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings run side by side in separate processes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per training (default: torch's own; use 1 with --jobs 2 "
+                        "on a 2-core machine)")
     p.add_argument("--uamt-t", type=int, default=8)
     p.add_argument("--methods", nargs="*", default=None, help=f"subset of {ROWS}")
     p.add_argument("--figure9", action="store_true", help="add F-Noise, F-Drop, spatial dropout")
     p.add_argument("--quick", action="store_true", help="40 iterations, 4 methods: a smoke run")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--table-from", nargs="+", metavar="RESULTS_JSON",
+                   help="print the table of earlier runs' results.json files (merged), train "
+                        "nothing; --no-step-time leaves out step times measured side by side "
+                        "with other jobs")
+    p.add_argument("--no-step-time", action="store_true")
     args = p.parse_args(argv)
+    if args.table_from:
+        merged = [r for f in args.table_from for r in json.loads(Path(f).read_text())["results"]]
+        order = {k: i for i, k in enumerate(ROWS)}
+        merged.sort(key=lambda r: (order.get(r["method"], len(ROWS)), r["seed"]))
+        print(table(merged, step_time=not args.no_step_time))
+        return 0
     if args.quick:
         args.iterations, args.methods = 40, args.methods or ["supervised", "sfpc", "urpc", "uamt"]
         args.uamt_t = 2
@@ -117,18 +150,42 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown methods {bad}")
     out = Path(args.out)
     splits = {seed: make_organ_dataset(args.data, out / f"dataset_seed{seed}.json",
-                                       args.labelled_fraction, seed) for seed in args.seeds}
+                                       args.labelled_fraction, seed, selection=args.selection,
+                                       organ_share=args.organ_share)
+              for seed in args.seeds}
     print(json.dumps(splits), flush=True)
-    results = []
-    for key in keys:
-        for seed in args.seeds:
+    runs = [(key, seed) for key in keys for seed in args.seeds]
+    t0 = time.perf_counter()
+    results: list[dict] = []
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(
+            {"splits": splits, "args": vars(args), "results": results,
+             "wall_minutes": (time.perf_counter() - t0) / 60}, indent=1))
+
+    if args.jobs <= 1:
+        for key, seed in runs:
             print(f"== {key} seed {seed}", flush=True)
             results.append(run_one(key, out / f"dataset_seed{seed}.json", out, args, seed))
-            (out / "results.json").write_text(json.dumps(
-                {"splits": splits, "args": vars(args), "results": results}, indent=1))
+            save()
+    else:
+        # spawn: a forked child would inherit torch's thread pool state from the parent
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(run_one, run[0], out / f"dataset_seed{run[1]}.json",
+                                   out, args, run[1]): run for run in runs}
+            for fut in as_completed(futures):
+                key, seed = futures[fut]
+                results.append(fut.result())
+                print(f"== {key} seed {seed} done ({results[-1]['wall_s'] / 60:.1f} min)",
+                      flush=True)
+                save()  # finished runs survive a time limit
+        results.sort(key=lambda r: runs.index((r["method"], r["seed"])))
     print()
-    print(f"iterations {args.iterations}, seeds {args.seeds}, torch threads "
-          f"{torch.get_num_threads()}, empty-slice weight {args.empty_slice_prob}, validation "
+    print(f"iterations {args.iterations}, seeds {args.seeds}, patch {args.patch_size}^2 at "
+          f"{args.spacing} mm, {args.jobs} job(s) x {args.threads or torch.get_num_threads()} "
+          f"torch thread(s), selection {args.selection}, empty-slice weight "
+          f"{args.empty_slice_prob}, wall {(time.perf_counter() - t0) / 60:.1f} min, validation "
           f"block {splits[args.seeds[0]]['val_block']}, labelled slices per seed "
           + "; ".join(f"{s}: {v['labelled_slices']} (organ {v['labelled_organ_slices']})"
                       for s, v in splits.items()))

@@ -66,20 +66,44 @@ def _write_cases(entries: list[dict], path: Path) -> Path:
     return path
 
 
+def _ct_a_roles(dataset_json: Path) -> dict[str, list[int]]:
+    """ct_a's axial slices by role in an organ-task dataset JSON (training/organ_task.py)."""
+    roles: dict[str, list[int]] = {"labelled": [], "unlabelled": [], "val": []}
+    for e in json.loads(Path(dataset_json).read_text()):
+        if e.get("slices") and "ct_a" in str(e["image"]):
+            a, b = e["slices"]
+            roles[e["role"]] += list(range(a, b))
+    return roles
+
+
 def organ_task(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """Dataset, model and calibration / test case files of the organ task."""
-    split = make_organ_dataset(args.organ_data, out / "dataset.json", 0.1, args.seed)
-    checkpoint = Path(args.organ_checkpoint) if args.organ_checkpoint else out / "sfpc/best.pt"
-    if not args.organ_checkpoint:
+    """Model and calibration / test case files of the organ task.
+
+    The cases come from the split the model was trained on (its dataset JSON, also for a given
+    --organ-checkpoint such as the default model's): calibration = the held-apart validation
+    block, test = the slices of the organ range that were in the unlabelled pool (their labels
+    were never used).
+    """
+    if args.organ_checkpoint:
+        checkpoint = Path(args.organ_checkpoint)
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        dataset = Path(ck["config"]["data"])
+        if not dataset.is_file():
+            raise SystemExit(f"{checkpoint} was trained on {dataset}, which is not here: the "
+                             "test cases must come from that split")
+    else:
+        checkpoint, dataset = out / "sfpc/best.pt", out / "dataset.json"
+        make_organ_dataset(args.organ_data, dataset, 0.1, args.seed)
         fields = train_overrides()
-        fields.update(data=str(out / "dataset.json"), method="sfpc",
+        fields.update(data=str(dataset), method="sfpc",
                       iterations=args.organ_iterations,
                       lr_step=(args.organ_iterations if args.quick else
                                max(1, round(args.organ_iterations * 2500 / 6000))),
                       val_every=max(1, args.organ_iterations // 4), seed=args.seed,
                       out=str(out / "sfpc"), split_file=str(out / "split.json"),
-                      progress=False, name="sfpc-organ-uncertainty")
+                      progress=False, name="sfpc-organ-uncertainty", num_workers=args.workers)
         train(TrainConfig(**fields))
+    roles = _ct_a_roles(dataset)
     data = Path(args.organ_data).resolve()
     image, label = str(data / "ct_a_image.nii.gz"), str(data / "ct_a_label.nii.gz")
     label_map = {str(k): v for k, v in LABEL_MAP.items()}
@@ -88,11 +112,10 @@ def organ_task(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         return {"id": f"ct_a_z{z:03d}", "image": image, "label": label, "slices": [z, z + 1],
                 "label_map": label_map}
 
-    lo, hi = split["val_block"]
-    excluded = set(range(lo - split["gap"], hi + split["gap"])) | set(split["labelled_slices"])
-    calibration = [entry(z) for z in range(lo, hi)]
-    test = [entry(z) for z in range(*ORGAN_RANGE) if z not in excluded]
-    return {"checkpoint": checkpoint, "split": split,
+    calibration = [entry(z) for z in sorted(roles["val"])]
+    test = [entry(z) for z in sorted(roles["unlabelled"]) if ORGAN_RANGE[0] <= z < ORGAN_RANGE[1]]
+    return {"checkpoint": checkpoint, "dataset": str(dataset),
+            "labelled_slices": sorted(roles["labelled"]),
             "calibration": _write_cases(calibration, out / "calibration_cases.json"),
             "test": _write_cases(test, out / "test_cases.json")}
 
@@ -129,7 +152,8 @@ def synth_task(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             channels=[8, 16, 32, 64, 128] if quick else [16, 32, 64, 128, 256],
             batch_labelled=2 if quick else 4, batch_unlabelled=2 if quick else 4,
             seed=args.seed, out=str(out / "sfpc"), split_file=str(out / "split.json"),
-            progress=False, name="sfpc-synth3d-uncertainty", task="synthetic 3D lesions")
+            progress=False, name="sfpc-synth3d-uncertainty", task="synthetic 3D lesions",
+            num_workers=args.workers)
         train(cfg)
     strip = [{k: v for k, v in e.items() if k != "role"} for e in entries]
     return {"checkpoint": checkpoint,
@@ -236,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="voxels the temperature is fitted on (sfpc calibrate --fit-region)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes for training")
+    p.add_argument("--train-only", action="store_true",
+                   help="make the data and train the models, then stop (e.g. train on a GPU "
+                        "machine, evaluate here with --organ-checkpoint / --synth-checkpoint)")
     p.add_argument("--quick", action="store_true",
                    help="short trainings (150 organ, 60 synthetic iterations, no lr decay) and "
                         "small synthetic volumes: a smoke run of minutes")
@@ -258,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         print(f"== {name}: data and model", flush=True)
         task = organ_task(args, out) if name == "organ" else synth_task(args, out)
+        if args.train_only:
+            print(f"== {name}: trained {task['checkpoint']}", flush=True)
+            continue
         result = run_task(name, task, args, out)
         result["goals"] = goals(result)
         results.append(result)
