@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    out = Path(a.out) / a.task
+    out = Path(a.out).resolve() / a.task
     out.mkdir(parents=True, exist_ok=True)
     targs = argparse.Namespace(organ_checkpoint=a.checkpoint, synth_checkpoint=a.checkpoint,
                                organ_data=a.organ_data, seed=a.seed, quick=False,

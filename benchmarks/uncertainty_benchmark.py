@@ -236,6 +236,10 @@ def goals(result: dict) -> dict[str, Any]:
             if mine is not None and theirs is not None:
                 out[f"flpm_{name}_auroc_ge_{other}"] = mine >= theirs
         out[f"flpm_cost_vs_{other}"] = methods["flpm"]["seconds"] / methods[other]["seconds"]
+        paired = result["compare"].get("paired_auroc", {}).get(f"flpm-{other}")
+        if paired and paired["difference"] is not None:
+            out[f"flpm_minus_{other}_entropy_auroc"] = paired["difference"]
+            out[f"flpm_minus_{other}_entropy_auroc_ci95"] = paired["ci"]
     ece = result["test_after"]["sources"]["flpm"]["calibration"]["ece"]
     out["ece_after_calibration"] = ece
     out["ece_after_le_0.05"] = ece is not None and ece <= 0.05
@@ -278,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if "organ" in args.tasks and not Path(args.organ_data).is_dir():
         p.error(f"organ data {args.organ_data} not found (pass --organ-data or --tasks synth3d)")
-    root = Path(args.out)
+    # Case lists hold paths; relative ones would resolve against the list's own folder.
+    root = Path(args.out).resolve()
     t_start = time.perf_counter()
     results = []
     for name in args.tasks:

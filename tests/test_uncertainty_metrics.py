@@ -205,3 +205,76 @@ def test_chunked_accumulation_equals_one_pass(monkeypatch):
     np.testing.assert_array_equal(chunked_c.count, whole_c.count)
     assert whole_h.auroc() == pytest.approx(
         sklearn_metrics.roc_auc_score(errors[mask], scores[mask]), abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired case bootstrap of an AUROC difference
+# ----------------------------------------------------------------------------------------------
+
+
+def _case_hist(scores: np.ndarray, errors: np.ndarray) -> U.ScoreHistogram:
+    h = U.ScoreHistogram()
+    h.add(scores, errors)
+    return h
+
+
+def _cases(rng: np.random.Generator, n: int, signal: float) -> list[tuple[np.ndarray, ...]]:
+    """Cases of voxels whose error probability rises with the score (more with ``signal``)."""
+    out = []
+    for _ in range(n):
+        s = rng.random(500)
+        out.append((s, rng.random(500) < 0.05 + signal * s))
+    return out
+
+
+def test_paired_difference_is_the_pooled_auroc_difference() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    cases = _cases(rng, 6, 0.4)
+    a = [_case_hist(s, e) for s, e in cases]
+    noisy = [(np.clip(s + rng.normal(0, 0.3, s.size), 0, 1), e) for s, e in cases]
+    b = [_case_hist(s, e) for s, e in noisy]
+    d = U.paired_auroc_difference(a, b, n_boot=300)
+    pooled = (roc_auc_score(np.concatenate([e for _, e in cases]),
+                            np.concatenate([s for s, _ in cases]))
+              - roc_auc_score(np.concatenate([e for _, e in noisy]),
+                              np.concatenate([s for s, _ in noisy])))
+    assert d["difference"] == pytest.approx(pooled, abs=2e-3)  # scores quantised to 11 bits
+    assert d["ci"][0] <= d["difference"] <= d["ci"][1]
+    assert d["difference"] > 0 and d["ci"][0] > 0  # the noisier scores rank errors worse
+    assert d["share_a_ge_b"] == 1.0
+
+
+def test_paired_difference_of_a_method_with_itself_is_zero() -> None:
+    rng = np.random.default_rng(1)
+    a = [_case_hist(s, e) for s, e in _cases(rng, 5, 0.3)]
+    d = U.paired_auroc_difference(a, a, n_boot=200)
+    assert d["difference"] == 0.0 and d["ci"] == [0.0, 0.0]
+
+
+def test_perfect_against_inverted_ranking() -> None:
+    errors = np.array([0, 0, 1, 1, 0, 1], bool)
+    right = [_case_hist(np.where(errors, 0.9, 0.1), errors) for _ in range(3)]
+    wrong = [_case_hist(np.where(errors, 0.1, 0.9), errors) for _ in range(3)]
+    d = U.paired_auroc_difference(right, wrong, n_boot=100)
+    assert d["auroc_a"] == 1.0 and d["auroc_b"] == 0.0
+    assert d["difference"] == 1.0 and d["ci"] == [1.0, 1.0]
+
+
+def test_cases_that_disagree_give_an_interval_across_zero() -> None:
+    # a ranks case 0's errors perfectly and case 1's backwards; b the other way round: the
+    # pooled difference is 0 and resampling the two cases swings it both ways
+    e = np.array([0, 1, 0, 1, 0, 1], bool)
+    good, bad = np.where(e, 0.8, 0.2), np.where(e, 0.2, 0.8)
+    a = [_case_hist(good, e), _case_hist(bad, e)]
+    b = [_case_hist(bad, e), _case_hist(good, e)]
+    d = U.paired_auroc_difference(a, b, n_boot=400)
+    assert d["difference"] == pytest.approx(0.0)
+    assert d["ci"][0] < 0 < d["ci"][1]
+
+
+def test_paired_difference_needs_matching_cases() -> None:
+    h = _case_hist(np.array([0.1, 0.9]), np.array([0, 1], bool))
+    with pytest.raises(ValueError, match="same"):
+        U.paired_auroc_difference([h], [h, h])

@@ -34,7 +34,11 @@ from sfpc.model.networks import SFPCNet, UncertaintyHead
 from sfpc.server.engine import predict_model_grid
 from sfpc.server.uncertainty import DEFAULT_BAND, region_statistics, uncertainty_maps
 from sfpc.training.uncertainty_eval import UncertaintyScorer, foreground_dice
-from sfpc.training.uncertainty_metrics import DEFAULT_BINS
+from sfpc.training.uncertainty_metrics import (
+    DEFAULT_BINS,
+    ScoreHistogram,
+    paired_auroc_difference,
+)
 
 METHODS = ("softmax", "flpm", "mc_dropout", "tta_flip")
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -186,10 +190,13 @@ def compare_methods(
     scorers: dict[str, UncertaintyScorer] = {}
     timers: dict[str, Timer] = {}
     wall: dict[str, float] = {}
+    # Per-case entropy-map histograms (all voxels), for the paired case bootstrap of AUROC.
+    case_hists: dict[str, list[ScoreHistogram]] = {}
     for method in methods:
         maps = ["entropy"] if method == "softmax" or m == 1 else ["entropy", "mutual_information"]
         scorers[method] = UncertaintyScorer(names, maps, n_bins)
         timers[method], wall[method] = Timer(), 0.0
+        case_hists[method] = []
 
     def run(method: str, image: np.ndarray, timer: Timer) -> dict[str, np.ndarray]:
         predict = method_predictor(net, method, m=m, temperature=temperature, device=device,
@@ -218,6 +225,9 @@ def compare_methods(
                 maps = {k: v for k, v in uncertainty_maps(mean_probs, mean_entropy).items()
                         if k in scorer.map_names}
                 pred = scorer.add_volume(mean_probs, maps, label)
+                hist = ScoreHistogram()
+                hist.add(maps["entropy"], pred != label)
+                case_hists[method].append(hist)
                 stats = region_statistics(pred, maps, names, voxel_ml, band=band)
                 scorer.add_case(str(vol["id"]), foreground_dice(pred, label, names),
                                 {k: stats["case"][f"boundary_mean_{k}"] for k in maps})
@@ -234,7 +244,13 @@ def compare_methods(
                   "relative_network_cost": (timers[method].seconds / timers[base].seconds
                                             if timers[base].seconds else None)})
         results[method] = s
-    return {"methods": results,
+    paired = {}
+    if "flpm" in methods and len(volumes) > 1:
+        for other in methods:
+            if other != "flpm":
+                paired[f"flpm-{other}"] = paired_auroc_difference(
+                    case_hists["flpm"], case_hists[other], seed=seed)
+    return {"methods": results, "paired_auroc": paired,
             "settings": {**settings, "m": m, "temperature": temperature, "band": band,
                          "bins": n_bins, "seed": seed, "cost_baseline": base,
                          "cases": len(volumes), "device": str(device),
@@ -265,4 +281,11 @@ def comparison_table(result: Mapping[str, Any]) -> str:
             f"{f(s['calibration']['ece']):>8}{f(s['calibration']['foreground_region']['ece']):>8}"
             f"{f(s['mean_dice']):>8}{f(corr.get('pearson'), 3):>10}"
             f"{times(s['relative_cost']):>8}{times(s['relative_network_cost']):>10}")
+    for name, d in result.get("paired_auroc", {}).items():
+        if d["difference"] is None:
+            continue
+        lo, hi = d["ci"]
+        rows.append(f"AUROC {name}: {d['difference']:+.4f} (95% case-bootstrap interval "
+                    f"[{lo:+.4f}, {hi:+.4f}], {d['cases']} cases; FLPM >= in "
+                    f"{100 * d['share_a_ge_b']:.0f}% of replicates)")
     return "\n".join(rows)
