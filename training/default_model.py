@@ -143,7 +143,10 @@ appearance depends on its filling (gas, fluid, contrast) and is the least reliab
 ct_a's own lower slices it marks small false positives in bowel loops (liver / stomach labels
 on gas-filled bowel below the organs): check the overlay.
 The uncertainty maps flag where the model's perturbed predictions disagree; they are not a
-guarantee of correctness.
+guarantee of correctness. The review flag measures uncertainty along the predicted boundaries;
+small, confident false positives barely move it: on ct_a's slices 66-67, below the organs, the
+model labels 12 and 5 voxels as spleen / liver (Dice 0 for those classes, as the empty-case rule
+scores them) and the flag stays silent (docs/uncertainty.md).
 
 **Reproduce.** `{command}` re-creates every file of this folder from `shared/data/organs`
 (bit-identical graphs are not guaranteed across torch builds; the validation numbers are checked
