@@ -117,14 +117,7 @@ def _export(tmp: Path, spatial_dims: int, in_channels: int, num_classes: int, pa
     return net, ModelMetadata.load(tmp), backend
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # The oracles run tiny batches: one thread is as fast, and immune to OpenMP spin-waiting
-    # when the two cores are shared with other test processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

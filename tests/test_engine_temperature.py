@@ -27,14 +27,7 @@ PATCH = (8, 8, 8)
 ATOL = 1e-4  # ONNX Runtime vs PyTorch float32 kernels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Tiny batches: one thread is as fast, and immune to OpenMP spin-waiting when the two cores
-    # are shared with other test processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,7 @@ CASES = {2: [64, 64], 3: [32, 32, 32]}
 OTHER_SHAPE = {2: [64, 96], 3: [32, 32, 48]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Small batches: one thread is as fast, and immune to OpenMP spin-waiting when the two cores
-    # are shared with other test processes (10x slower training steps were seen).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trained_a_little(spatial_dims: int, patch: list[int]) -> tuple[SFPCNet, ModelMetadata]:
