@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-cases", type=int, default=None,
                    help="score only the first N test cases (3D sweeps are slow on a CPU)")
+    p.add_argument("--with-flpm-flip", action="store_true",
+                   help="also score FLPM on the input and its flip (2 passes, 2M samples)")
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -83,11 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         flpm.tau = tau
         first = softmax_seconds is None
         # softmax and TTA do not depend on tau: run them once, with the first tau
-        methods = ["softmax", "flpm", "tta_flip"] if first else ["flpm"]
+        methods = (["softmax", "flpm", "tta_flip"] + (["flpm_flip"] if a.with_flpm_flip else [])
+                   if first else ["flpm"])
         ms = compare_methods(net, volumes, methods=methods, warmup=first, **kw)["methods"]
         if first:
             softmax_seconds = ms["softmax"]["seconds"]
             rows += [row("softmax", ms["softmax"]), row(f"tta_flip M={a.m}", ms["tta_flip"])]
+            if "flpm_flip" in ms:
+                rows.append(row(f"flpm_flip tau={tau:g}", ms["flpm_flip"]))
         ms["flpm"]["relative_cost"] = ms["flpm"]["seconds"] / softmax_seconds
         rows.append(row(f"flpm tau={tau:g}", ms["flpm"]))
         print(json.dumps(rows[-1]), flush=True)

@@ -43,7 +43,12 @@ from sfpc.training.organ_task import (
 )
 from sfpc.training.trainer import train
 from sfpc.training.uncertainty_cli import calibrate, calibration_text
-from sfpc.training.uncertainty_compare import METHODS, compare_methods, comparison_table
+from sfpc.training.uncertainty_compare import (
+    EXTRA_METHODS,
+    METHODS,
+    compare_methods,
+    comparison_table,
+)
 from sfpc.training.uncertainty_eval import (
     evaluate_export,
     load_engine,
@@ -258,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synth-iterations", type=int, default=1000)
     p.add_argument("--synth-cases", type=int, nargs=4, default=[8, 16, 8, 12],
                    metavar=("LABELLED", "UNLABELLED", "CALIBRATION", "TEST"))
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="*", default=list(METHODS),
+                   choices=METHODS + EXTRA_METHODS)
     p.add_argument("--m", type=int, default=4, help="samples / passes per method")
     p.add_argument("--fit-region", choices=("all", "foreground"), default="all",
                    help="voxels the temperature is fitted on (sfpc calibrate --fit-region)")

@@ -92,6 +92,16 @@ def test_predictors_against_hand_written_quantities():
         tta = method_predictor(net, "tta_flip", m=2, temperature=t)(x)
         np.testing.assert_allclose(tta["mean_probs"], (p + flipped) / 2, atol=1e-5)
 
+        # FLPM on the input and its axis-0 flip: the mean of both passes' 4 perturbed samples.
+        def stack_of(inp: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(net.perturbed_logits(net.seg_features(inp), 4) / t, dim=2)
+
+        both = torch.cat([stacked, torch.flip(stack_of(torch.flip(xt, [2])), [3])])
+        hybrid = method_predictor(net, "flpm_flip", m=4, temperature=t)(x)
+        np.testing.assert_allclose(hybrid["mean_probs"], both.mean(0).numpy(), atol=1e-5)
+        h_both = -(both * torch.log(both.clamp_min(1e-12))).sum(2, keepdim=True).mean(0)
+        np.testing.assert_allclose(hybrid["mean_entropy"], h_both.numpy(), atol=1e-5)
+
     # MC dropout: M passes with the dropout masks of training mode, same seed -> same draws.
     with mc_dropout_mode(net):
         torch.manual_seed(5)
@@ -134,3 +144,7 @@ def test_compare_methods_bookkeeping():
     assert methods["softmax"]["error_detection"]["entropy"]["overall"]["auroc"] == \
         pytest.approx(auc, abs=1e-3)
     assert "tta_flip" in comparison_table(res)
+    assert set(res["paired_auroc"]) == {"flpm-softmax", "flpm-mc_dropout", "flpm-tta_flip"}
+    extra = compare_methods(net, volumes, class_names=["bg", "a", "b"], patch_size=[32, 32],
+                            m=2, methods=["softmax", "flpm_flip"], warmup=False)
+    assert extra["methods"]["flpm_flip"]["passes"] == 2

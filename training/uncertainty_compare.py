@@ -9,6 +9,9 @@
   the SSL4MIS UNet, ``NetConfig.encoder_dropout``).
 - ``tta_flip``: M plain passes on flipped inputs (identity, then single axes, pairs, ...), each
   prediction flipped back.
+- ``flpm_flip`` (not in the default list): the FLPM pass on the input and on its flip along the
+  first spatial axis, flipped back: 2 passes, 2 M samples. Whether half of TTA's passes with
+  FLPM's samples in each can match TTA's error detection.
 
 Every method returns the mean probabilities p_bar and mean per-sample entropy of its M softmax
 outputs (M = 1 for softmax), stitched by the serving engine's model-grid inference; maps are the
@@ -41,6 +44,8 @@ from sfpc.training.uncertainty_metrics import (
 )
 
 METHODS = ("softmax", "flpm", "mc_dropout", "tta_flip")
+EXTRA_METHODS = ("flpm_flip",)
+PASSES = {"softmax": 1, "flpm": 1, "flpm_flip": 2}  # others: M
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                   nn.FeatureAlphaDropout)
 
@@ -103,16 +108,17 @@ def method_predictor(net: SFPCNet, method: str, *, m: int = 4, temperature: floa
                      device: torch.device | None = None,
                      timer: Timer | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     """The sliding-window ``predict(batch)`` of one method (see the module docstring)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if method == "flpm" and net.flpm() is None:
+    if method not in METHODS + EXTRA_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS + EXTRA_METHODS}")
+    if method in ("flpm", "flpm_flip") and net.flpm() is None:
         raise ValueError("FLPM uncertainty needs a network with an FLPM module")
     device = device or next(net.parameters()).device
     timer = timer or Timer()
     t = float(temperature)
     spatial = net.cfg.spatial_dims
-    flips = flip_combos(spatial, m) if method == "tta_flip" else []
-    head = UncertaintyHead(net, m) if method == "flpm" else None
+    flips = {"tta_flip": flip_combos(spatial, m),
+             "flpm_flip": flip_combos(spatial, 2)}.get(method, [])
+    head = UncertaintyHead(net, m) if method in ("flpm", "flpm_flip") else None
 
     @torch.no_grad()
     def predict(batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -120,13 +126,23 @@ def method_predictor(net: SFPCNet, method: str, *, m: int = 4, temperature: floa
         with timer():
             if method == "softmax":
                 probs = torch.softmax(net(x) / t, dim=1)[None]
-            elif method == "flpm":
+            elif method in ("flpm", "flpm_flip"):
                 temp = torch.full((x.shape[0], 1), t, device=device, dtype=x.dtype)
-                out = head(x, temp)
+                outs = []
+                for axes in flips or [()]:
+                    dims = [a + 2 for a in axes]
+                    mean_probs, mean_entropy = head(torch.flip(x, dims) if dims else x, temp)
+                    if dims:
+                        mean_probs, mean_entropy = (torch.flip(mean_probs, dims),
+                                                    torch.flip(mean_entropy, dims))
+                    outs.append((mean_probs, mean_entropy))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                return {"mean_probs": out[0].float().cpu().numpy(),
-                        "mean_entropy": out[1].float().cpu().numpy()}
+                # equal sample counts per pass: the mean of the pass means is the mean of all
+                return {"mean_probs": torch.stack([o[0] for o in outs]).mean(0).float().cpu()
+                        .numpy(),
+                        "mean_entropy": torch.stack([o[1] for o in outs]).mean(0).float().cpu()
+                        .numpy()}
             elif method == "mc_dropout":
                 probs = torch.stack([torch.softmax(net(x) / t, dim=1) for _ in range(m)])
             else:
@@ -238,7 +254,7 @@ def compare_methods(
     results = {}
     for method in methods:
         s = scorers[method].summary()
-        s.update({"passes": 1 if method in ("softmax", "flpm") else m,
+        s.update({"passes": PASSES.get(method, m),
                   "seconds": wall[method], "network_seconds": timers[method].seconds,
                   "relative_cost": wall[method] / wall[base] if wall[base] else None,
                   "relative_network_cost": (timers[method].seconds / timers[base].seconds
