@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     flpm = net.flpm()
     trained_tau = flpm.tau
     rows = []
+    paired: dict[str, dict] = {}
     softmax_seconds = None
     for tau in a.taus:
         flpm.tau = tau
@@ -87,7 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         # softmax and TTA do not depend on tau: run them once, with the first tau
         methods = (["softmax", "flpm", "tta_flip"] + (["flpm_flip"] if a.with_flpm_flip else [])
                    if first else ["flpm"])
-        ms = compare_methods(net, volumes, methods=methods, warmup=first, **kw)["methods"]
+        res = compare_methods(net, volumes, methods=methods, warmup=first, **kw)
+        ms = res["methods"]
+        for name, d in res["paired_auroc"].items():
+            if d["difference"] is not None and "flpm-softmax" != name:
+                print(f"tau {tau:g}: AUROC {name} {d['difference']:+.4f} "
+                      f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] over {d['cases']} cases",
+                      flush=True)
+                paired[f"tau={tau:g} {name}"] = d
         if first:
             softmax_seconds = ms["softmax"]["seconds"]
             rows += [row("softmax", ms["softmax"]), row(f"tta_flip M={a.m}", ms["tta_flip"])]
@@ -109,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{f(r['mi_auroc']):>10}{f(r['ece']):>8}{f(r['dice']):>8}{cost:>8}")
     if a.json:
         Path(a.json).write_text(json.dumps({"task": a.task, "checkpoint": a.checkpoint,
-                                            "rows": rows}, indent=1) + "\n")
+                                            "rows": rows, "paired_auroc": paired},
+                                           indent=1) + "\n")
     return 0
 
 

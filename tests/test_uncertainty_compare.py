@@ -148,3 +148,4 @@ def test_compare_methods_bookkeeping():
     extra = compare_methods(net, volumes, class_names=["bg", "a", "b"], patch_size=[32, 32],
                             m=2, methods=["softmax", "flpm_flip"], warmup=False)
     assert extra["methods"]["flpm_flip"]["passes"] == 2
+    assert set(extra["paired_auroc"]) == {"flpm_flip-softmax"}

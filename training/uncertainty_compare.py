@@ -261,11 +261,12 @@ def compare_methods(
                                             if timers[base].seconds else None)})
         results[method] = s
     paired = {}
-    if "flpm" in methods and len(volumes) > 1:
-        for other in methods:
-            if other != "flpm":
-                paired[f"flpm-{other}"] = paired_auroc_difference(
-                    case_hists["flpm"], case_hists[other], seed=seed)
+    if len(volumes) > 1:
+        for mine in ("flpm", "flpm_flip"):
+            for other in methods if mine in methods else ():
+                if other not in (mine, "flpm"):
+                    paired[f"{mine}-{other}"] = paired_auroc_difference(
+                        case_hists[mine], case_hists[other], seed=seed)
     return {"methods": results, "paired_auroc": paired,
             "settings": {**settings, "m": m, "temperature": temperature, "band": band,
                          "bins": n_bins, "seed": seed, "cost_baseline": base,
@@ -302,6 +303,6 @@ def comparison_table(result: Mapping[str, Any]) -> str:
             continue
         lo, hi = d["ci"]
         rows.append(f"AUROC {name}: {d['difference']:+.4f} (95% case-bootstrap interval "
-                    f"[{lo:+.4f}, {hi:+.4f}], {d['cases']} cases; FLPM >= in "
+                    f"[{lo:+.4f}, {hi:+.4f}], {d['cases']} cases; first >= second in "
                     f"{100 * d['share_a_ge_b']:.0f}% of replicates)")
     return "\n".join(rows)
