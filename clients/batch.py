@@ -59,6 +59,7 @@ class BatchOptions:
     model: str | None = None
     outputs: tuple[str, ...] | None = None
     uncertainty: bool = False
+    flip: bool = False
     mode: Literal["jobs", "sync"] = "jobs"
     concurrency: int = 2
     retry_failed: bool = True
@@ -84,12 +85,16 @@ class BatchOptions:
     def request(self, item: WorkItem) -> dict[str, Any]:
         """The segmentation options sent for ``item``."""
         return {"model": self.model, "outputs": self.outputs_for(item),
-                "uncertainty": self.uncertainty or None, "series_uid": item.series_uid}
+                "uncertainty": self.uncertainty or None, "flip": self.flip or None,
+                "series_uid": item.series_uid}
 
     def signature(self, item: WorkItem) -> dict[str, Any]:
         """What makes an earlier result of ``item`` still the right one."""
-        return {"model": self.model, "outputs": self.outputs_for(item),
-                "uncertainty": self.uncertainty}
+        sig = {"model": self.model, "outputs": self.outputs_for(item),
+               "uncertainty": self.uncertainty}
+        if self.flip:  # only when set: manifests written before the option still match
+            sig["flip"] = True
+        return sig
 
 
 class ItemHooks:

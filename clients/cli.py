@@ -45,6 +45,9 @@ def _segmentation(p: argparse.ArgumentParser) -> None:
                      "report_json; seg_dicom only for DICOM inputs)")
     p.add_argument("--uncertainty", action="store_true",
                    help="run the FLPM uncertainty graph (entropy and mutual information maps)")
+    p.add_argument("--flip", action="store_true",
+                   help="also segment each input mirrored left-right and average (2x the time; "
+                        "only for models trained with flips, see GET /v1/models)")
     p.add_argument("--mode", choices=("jobs", "sync"), default="jobs",
                    help="jobs (default: queued on the server, survives a gateway restart) or "
                         "sync (one request per input)")
@@ -143,7 +146,7 @@ def _options(args: argparse.Namespace, *, dicom_only: bool = False) -> Any:
         outputs = tuple(dict.fromkeys([*needed, *outputs]))
     try:
         return BatchOptions(model=args.model, outputs=outputs, uncertainty=uncertainty,
-                            mode=args.mode, concurrency=args.concurrency,
+                            flip=args.flip, mode=args.mode, concurrency=args.concurrency,
                             retry_failed=not args.no_retry_failed,
                             job_timeout_s=args.job_timeout)
     except ValueError as exc:

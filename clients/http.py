@@ -176,7 +176,8 @@ def _multipart(uploads: Sequence[tuple[str, bytes | Path]]) -> Iterator[list[Any
 
 
 def _options(model: str | None, outputs: Sequence[str] | str | None, uncertainty: bool | None,
-             series_uid: str | None, format: str | None) -> dict[str, Any]:
+             series_uid: str | None, format: str | None, flip: bool | None = None
+             ) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if model:
         params["model"] = model
@@ -184,6 +185,8 @@ def _options(model: str | None, outputs: Sequence[str] | str | None, uncertainty
         params["outputs"] = outputs if isinstance(outputs, str) else ",".join(outputs)
     if uncertainty is not None:
         params["uncertainty"] = "true" if uncertainty else "false"
+    if flip is not None:
+        params["flip"] = "true" if flip else "false"
     if series_uid:
         params["series_uid"] = series_uid
     if format:
@@ -264,17 +267,20 @@ def _job_path(job_id: str) -> str:
 # One description per endpoint, used by both clients.
 def _op_segment(files: Uploads, model: str | None, outputs: Sequence[str] | str | None,
                 uncertainty: bool | None, series_uid: str | None, format: str | None,
-                timeout: float | None) -> tuple[_Call, Parser[SegmentResult]]:
-    call = _Call("POST", "/v1/segment", _options(model, outputs, uncertainty, series_uid, format),
+                timeout: float | None, flip: bool | None = None
+                ) -> tuple[_Call, Parser[SegmentResult]]:
+    call = _Call("POST", "/v1/segment",
+                 _options(model, outputs, uncertainty, series_uid, format, flip),
                  tuple(expand_uploads(files)), idempotent=True,
                  timeout=None if timeout is None else httpx.Timeout(timeout))
     return call, _parse_result
 
 
 def _op_submit(files: Uploads, model: str | None, outputs: Sequence[str] | str | None,
-               uncertainty: bool | None, series_uid: str | None, format: str | None
-               ) -> tuple[_Call, Parser[JobSubmitted]]:
-    call = _Call("POST", "/v1/jobs", _options(model, outputs, uncertainty, series_uid, format),
+               uncertainty: bool | None, series_uid: str | None, format: str | None,
+               flip: bool | None = None) -> tuple[_Call, Parser[JobSubmitted]]:
+    call = _Call("POST", "/v1/jobs",
+                 _options(model, outputs, uncertainty, series_uid, format, flip),
                  tuple(expand_uploads(files)), idempotent=False)
     return call, _json_model(JobSubmitted)
 
@@ -426,18 +432,20 @@ class SFPCClient:
     def segment(self, files: Uploads, *, model: str | None = None,
                 outputs: Sequence[str] | str | None = None, uncertainty: bool | None = None,
                 series_uid: str | None = None, format: str | None = None,
-                timeout: float | None = None) -> SegmentResult:
+                timeout: float | None = None, flip: bool | None = None) -> SegmentResult:
         """``POST /v1/segment``: segment ``files`` (a NIfTI file, DICOM files or a folder of
         them, a zip) and return the artefacts by file name."""
         return self._do(*_op_segment(files, model, outputs, uncertainty, series_uid, format,
-                                     timeout))
+                                     timeout, flip))
 
     # -- jobs -------------------------------------------------------------------------------
     def submit_job(self, files: Uploads, *, model: str | None = None,
                    outputs: Sequence[str] | str | None = None, uncertainty: bool | None = None,
-                   series_uid: str | None = None, format: str | None = None) -> JobSubmitted:
+                   series_uid: str | None = None, format: str | None = None,
+                   flip: bool | None = None) -> JobSubmitted:
         """``POST /v1/jobs``: queue a segmentation (retried while the queue is full)."""
-        return self._do(*_op_submit(files, model, outputs, uncertainty, series_uid, format))
+        return self._do(*_op_submit(files, model, outputs, uncertainty, series_uid, format,
+                                    flip))
 
     def job(self, job_id: str) -> Job:
         """``GET /v1/jobs/{id}``: status, attempts, timings, error and result names."""
@@ -493,12 +501,12 @@ class SFPCClient:
     def run_job(self, files: Uploads, *, model: str | None = None,
                 outputs: Sequence[str] | str | None = None, uncertainty: bool | None = None,
                 series_uid: str | None = None, format: str | None = None,
-                timeout: float | None = None) -> SegmentResult:
+                timeout: float | None = None, flip: bool | None = None) -> SegmentResult:
         """Submit, wait and fetch: ``segment`` through the job queue, for volumes too long
         for one HTTP request. :class:`JobFailed` when the job does not succeed."""
         submitted = self.submit_job(files, model=model, outputs=outputs,
                                     uncertainty=uncertainty, series_uid=series_uid,
-                                    format=format)
+                                    format=format, flip=flip)
         job = self.wait_job(submitted.id, timeout=timeout)
         if job.status is not JobStatus.SUCCEEDED:
             raise JobFailed(job)
@@ -585,16 +593,17 @@ class AsyncSFPCClient:
     async def segment(self, files: Uploads, *, model: str | None = None,
                       outputs: Sequence[str] | str | None = None,
                       uncertainty: bool | None = None, series_uid: str | None = None,
-                      format: str | None = None, timeout: float | None = None) -> SegmentResult:
+                      format: str | None = None, timeout: float | None = None,
+                      flip: bool | None = None) -> SegmentResult:
         return await self._do(*_op_segment(files, model, outputs, uncertainty, series_uid,
-                                           format, timeout))
+                                           format, timeout, flip))
 
     async def submit_job(self, files: Uploads, *, model: str | None = None,
                          outputs: Sequence[str] | str | None = None,
                          uncertainty: bool | None = None, series_uid: str | None = None,
-                         format: str | None = None) -> JobSubmitted:
+                         format: str | None = None, flip: bool | None = None) -> JobSubmitted:
         return await self._do(*_op_submit(files, model, outputs, uncertainty, series_uid,
-                                          format))
+                                          format, flip))
 
     async def job(self, job_id: str) -> Job:
         return await self._do(_Call("GET", _job_path(job_id)), _json_model(Job))
@@ -646,10 +655,11 @@ class AsyncSFPCClient:
     async def run_job(self, files: Uploads, *, model: str | None = None,
                       outputs: Sequence[str] | str | None = None,
                       uncertainty: bool | None = None, series_uid: str | None = None,
-                      format: str | None = None, timeout: float | None = None) -> SegmentResult:
+                      format: str | None = None, timeout: float | None = None,
+                      flip: bool | None = None) -> SegmentResult:
         submitted = await self.submit_job(files, model=model, outputs=outputs,
                                           uncertainty=uncertainty, series_uid=series_uid,
-                                          format=format)
+                                          format=format, flip=flip)
         job = await self.wait_job(submitted.id, timeout=timeout)
         if job.status is not JobStatus.SUCCEEDED:
             raise JobFailed(job)

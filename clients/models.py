@@ -59,6 +59,7 @@ class ModelInfo(_Body):
     patch_size: list[int] = Field(default_factory=list)
     normalisation: dict[str, Any] | None = None
     uncertainty: bool = False
+    flip: bool = False
     perturbation: dict[str, Any] = Field(default_factory=dict)
     temperature: float = 1.0
     metrics: dict[str, Any] = Field(default_factory=dict)

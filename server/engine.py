@@ -10,6 +10,10 @@ anywhere is preprocessed, tiled, stitched and restored the same way:
    Gaussian blending; plain mode blends softmax(logits / T), uncertainty mode blends the graph's
    mean probabilities and mean per-sample entropy, the graph dividing each sample's logits by the
    T it is fed (M never materialises here);
+   With ``flip`` every window also runs mirrored along the model grid's first axis (left-right
+   in RAS) and the two outputs are averaged (test-time augmentation): twice the cost, for models
+   trained with flips; in uncertainty mode the mean of the two passes' moments is the moment of
+   all 2M samples;
 4. restore the probabilities to the input grid (linear, voxel edges aligned as in
    ``preprocess.restore``) and take the argmax there, so that masks are smooth at the input's
    resolution; uncertainty maps are computed on the input grid from the restored moments.
@@ -426,21 +430,23 @@ class Engine:
         aff = validate_affine(affine)
         return self._prepare(arr, aff)
 
-    def infer_model_grid(self, model_image: np.ndarray, *,
-                         uncertainty: bool = False) -> dict[str, np.ndarray]:
+    def infer_model_grid(self, model_image: np.ndarray, *, uncertainty: bool = False,
+                         flip: bool = False) -> dict[str, np.ndarray]:
         """Blended maps on the whole model grid: {"probs"} (softmax of logits / temperature) or
         {"mean_probs", "mean_entropy"} (natural log, samples at the same temperature), each
         (K or 1, X', Y', Z') float32."""
         self._check_uncertainty(uncertainty)
+        self._check_flip(flip)
         counter = _Counter()
-        predict = self._predictor(uncertainty, counter, self._total(model_image.shape[1:]),
-                                  self.progress)
+        total = self._total(model_image.shape[1:]) * (2 if flip else 1)
+        predict = self._predictor(uncertainty, counter, total, self.progress, flip=flip)
         return predict_model_grid(predict, model_image, **self._grid_settings(model_image))
 
     def segment(self, image: Any, affine: Any, *, uncertainty: bool = False,
-                progress: Progress | None = None) -> SegmentationResult:
+                flip: bool = False, progress: Progress | None = None) -> SegmentationResult:
         """Mask (and uncertainty maps) of ``image`` on its own grid; see the module docstring."""
         self._check_uncertainty(uncertainty)
+        self._check_flip(flip)
         timings = {"preprocess": 0.0, "inference": 0.0, "backend": 0.0, "postprocess": 0.0}
         t_start = time.perf_counter()
         arr = validate_image(image, self.metadata.in_channels)
@@ -450,8 +456,9 @@ class Engine:
 
         outputs = _Outputs(geometry, uncertainty)
         counter = _Counter()
-        total = self._total(geometry.model_shape)
-        predict = self._predictor(uncertainty, counter, total, progress or self.progress)
+        total = self._total(geometry.model_shape) * (2 if flip else 1)
+        predict = self._predictor(uncertainty, counter, total, progress or self.progress,
+                                  flip=flip)
         chunks = iter_model_grid(predict, model_image, **self._grid_settings(model_image))
         while True:
             t0 = time.perf_counter()
@@ -487,7 +494,8 @@ class Engine:
             mutual_information=outputs.mutual_information,
             model={"name": meta.name, "version": meta.version, "spatial_dims": meta.spatial_dims,
                    "temperature": float(meta.temperature or 1.0),
-                   "perturbations": int(meta.perturbation.get("M") or 0) if uncertainty else 0},
+                   "perturbations": int(meta.perturbation.get("M") or 0) if uncertainty else 0,
+                   "flip": bool(flip)},
             geometry={
                 "input_shape": list(geometry.input_shape),
                 "input_spacing": list(spacing_from_affine(aff)),
@@ -508,6 +516,11 @@ class Engine:
                 f"model {self.metadata.name!r} was exported without an uncertainty graph "
                 "(no FLPM); request plain segmentation"
             )
+
+    def _check_flip(self, flip: bool) -> None:
+        reason = flip_unavailable(self.metadata) if flip else None
+        if reason:
+            raise InputError(reason)
 
     def _grid_settings(self, model_image: np.ndarray) -> dict[str, Any]:
         meta = self.metadata
@@ -536,7 +549,7 @@ class Engine:
                              input_mode=meta.input_mode, overlap=self.overlap)
 
     def _predictor(self, uncertainty: bool, counter: _Counter, total: int,
-                   progress: Progress | None = None) -> Predictor:
+                   progress: Progress | None = None, *, flip: bool = False) -> Predictor:
         backend, temperature = self.backend, float(self.metadata.temperature or 1.0)
         expected = UNCERTAINTY_KEYS if uncertainty else ("logits",)
         # The graph applies T in uncertainty mode. T = 1 is its default, and leaving the argument
@@ -560,7 +573,17 @@ class Engine:
                 return {k: raw[k] for k in UNCERTAINTY_KEYS}
             return {PLAIN_KEY: softmax(raw["logits"], axis=1, temperature=temperature)}
 
-        return predict
+        if not flip:
+            return predict
+
+        def predict_flipped(batch: np.ndarray) -> dict[str, np.ndarray]:
+            # Both passes carry the same number of samples, so averaging their means (and mean
+            # entropies) gives the moments of all the samples together.
+            plain = predict(batch)
+            mirrored = predict(np.ascontiguousarray(np.flip(batch, axis=FLIP_AXIS)))
+            return {k: 0.5 * (v + np.flip(mirrored[k], axis=FLIP_AXIS)) for k, v in plain.items()}
+
+        return predict_flipped
 
     def _restore_chunk(self, outputs: _Outputs, geometry: Geometry, axis: int, start: int,
                        stop: int, maps: Mapping[str, np.ndarray]) -> None:
@@ -583,6 +606,24 @@ class Engine:
                      for name, v in maps.items()}
             index = (slice(None),) * axis + (slice(offset + first, offset + last),)
             outputs.write(index, block)
+
+
+FLIP_AXIS = 2  # of a (B, C, *spatial) window batch: the model grid's first axis (R-L in RAS)
+
+
+def flip_unavailable(meta: ModelMetadata) -> str | None:
+    """Why ``meta``'s model must not be run with ``flip`` (None when it may).
+
+    A model trained without flips (``training.augment.flip`` false, e.g. abdominal models, where
+    mirroring swaps liver and spleen) would see anatomy it never saw. Metadata without the
+    field (exports of other trainers) is allowed: the caller knows its model.
+    """
+    augment = (meta.training or {}).get("augment") or {}
+    if augment.get("flip") is False:
+        return (f"model {meta.name!r} was trained without flips (training.augment.flip is "
+                "false): mirrored inputs would show it anatomy it never saw; request without "
+                "flip")
+    return None
 
 
 class _Counter:

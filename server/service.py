@@ -39,7 +39,7 @@ from sfpc.model.metadata import ModelMetadata
 from sfpc.model.preprocess import resampled_shape, spacing_from_affine
 from sfpc.server import artefacts as files
 from sfpc.server.backends import Backend, BackendError, make_backend
-from sfpc.server.engine import Engine, InputError, SegmentationResult
+from sfpc.server.engine import Engine, InputError, SegmentationResult, flip_unavailable
 from sfpc.server.settings import OutputName, Settings
 from sfpc.server.uncertainty import region_statistics
 
@@ -125,6 +125,9 @@ class SegmentOptions(BaseModel):
     outputs: list[OutputName] | None = Field(None, description="Artefacts to produce.")
     uncertainty: bool = Field(False, description="Run the FLPM multi-sample graph (entropy and "
                               "mutual information maps, uncertainty statistics).")
+    flip: bool = Field(False, description="Also run every window mirrored left-right and average "
+                       "(test-time augmentation: twice the cost; with uncertainty, FLPM's samples "
+                       "of both passes). Only for models trained with flips.")
     series_uid: str | None = Field(None, description="DICOM: SeriesInstanceUID to segment when "
                                    "the upload holds several series.", max_length=64)
     format: ResponseFormat = Field("auto", description="Response packing.")
@@ -196,6 +199,7 @@ class LoadedModel:
             "patch_size": list(m.patch_size),
             "normalisation": m.normalisation,
             "uncertainty": m.has_uncertainty,
+            "flip": flip_unavailable(m) is None,
             "perturbation": {k: m.perturbation.get(k) for k in ("kind", "M", "tau", "eps_grid")},
             "temperature": m.temperature,
             "quality": m.quality,
@@ -477,8 +481,11 @@ class SegmentationService:
             # the upload a volume the engine takes, and changes nothing in the first slice.
             axis = single + image.ndim - 3
             image = np.concatenate([image, image], axis=axis)
+        reason = flip_unavailable(model.metadata) if options.flip else None
+        if reason:
+            raise OptionError(reason, code="flip_unavailable")
         result = model.engine.segment(image, volume.affine, uncertainty=uncertainty,
-                                      progress=progress)
+                                      flip=options.flip, progress=progress)
         if single is not None:
             result = first_slice(result, single, model.engine)
         for stage in ("preprocess", "inference", "postprocess"):
@@ -531,7 +538,8 @@ class SegmentationService:
             "n_windows": engine_report["n_windows"],
             "timings": timings,
         }
-        quality = _quality(model.metadata, statistics, result.uncertainty)
+        quality = _quality(model.metadata, statistics, result.uncertainty,
+                           bool(result.model.get("flip")))
         if quality is not None:
             report["quality"] = quality
         return report
@@ -643,7 +651,7 @@ def first_slice(result: SegmentationResult, axis: int, engine: Engine) -> Segmen
 
 
 def _quality(metadata: ModelMetadata, statistics: Mapping[str, Any],
-             uncertainty: bool) -> dict[str, Any] | None:
+             uncertainty: bool, flip: bool = False) -> dict[str, Any] | None:
     """The per-case review flag of a model calibrated by `sfpc calibrate` (metadata.quality):
     its measure is the case's boundary uncertainty, which only uncertainty mode computes."""
     if not metadata.quality or not uncertainty:
@@ -651,7 +659,14 @@ def _quality(metadata: ModelMetadata, statistics: Mapping[str, Any],
     from sfpc.training.calibration import quality_flag
 
     measure = f"boundary_mean_{metadata.quality.get('map', 'entropy')}"
-    return quality_flag(statistics["case"].get(measure), metadata.quality)
+    flag = quality_flag(statistics["case"].get(measure), metadata.quality)
+    if flip and flag["review_recommended"] is not None:
+        # Two averaged passes change the boundary uncertainty's scale: a threshold chosen on
+        # single-pass maps does not apply, so the measure is reported without a verdict.
+        flag["review_recommended"] = None
+        flag["reason"] = ("the review threshold was chosen on single-pass uncertainty; it is not "
+                          "applied to flip=true")
+    return flag
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:

@@ -349,3 +349,14 @@ def test_sync_mode_writes_the_same_artefacts_without_jobs(server, api, tmp_path)
     np.testing.assert_array_equal(
         mask_of((out / "n" / "breast1" / "mask.nii.gz").read_bytes()),
         mask_of(sync.files["mask.nii.gz"]))
+
+
+def test_flip_is_sent_and_only_then_part_of_the_signature() -> None:
+    from sfpc.clients.batch import BatchOptions
+    from sfpc.clients.discover import WorkItem
+
+    item = WorkItem(key="a", kind="nifti", label="a.nii.gz", output="a", fingerprint="f")
+    plain, flipped = BatchOptions(), BatchOptions(flip=True)
+    assert plain.request(item)["flip"] is None and flipped.request(item)["flip"] is True
+    # manifests written before the option keep matching plain runs
+    assert "flip" not in plain.signature(item) and flipped.signature(item)["flip"] is True

@@ -137,6 +137,10 @@ def test_segment_nifti_gives_the_raw_endpoints_artefacts(server, client):
     # Bytes in memory work as well as paths.
     again = client.segment((SMALL_NIFTI.name, SMALL_NIFTI.read_bytes()))
     assert list(again.files) == ["mask.nii.gz"]
+    # flip reaches the gateway: the report says so and counts twice the windows
+    flipped = client.segment(SMALL_NIFTI, outputs=["report_json"], flip=True)
+    assert flipped.report["model"]["flip"] is True
+    assert flipped.report["n_windows"] == 2 * result.report["n_windows"]
 
 
 @needs_data

@@ -66,6 +66,14 @@ def test_serve_with_no_model_segments_ct_with_uncertainty(tmp_path: Path) -> Non
     with GatewayServer([], tmp_path / "gateway.log") as server:
         models = httpx.get(f"{server.url}/v1/models", timeout=30).json()
         assert models["default"] == "sfpc-organs-ct"
+        # trained without flips (they would swap liver and spleen): flip=true is refused
+        assert models["models"][0]["flip"] is False
+        with open(source, "rb") as f:
+            refused = httpx.post(f"{server.url}/v1/segment", files={"file": (source.name, f)},
+                                 params={"flip": "true"}, timeout=60)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["code"] == "flip_unavailable"
+        assert "trained without flips" in refused.json()["error"]["message"]
         with open(source, "rb") as f:
             r = httpx.post(f"{server.url}/v1/segment", files={"file": (source.name, f)},
                            params={"outputs": "mask_nifti,entropy_nifti,overlay_png,report_json"},

@@ -27,7 +27,7 @@ from scipy import ndimage
 from sfpc.model.metadata import ModelMetadata
 from sfpc.model.preprocess import resample_to_shape, restore
 from sfpc.server.backends import OnnxRuntimeBackend
-from sfpc.server.engine import Engine, InputError, resample_linear
+from sfpc.server.engine import Engine, InputError, flip_unavailable, resample_linear
 from sfpc.server.uncertainty import (
     cropped_boundary_band,
     mutual_information,
@@ -406,6 +406,41 @@ def test_3d_uncertainty_maps_equal_hand_computation(model_3d):
     clear = p_bar[-1] - p_bar[-2] > 1e-3
     np.testing.assert_array_equal(result.mask[clear],
                                   samples.mean(axis=0).argmax(axis=0)[clear])
+
+
+def test_flip_averages_the_mirrored_pass_sample_by_sample(model_3d):
+    net, meta, backend = model_3d
+    engine = Engine(backend, _meta(meta, spacing=None))
+    image = _volume(tuple(PATCH_3D), None, seed=8)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    plain = engine.segment(image, affine, uncertainty=True)
+    result = engine.segment(image, affine, uncertainty=True, flip=True)
+    assert result.n_windows == 2 * plain.n_windows == 2 and result.model["flip"] is True
+    x = torch.from_numpy((image - image.mean()) / image.std())[None, None]
+    with torch.no_grad():  # the 4 samples of the image and the 4 of its mirror, mirrored back
+        direct = net.sample_probs(x, 4)[:, 0]
+        mirrored = torch.flip(net.sample_probs(torch.flip(x, [2]), 4)[:, 0], [2])
+    samples = torch.cat([direct, mirrored]).numpy()  # (8, K, X, Y, Z)
+    entropy, mi = _hand_maps(samples, class_axis=1)
+    np.testing.assert_allclose(result.entropy, entropy, atol=ATOL)
+    np.testing.assert_allclose(result.mutual_information, mi, atol=ATOL)
+    assert np.abs(result.entropy - plain.entropy).max() > 1e-3  # the mirror really counts
+    # plain mode: the mean of the two passes' softmax
+    probs = engine.infer_model_grid(x.numpy()[0], flip=True)["probs"]
+    with torch.no_grad():
+        both = (torch.softmax(net(x), 1) + torch.flip(torch.softmax(net(torch.flip(x, [2])), 1),
+                                                       [2])) / 2
+    np.testing.assert_allclose(probs, both[0].numpy(), atol=ATOL)
+
+
+def test_flip_is_refused_for_a_model_trained_without_flips(model_3d):
+    _, meta, backend = model_3d
+    no_flips = _meta(meta, training={"augment": {"flip": False}})
+    assert flip_unavailable(no_flips) and flip_unavailable(meta) is None
+    engine = Engine(backend, no_flips)
+    with pytest.raises(InputError, match="trained without flips"):
+        engine.segment(_volume((32, 32, 32), None, seed=1), np.eye(4), flip=True)
+    engine.segment(_volume((32, 32, 32), None, seed=1), np.eye(4))  # plain requests still run
 
 
 def test_2d_uncertainty_maps_equal_hand_computation(model_2d):

@@ -320,6 +320,23 @@ def test_uncertainty_artefacts_in_one_zip(server):
         "mask.nii.gz", "entropy.nii.gz", "mutual_information.nii.gz", "overlay.png"}
 
 
+@needs_data
+def test_flip_runs_the_mirrored_pass_and_says_so(server):
+    path = DATA / "organs" / "mr_d_image.nii.gz"
+    reports = {}
+    for flip in ("false", "true"):
+        r = post(server, upload_file(path), params={"outputs": "report_json",
+                                                     "uncertainty": "true", "flip": flip})
+        assert r.status_code == 200, r.text[:500]
+        reports[flip] = r.json()
+    assert reports["true"]["model"]["flip"] is True and reports["false"]["model"]["flip"] is False
+    assert reports["true"]["n_windows"] == 2 * reports["false"]["n_windows"]
+    assert reports["true"]["case"] != reports["false"]["case"]  # statistics of other maps
+    assert_error(post(server, upload_file(path), params={"flip": "sideways"}), 422)
+    listing = httpx.get(f"{server.url}/v1/models").json()
+    assert all(m["flip"] is True for m in listing["models"])  # no augment record: allowed
+
+
 def test_response_packing_and_media_types(server):
     rng = np.random.default_rng(5)
     files = [("file", ("v.nii.gz", nifti_upload(rng.normal(size=(24, 20, 12)).astype(np.float32),

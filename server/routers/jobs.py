@@ -95,6 +95,7 @@ _SUBMIT_BODY = {
             "model": {"type": "string", "maxLength": 200},
             "outputs": {"type": "array", "items": {"type": "string"}},
             "uncertainty": {"type": "boolean"},
+            "flip": {"type": "boolean"},
             "series_uid": {"type": "string", "maxLength": 64},
             "format": {"type": "string", "enum": ["auto", "nifti", "dicom-seg", "zip"]},
         },
@@ -116,6 +117,8 @@ async def submit_job(
     outputs: list[str] | None = Query(None, description="Artefacts, repeated or "
                                       "comma-separated (as for /v1/segment)."),
     uncertainty: bool | None = Query(None, description="Run the multi-sample FLPM graph."),
+    flip: bool | None = Query(None, description="Also run mirrored windows and average (2x "
+                              "cost; models trained with flips)."),
     series_uid: str | None = Query(None, max_length=64, description="DICOM series to segment."),
     format: str | None = Query(None, description="Packing of GET .../results: auto, nifti, "
                                "dicom-seg, zip."),
@@ -133,7 +136,7 @@ async def submit_job(
     try:
         uploads = [upload for _, upload in check_fields(form)]
         options = build_options({"model": model, "outputs": outputs, "uncertainty": uncertainty,
-                                 "series_uid": series_uid, "format": format}, form)
+                                 "flip": flip, "series_uid": series_uid, "format": format}, form)
         request.app.state.service.registry.get(options.model)  # 404 before queuing
         for upload in uploads:
             upload.file.seek(0)

@@ -30,6 +30,8 @@ class ModelInfo(BaseModel):
     patch_size: list[int]
     normalisation: dict[str, Any] | None = None
     uncertainty: bool = Field(description="Whether the FLPM uncertainty graph is served.")
+    flip: bool = Field(True, description="Whether requests may ask for flip=true (false for "
+                       "models trained without flips).")
     perturbation: dict[str, Any] = Field(default_factory=dict)
     temperature: float = Field(1.0, description="Calibration temperature applied to every "
                                "softmax (plain and uncertainty mode).")

@@ -51,7 +51,7 @@ from sfpc.server.settings import Settings
 router = APIRouter(tags=["segmentation"], dependencies=[Depends(require_api_key)])
 log = logging.getLogger("sfpc.server.segment")
 
-OPTION_FIELDS = ("model", "outputs", "uncertainty", "series_uid", "format")
+OPTION_FIELDS = ("model", "outputs", "uncertainty", "flip", "series_uid", "format")
 FILE_FIELD = "file"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 T = TypeVar("T")
@@ -125,7 +125,7 @@ def build_options(query: dict[str, Any], form: FormData) -> SegmentOptions:
             continue
         if key == "outputs":
             raw[key] = values
-        elif key == "uncertainty":
+        elif key in ("uncertainty", "flip"):
             raw[key] = _parse_bool(key, values[-1])
         else:
             raw[key] = values[-1] or None
@@ -213,6 +213,7 @@ _REQUEST_BODY = {
             "model": {"type": "string", "maxLength": 200},
             "outputs": {"type": "array", "items": {"type": "string", "enum": list(OUTPUTS)}},
             "uncertainty": {"type": "boolean"},
+            "flip": {"type": "boolean"},
             "series_uid": {"type": "string", "maxLength": 64},
             "format": {"type": "string", "enum": list(FORMATS)},
         },
@@ -254,6 +255,8 @@ async def segment(
     outputs: list[str] | None = Query(None, description="Artefacts, repeated or comma-separated: "
                                       + ", ".join(OUTPUTS)),
     uncertainty: bool | None = Query(None, description="Run the multi-sample FLPM graph."),
+    flip: bool | None = Query(None, description="Also run mirrored windows and average (2x "
+                              "cost; models trained with flips)."),
     series_uid: str | None = Query(None, max_length=64, description="DICOM: the series to "
                                    "segment when the upload holds several."),
     format: str | None = Query(None, description="Response packing: " + ", ".join(FORMATS)),
@@ -275,7 +278,7 @@ async def segment(
     try:
         uploads = check_fields(form)
         options = build_options({"model": model, "outputs": outputs, "uncertainty": uncertainty,
-                                 "series_uid": series_uid, "format": format}, form)
+                                 "flip": flip, "series_uid": series_uid, "format": format}, form)
         service.registry.get(options.model)  # 404 before any decoding work
         files = await run_in_threadpool(_spool, uploads, settings, folder)
         await form.close()
