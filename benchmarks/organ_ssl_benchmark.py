@@ -6,8 +6,8 @@ in-plane), 10% of ct_a's slices labelled (a seeded stratified draw, or --selecti
 of ct_a and all of ct_b unlabelled, scored on a held-apart block of ct_a slices (TotalSegmentator
 labels: a silver standard).
 
-    # the committed CPU table (about 30 minutes on 2 cores):
-    python benchmarks/organ_ssl_benchmark.py --iterations 400 --seeds 1337 7 --jobs 2 \
+    # the committed CPU table (about 80 minutes on 2 cores):
+    python benchmarks/organ_ssl_benchmark.py --iterations 1000 --seeds 1337 7 --jobs 2 \
         --threads 1 --patch-size 96 --spacing 4 --selection even --organ-share 0.75 \
         --empty-slice-prob 0.25 --no-progress
     python benchmarks/organ_ssl_benchmark.py --quick                    # minutes
