@@ -46,7 +46,7 @@ def _segmentation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uncertainty", action="store_true",
                    help="run the FLPM uncertainty graph (entropy and mutual information maps)")
     p.add_argument("--flip", action="store_true",
-                   help="also segment each input mirrored left-right and average (2x the time; "
+                   help="also segment each input mirrored and average (2x the time; "
                         "only for models trained with flips, see GET /v1/models)")
     p.add_argument("--mode", choices=("jobs", "sync"), default="jobs",
                    help="jobs (default: queued on the server, survives a gateway restart) or "

@@ -10,8 +10,9 @@ anywhere is preprocessed, tiled, stitched and restored the same way:
    Gaussian blending; plain mode blends softmax(logits / T), uncertainty mode blends the graph's
    mean probabilities and mean per-sample entropy, the graph dividing each sample's logits by the
    T it is fed (M never materialises here);
-   With ``flip`` every window also runs mirrored along the model grid's first axis (left-right
-   in RAS) and the two outputs are averaged (test-time augmentation): twice the cost, for models
+   With ``flip`` every window also runs mirrored along its first axis (left-right in RAS for 3D,
+   axial and coronal models; anterior-posterior for sagittal 2D ones) and the two outputs are
+   averaged (test-time augmentation): twice the cost, for models
    trained with flips; in uncertainty mode the mean of the two passes' moments is the moment of
    all 2M samples;
 4. restore the probabilities to the input grid (linear, voxel edges aligned as in
@@ -608,7 +609,9 @@ class Engine:
             outputs.write(index, block)
 
 
-FLIP_AXIS = 2  # of a (B, C, *spatial) window batch: the model grid's first axis (R-L in RAS)
+# Of a (B, C, *spatial) window batch: the window's first axis (R-L in RAS, except for sagittal
+# 2D models, whose slices start with A-P).
+FLIP_AXIS = 2
 
 
 def flip_unavailable(meta: ModelMetadata) -> str | None:

@@ -125,7 +125,8 @@ class SegmentOptions(BaseModel):
     outputs: list[OutputName] | None = Field(None, description="Artefacts to produce.")
     uncertainty: bool = Field(False, description="Run the FLPM multi-sample graph (entropy and "
                               "mutual information maps, uncertainty statistics).")
-    flip: bool = Field(False, description="Also run every window mirrored left-right and average "
+    flip: bool = Field(False, description="Also run every window mirrored along the model grid's "
+                       "first axis (left-right for 3D, axial and coronal models) and average "
                        "(test-time augmentation: twice the cost; with uncertainty, FLPM's samples "
                        "of both passes). Only for models trained with flips.")
     series_uid: str | None = Field(None, description="DICOM: SeriesInstanceUID to segment when "
@@ -469,6 +470,9 @@ class SegmentationService:
                 f"model {model.name!r} was exported without an uncertainty graph; ask for "
                 "outputs without entropy_nifti / mi_nifti and uncertainty=false",
                 code="uncertainty_unavailable")
+        reason = flip_unavailable(model.metadata) if options.flip else None
+        if reason:
+            raise OptionError(reason, code="flip_unavailable")
 
         def progress(done: int, total: int) -> None:
             _check_cancel(cancel)
@@ -481,9 +485,6 @@ class SegmentationService:
             # the upload a volume the engine takes, and changes nothing in the first slice.
             axis = single + image.ndim - 3
             image = np.concatenate([image, image], axis=axis)
-        reason = flip_unavailable(model.metadata) if options.flip else None
-        if reason:
-            raise OptionError(reason, code="flip_unavailable")
         result = model.engine.segment(image, volume.affine, uncertainty=uncertainty,
                                       flip=options.flip, progress=progress)
         if single is not None:
