@@ -45,6 +45,27 @@ sklearn_metrics = pytest.importorskip("sklearn.metrics")
 # ----------------------------------------------------------------------------------------------
 
 
+def test_kept_volume_histograms_are_each_volumes_own_and_sum_to_the_overall():
+    rng = np.random.default_rng(3)
+    plain = UncertaintyScorer(["bg", "a"], ["u"])
+    kept = UncertaintyScorer(["bg", "a"], ["u"], keep_volume_histograms=True)
+    volumes = []
+    for shape in ((12, 10, 4), (8, 9, 5)):
+        p = rng.random((1, *shape))
+        probs = np.concatenate([p, 1 - p])
+        label = rng.integers(0, 2, size=shape)
+        score = rng.random(shape)
+        volumes.append((probs.argmax(0) != label, score))
+        plain.add_volume(probs, {"u": score}, label)
+        kept.add_volume(probs, {"u": score}, label)
+    assert kept.summary()["error_detection"] == plain.summary()["error_detection"]
+    assert plain.volume_histograms == {"u": []}
+    for hist, (errors, score) in zip(kept.volume_histograms["u"], volumes, strict=True):
+        assert hist.auroc() == pytest.approx(
+            sklearn_metrics.roc_auc_score(errors.ravel(), score.ravel()), abs=1e-3)
+        assert hist.n_voxels == errors.size and hist.n_errors == errors.sum()
+
+
 def test_scorer_regions_calibration_and_correlation():
     rng = np.random.default_rng(0)
     shape = (30, 20, 10)

@@ -37,11 +37,7 @@ from sfpc.model.networks import SFPCNet, UncertaintyHead
 from sfpc.server.engine import predict_model_grid
 from sfpc.server.uncertainty import DEFAULT_BAND, region_statistics, uncertainty_maps
 from sfpc.training.uncertainty_eval import UncertaintyScorer, foreground_dice
-from sfpc.training.uncertainty_metrics import (
-    DEFAULT_BINS,
-    ScoreHistogram,
-    paired_auroc_difference,
-)
+from sfpc.training.uncertainty_metrics import DEFAULT_BINS, paired_auroc_difference
 
 METHODS = ("softmax", "flpm", "mc_dropout", "tta_flip")
 EXTRA_METHODS = ("flpm_flip",)
@@ -206,13 +202,11 @@ def compare_methods(
     scorers: dict[str, UncertaintyScorer] = {}
     timers: dict[str, Timer] = {}
     wall: dict[str, float] = {}
-    # Per-case entropy-map histograms (all voxels), for the paired case bootstrap of AUROC.
-    case_hists: dict[str, list[ScoreHistogram]] = {}
     for method in methods:
         maps = ["entropy"] if method == "softmax" or m == 1 else ["entropy", "mutual_information"]
-        scorers[method] = UncertaintyScorer(names, maps, n_bins)
+        # per-volume histograms kept for the paired case bootstrap of AUROC
+        scorers[method] = UncertaintyScorer(names, maps, n_bins, keep_volume_histograms=True)
         timers[method], wall[method] = Timer(), 0.0
-        case_hists[method] = []
 
     def run(method: str, image: np.ndarray, timer: Timer) -> dict[str, np.ndarray]:
         predict = method_predictor(net, method, m=m, temperature=temperature, device=device,
@@ -241,9 +235,6 @@ def compare_methods(
                 maps = {k: v for k, v in uncertainty_maps(mean_probs, mean_entropy).items()
                         if k in scorer.map_names}
                 pred = scorer.add_volume(mean_probs, maps, label)
-                hist = ScoreHistogram()
-                hist.add(maps["entropy"], pred != label)
-                case_hists[method].append(hist)
                 stats = region_statistics(pred, maps, names, voxel_ml, band=band)
                 scorer.add_case(str(vol["id"]), foreground_dice(pred, label, names),
                                 {k: stats["case"][f"boundary_mean_{k}"] for k in maps})
@@ -266,7 +257,8 @@ def compare_methods(
             for other in methods if mine in methods else ():
                 if other not in (mine, "flpm"):
                     paired[f"{mine}-{other}"] = paired_auroc_difference(
-                        case_hists[mine], case_hists[other], seed=seed)
+                        scorers[mine].volume_histograms["entropy"],
+                        scorers[other].volume_histograms["entropy"], seed=seed)
     return {"methods": results, "paired_auroc": paired,
             "settings": {**settings, "m": m, "temperature": temperature, "band": band,
                          "bins": n_bins, "seed": seed, "cost_baseline": base,

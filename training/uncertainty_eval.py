@@ -86,7 +86,9 @@ class UncertaintyScorer:
     :meth:`add_volume` counts voxels (error detection per map, overall and per class; top-label
     and class-wise calibration of the probabilities, over all voxels and over the foreground
     region); :meth:`add_case` records a case's Dice and boundary uncertainties for the
-    case-level correlation. Memory does not grow with the number of volumes.
+    case-level correlation. Memory does not grow with the number of volumes, unless
+    ``keep_volume_histograms``: then ``volume_histograms[map]`` also holds each volume's own
+    overall histogram (for case-resampling statistics), which the overall one is merged from.
     """
 
     class_names: Sequence[str]
@@ -94,7 +96,9 @@ class UncertaintyScorer:
     n_bins: int = DEFAULT_BINS
     precision_bits: int = DEFAULT_PRECISION_BITS
     fractions: Sequence[float] = DEFAULT_FRACTIONS
+    keep_volume_histograms: bool = False
     detection: dict[str, dict[str, ScoreHistogram]] = field(init=False)
+    volume_histograms: dict[str, list[ScoreHistogram]] = field(init=False)
     calibration: Calibration = field(init=False)
     region_calibration: CalibrationBins = field(init=False)
     cases: list[dict[str, Any]] = field(default_factory=list)
@@ -103,6 +107,7 @@ class UncertaintyScorer:
         groups = [OVERALL, *map(str, self.class_names)]
         self.detection = {m: {g: ScoreHistogram(self.precision_bits) for g in groups}
                           for m in self.map_names}
+        self.volume_histograms = {m: [] for m in self.map_names}
         self.calibration = Calibration(len(self.class_names), self.n_bins)
         self.region_calibration = CalibrationBins(self.n_bins)
 
@@ -121,7 +126,13 @@ class UncertaintyScorer:
             if values.shape != lab.shape:
                 raise ValueError(f"map {name!r} has shape {values.shape}, label {lab.shape}")
             hists = self.detection[name]
-            hists[OVERALL].add(values, errors)
+            if self.keep_volume_histograms:
+                own = ScoreHistogram(self.precision_bits)
+                own.add(values, errors)
+                hists[OVERALL].merge(own)
+                self.volume_histograms[name].append(own)
+            else:
+                hists[OVERALL].add(values, errors)
             for c, cname in enumerate(self.class_names):
                 hists[str(cname)].add(values, errors, (pred == c) | (lab == c))
         self.calibration.add(p, lab)
