@@ -24,8 +24,8 @@ COPY pyproject.toml ./
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
  && /opt/sfpc/bin/pip install --requirement /tmp/requirements.txt
 
-# setuptools needs every package of pyproject's list, training/ included, to build the wheel;
-# nothing imports sfpc.training while serving.
+# sfpc/ links to model/, server/, training/ and clients/ (setuptools follows the links), so all
+# of them are copied; training/ is in the wheel, but nothing imports sfpc.training while serving.
 COPY README.md ./
 COPY sfpc ./sfpc
 COPY model ./model
@@ -35,7 +35,7 @@ COPY clients ./clients
 # The checks run isolated (-I): from /src, the source folder sfpc/ would shadow the installed one.
 RUN /opt/sfpc/bin/pip install --no-deps . \
  && /opt/sfpc/bin/python -I -c "import importlib.util as u, sys; sys.exit('torch is in the serving image' if u.find_spec('torch') else 0)" \
- && /opt/sfpc/bin/python -I -c "import sfpc.server.app, sfpc.server.backends.triton_backend, tritonclient.grpc, tritonclient.http"
+ && /opt/sfpc/bin/python -I -c "import sfpc.server.app, sfpc.inference.backends.triton_backend, tritonclient.grpc, tritonclient.http"
 
 # ---- runtime: the virtual environment on a clean base, run by an unprivileged user -----------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -54,7 +54,7 @@ COPY --from=build /opt/sfpc /opt/sfpc
 # One uvicorn worker: each worker loads its own copy of every model and runs its own job queue;
 # raise SFPC_CONCURRENCY (segmentations at once) before adding workers, and containers before that.
 # SFPC_MODEL_DIRS: export directories mounted under /models; unset, the embedded default model
-# (sfpc/server/default_model in the package) is served when the package ships one.
+# (sfpc/sfpc/default_model in the package) is served when the package ships one.
 ENV PATH=/opt/sfpc/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -45,12 +45,12 @@ test: system-deps $(STAMP) $(TRITON_VENV)/.installed
 demo: setup
 	$(BIN)/sfpc demo --out runs/demo
 
-# Re-create the shipped default model (server/default_model/) from ../shared/data/organs.
+# Re-create the shipped default model (sfpc/default_model/) from ../shared/data/organs.
 default-model: setup
 	$(BIN)/sfpc build-default-model --data ../shared/data/organs --no-progress
 
 # The main job: the gateway on http://127.0.0.1:8000 with the embedded default model
-# (server/default_model/), or another export with: make serve MODEL=runs/demo/export
+# (sfpc/default_model/), or another export with: make serve MODEL=runs/demo/export
 serve: setup
 	$(BIN)/sfpc serve $(if $(MODEL),--model $(MODEL))
 

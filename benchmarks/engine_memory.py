@@ -29,8 +29,8 @@ def export(out_dir: Path, args: argparse.Namespace) -> None:
     """Export an untrained 2D SFPCNet with the project's exporter (runs in a child process)."""
     import torch
 
+    from sfpc.inference.contract import ModelMetadata
     from sfpc.model.export import export_model
-    from sfpc.model.metadata import ModelMetadata
     from sfpc.model.networks import NetConfig, SFPCNet
 
     torch.manual_seed(0)
@@ -89,9 +89,9 @@ def run_mode(export_dir: Path, uncertainty: bool, args: argparse.Namespace) -> d
 
     import numpy as np
 
-    from sfpc.model.metadata import ModelMetadata
-    from sfpc.server.backends import OnnxRuntimeBackend
-    from sfpc.server.engine import Engine
+    from sfpc.inference.backends import OnnxRuntimeBackend
+    from sfpc.inference.contract import ModelMetadata
+    from sfpc.inference.engine import Engine
 
     volume = ct_volume(tuple(args.shape))
     affine = np.diag([*args.voxel, 1.0])

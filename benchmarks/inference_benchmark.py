@@ -184,8 +184,8 @@ def export_case(case: Case, out_dir: Path) -> None:
     """Export an untrained paper net for `case` and save its checkpoint for the torch runs."""
     import torch
 
+    from sfpc.inference.contract import ModelMetadata
     from sfpc.model.export import export_model
-    from sfpc.model.metadata import ModelMetadata
     from sfpc.model.networks import NetConfig, SFPCNet
 
     torch.manual_seed(0)
@@ -260,8 +260,8 @@ class RepeatedPasses:
         self.m = int(m)
 
     def infer(self, batch: np.ndarray, *, uncertainty: bool = False) -> dict[str, np.ndarray]:
-        from sfpc.server.engine import softmax
-        from sfpc.server.uncertainty import entropy
+        from sfpc.inference.engine import softmax
+        from sfpc.inference.uncertainty import entropy
 
         if not uncertainty:
             return self.backend.infer(batch)
@@ -295,8 +295,8 @@ def rss_mib() -> float:
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Segment the case's volume once with one configuration; time and memory of this process."""
-    from sfpc.model.metadata import ModelMetadata
-    from sfpc.server.engine import Engine
+    from sfpc.inference.contract import ModelMetadata
+    from sfpc.inference.engine import Engine
 
     case = Case(**{**spec["case"], "shape": tuple(spec["case"]["shape"])})
     backend_kind, mode = spec["backend"], spec["mode"]
@@ -309,12 +309,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if eager is not None:
         backend: Any = eager
     elif backend_kind == "onnxruntime":
-        from sfpc.server.backends import OnnxRuntimeBackend
+        from sfpc.inference.backends import OnnxRuntimeBackend
 
         backend = OnnxRuntimeBackend(export_dir, providers=["CPUExecutionProvider"],
                                      intra_op_threads=threads)
     else:
-        from sfpc.server.backends import TritonBackend
+        from sfpc.inference.backends import TritonBackend
 
         backend = TritonBackend(spec["url"], "grpc", meta.name, timeout_s=600)
     if mode == "m_passes":
@@ -674,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_case(case: Case, export_dir: Path, work: Path, args: argparse.Namespace,
              support: Any, install: Any) -> list[dict[str, Any]]:
     """All repeats of all configurations of one case, interleaved, one tritonserver for them."""
-    from sfpc.model.metadata import ModelMetadata
+    from sfpc.inference.contract import ModelMetadata
 
     configs = [c for c in args.configs if c.split(":")[0] != "triton"]
     server = None

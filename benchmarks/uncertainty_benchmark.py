@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
+from sfpc.inference.contract import ModelMetadata
 from sfpc.model.export import export_checkpoint, load_checkpoint
-from sfpc.model.metadata import ModelMetadata
 from sfpc.training import synth
 from sfpc.training.config import TrainConfig
 from sfpc.training.data import load_eval_cases

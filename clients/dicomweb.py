@@ -203,8 +203,8 @@ def uncertainty_map(files: Sequence[Path], entropy_nifti: Path, series_uid: str 
     import nibabel as nib
     import numpy as np
 
-    from sfpc.server.dicom_seg import write_parametric_map
-    from sfpc.server.io import decode_upload
+    from sfpc.io import decode_upload
+    from sfpc.io.dicom_seg import write_parametric_map
 
     volume = decode_upload([(p.name, p) for p in files], series_uid=series_uid)
     image = nib.load(str(entropy_nifti))

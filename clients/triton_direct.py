@@ -133,9 +133,9 @@ def segment_volume(direct: TritonDirect, image: np.ndarray, affine: np.ndarray
     """The label map of ``image`` ((X, Y, Z) or (C, X, Y, Z), RAS ``affine``) on its own grid,
     and the blended model-grid maps: the project's preprocessing (reorientation, resampling,
     normalisation) and sliding window, with every window sent to Triton by ``direct``."""
-    from sfpc.model.metadata import ModelMetadata
-    from sfpc.model.preprocess import restore
-    from sfpc.server.engine import Engine, predict_model_grid, softmax
+    from sfpc.inference.contract import ModelMetadata
+    from sfpc.inference.engine import Engine, predict_model_grid, softmax
+    from sfpc.inference.preprocess import restore
 
     meta = ModelMetadata.from_dict(direct.metadata())
     # The engine only prepares geometry here; inference goes through `direct`.

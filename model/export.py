@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import sfpc
-from sfpc.model.metadata import METADATA_FILE, ModelMetadata, sha256_file
+from sfpc.inference.contract import METADATA_FILE, ModelMetadata, sha256_file
 from sfpc.model.networks import UNCERTAINTY_GRAPHS, NetConfig, SFPCNet, UncertaintyHead
 from sfpc.model.perturbation import eps_grid
 

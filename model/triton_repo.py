@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sfpc.server.backends.export_metadata import (
+from sfpc.inference.backends.export_metadata import (
     METADATA_FILE,
     graph_entry,
     read_export_metadata,
@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.tensorrt or args.fp16) and not args.gpu:
         parser.error("TensorRT runs on GPU instances: add --gpu")
     if args.name is None:
-        from sfpc.model.metadata import ModelMetadata
+        from sfpc.inference.contract import ModelMetadata
 
         args.name = ModelMetadata.load(args.export_dir).name
     written = write_triton_repository(

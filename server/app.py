@@ -21,15 +21,20 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import sfpc
-from sfpc.server.backends import BackendError, BackendUnavailable
-from sfpc.server.engine import InputError
-from sfpc.server.observability import REQUEST_ID, RequestContextMiddleware, count_error
+from sfpc.inference.backends import BackendError, BackendUnavailable
+from sfpc.inference.engine import InputError
+from sfpc.inference.pipeline import Cancelled, ModelRegistry, SegmentationService, ServiceError
+from sfpc.server.observability import (
+    REQUEST_ID,
+    RequestContextMiddleware,
+    count_error,
+    observe_stage,
+)
 from sfpc.server.routers import models as models_router
 from sfpc.server.routers import ops as ops_router
 from sfpc.server.routers import segment as segment_router
 from sfpc.server.routers.segment import SegmentationPool
 from sfpc.server.security import BodyLimitMiddleware, require_api_key
-from sfpc.server.service import Cancelled, ModelRegistry, SegmentationService, ServiceError
 from sfpc.server.settings import Settings
 
 log = logging.getLogger("sfpc.server.app")
@@ -64,8 +69,8 @@ def error_response(status: int, code: str, message: str, detail: Any = None,
 
 def _install_error_handlers(app: FastAPI) -> None:
     try:  # the I/O layer's error type; absent only in a partial checkout
-        from sfpc.server.io import UploadError
-    except ImportError:  # pragma: no cover - the package ships with sfpc.server.io
+        from sfpc.io import UploadError
+    except ImportError:  # pragma: no cover - the package ships with sfpc.io
         UploadError = None  # noqa: N806
 
     @app.exception_handler(ServiceError)
@@ -133,7 +138,7 @@ def create_app(settings: Settings | None = None, *,
     settings = settings or Settings()
     settings.check_startable()
     registry = registry or ModelRegistry(settings)
-    service = SegmentationService(registry, settings)
+    service = SegmentationService(registry, settings, on_stage=observe_stage)
     pool = SegmentationPool(settings.concurrency)
     jobs = _jobs_manager(settings, service)
 

@@ -1,6 +1,6 @@
 """``sfpc serve``: run the gateway under uvicorn.
 
-With no ``--model``, the project's embedded default model (``server/default_model/`` inside the
+With no ``--model``, the project's embedded default model (``sfpc/default_model/`` inside the
 installed package) is served when it exists; otherwise the command says how to point it at an
 export directory. Flags override environment variables (``SFPC_*``) and the config file
 (``--config`` or ``SFPC_CONFIG_FILE``).
@@ -15,9 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sfpc.model.metadata import METADATA_FILE
+from sfpc.inference.contract import DEFAULT_MODEL_DIR, METADATA_FILE
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 FACTORY = "sfpc.server.cli:_factory"
 _ENV_SETTINGS = "SFPC__SERVE_SETTINGS"
 

@@ -19,8 +19,8 @@ from typing import Any
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from sfpc.inference.pipeline import ServiceError
 from sfpc.server.observability import REQUEST_ID, count_error
-from sfpc.server.service import ServiceError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -29,8 +29,6 @@ from pydantic_settings import (
 CONFIG_FILE_ENV = "SFPC_CONFIG_FILE"
 LOOPBACK_NAMES = ("localhost",)
 
-OutputName = Literal["mask_nifti", "seg_dicom", "entropy_nifti", "mi_nifti", "overlay_png",
-                     "report_json"]
 
 
 class Settings(BaseSettings):

@@ -88,6 +88,18 @@ def _cmd_serve(argv: Sequence[str]) -> int:
     return serve(argv)
 
 
+def _cmd_predict(argv: Sequence[str]) -> int:
+    from sfpc.inference import predict
+
+    return predict.main(list(argv))
+
+
+def _cmd_sample_data(argv: Sequence[str]) -> int:
+    from sfpc.io import sample_data
+
+    return sample_data.main(list(argv))
+
+
 def _cmd_client(argv: Sequence[str]) -> int:
     from sfpc.clients.cli import main as client_main
 
@@ -95,6 +107,8 @@ def _cmd_client(argv: Sequence[str]) -> int:
 
 
 COMMANDS = {
+    "predict": (_cmd_predict, "segment a NIfTI file, DICOM series or folder locally (no server)"),
+    "sample-data": (_cmd_sample_data, "download the public sample scans the README uses"),
     "synth": (_cmd_synth, "generate synthetic BraTS-like 3D or ACDC-like 2D NIfTI data"),
     "train": (_cmd_train, "train SFPC, an ablation row or a baseline"),
     "evaluate": (_cmd_evaluate, "evaluate a checkpoint: Dice, HD95, ASD, boundary Dice"),

@@ -49,8 +49,8 @@ def export_tiny_model(out_dir: Path, spatial_dims: int, *, name: str, num_classe
     """Train a tiny SFPCNet briefly and export it to ``out_dir``; returns ``out_dir``."""
     import torch
 
+    from sfpc.inference.contract import ModelMetadata
     from sfpc.model.export import export_model
-    from sfpc.model.metadata import ModelMetadata
     from sfpc.model.networks import NetConfig, SFPCNet
 
     torch.manual_seed(seed)

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sfpc.server.backends import (
+from sfpc.inference.backends import (
     Backend,
     BackendError,
     BackendUnavailable,
     OnnxRuntimeBackend,
     make_backend,
 )
-from sfpc.server.backends.onnxruntime_backend import resolve_providers
+from sfpc.inference.backends.onnxruntime_backend import resolve_providers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from triton_support import (  # noqa: E402
@@ -245,7 +245,7 @@ def test_backends_import_without_torch_or_tritonclient() -> None:
     code = (
         "import sys\n"
         "sys.modules['torch'] = None\n"
-        "import sfpc.server.backends, sfpc.model.triton_repo\n"
+        "import sfpc.inference.backends, sfpc.model.triton_repo\n"
         "assert 'tritonclient' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

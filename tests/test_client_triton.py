@@ -60,7 +60,7 @@ def triton(export_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(export_dir):
-    from sfpc.server.backends import OnnxRuntimeBackend
+    from sfpc.inference.backends import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(export_dir, intra_op_threads=1)
     yield backend

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from sfpc.model.preprocess import normalise, resample_to_shape, spacing_from_affine
+from sfpc.inference.preprocess import normalise, resample_to_shape, spacing_from_affine
 from sfpc.training.data import (
     Case,
     IntensityAugment,

@@ -14,10 +14,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sfpc.model.metadata import METADATA_FILE, ModelMetadata, sha256_file
+from sfpc.inference.contract import METADATA_FILE, ModelMetadata, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "server" / "default_model"
+MODEL = REPO / "sfpc" / "default_model"
 ORGANS = REPO.parent / "shared" / "data" / "organs"
 DICE_TOLERANCE = 0.01  # ONNX Runtime builds may differ in the last bits of a few voxels
 
@@ -27,7 +27,7 @@ needs_data = pytest.mark.skipif(not (ORGANS / "ct_a_image.nii.gz").exists(),
 
 @pytest.fixture(scope="module")
 def meta() -> ModelMetadata:
-    assert (MODEL / METADATA_FILE).is_file(), "the default model is not in server/default_model"
+    assert (MODEL / METADATA_FILE).is_file(), "the default model is not in sfpc/default_model"
     return ModelMetadata.load(MODEL)
 
 

@@ -186,7 +186,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_triton_names_match_the_repository_writer(exported: Path, tmp_path: Path) -> None:
-    from sfpc.model.metadata import METADATA_FILE
+    from sfpc.inference.contract import METADATA_FILE
     from sfpc.model.triton_repo import main as write_repo
 
     repo = tmp_path / "triton_repo"
@@ -303,21 +303,28 @@ def test_dockerignore_keeps_local_state_out(path: str) -> None:
     assert docker_excludes(path)
 
 
+def package_folders() -> set[str]:
+    """sfpc/ and the top-level folders its links point at (model/, server/, ...)."""
+    links = {p.readlink().name for p in (ROOT / "sfpc").iterdir() if p.is_symlink()}
+    return {"sfpc"} | links
+
+
 def test_dockerfile_copies_every_package_folder() -> None:
     copied = {args.split()[0].strip("./") for instruction, args in dockerfile_instructions()
               if instruction == "COPY" and not args.startswith("--from")}
-    folders = set(pyproject()["tool"]["setuptools"]["package-dir"].values())
+    folders = package_folders()
+    assert {"model", "server", "training", "clients"} <= folders
     assert folders <= copied, f"setuptools needs {folders - copied} to build the wheel"
     for needed in sorted(folders | {"pyproject.toml", "README.md"}):
         assert not docker_excludes(needed), needed
-    for source in ("server/app.py", "server/default_model/sfpc_model.json", "model/export.py"):
+    for source in ("server/app.py", "sfpc/default_model/sfpc_model.json", "model/export.py"):
         assert not docker_excludes(source), source
 
 
 # -- the embedded default model ------------------------------------------------------------------
 def test_wheel_ships_the_default_model(exported: Path, tmp_path: Path) -> None:
     """setuptools itself builds the wheel from a copy of the sources with a model in
-    server/default_model/; the wheel must hold it where `sfpc serve` looks for it."""
+    sfpc/default_model/; the wheel must hold it where `sfpc serve` looks for it."""
     setuptools = pytest.importorskip("setuptools")
     if int(setuptools.__version__.split(".")[0]) < 77:
         pytest.skip(f"setuptools {setuptools.__version__} < 77 (pyproject's build requirement)")
@@ -328,9 +335,9 @@ def test_wheel_ships_the_default_model(exported: Path, tmp_path: Path) -> None:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "default_model")
-    for folder in set(pyproject()["tool"]["setuptools"]["package-dir"].values()):
-        shutil.copytree(ROOT / folder, src / folder, ignore=ignore)
-    model_dir = src / "server" / DEFAULT_MODEL_DIR.name
+    for folder in package_folders():
+        shutil.copytree(ROOT / folder, src / folder, ignore=ignore, symlinks=True)
+    model_dir = src / "sfpc" / DEFAULT_MODEL_DIR.name
     shutil.copytree(exported, model_dir)
     dist = tmp_path / "dist"
     run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
@@ -339,6 +346,8 @@ def test_wheel_ships_the_default_model(exported: Path, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     (wheel,) = dist.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    # Installed as sfpc/server/, the package folder of server/cli.py.
-    expected = {f"sfpc/server/{DEFAULT_MODEL_DIR.name}/{p.name}" for p in model_dir.iterdir()}
+    # Package data of sfpc; the linked folders are in the wheel as sfpc's subpackages.
+    expected = {f"sfpc/{DEFAULT_MODEL_DIR.name}/{p.name}" for p in model_dir.iterdir()}
+    expected |= {"sfpc/server/app.py", "sfpc/model/export.py", "sfpc/io/upload.py",
+                 "sfpc/inference/engine.py", "sfpc/clients/http.py", "sfpc/training/trainer.py"}
     assert expected <= names, sorted(expected - names)

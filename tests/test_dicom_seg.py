@@ -22,8 +22,8 @@ from io_support import (
 )
 from pydicom.sr.codedict import codes
 
-from sfpc.server.dicom_seg import write_parametric_map, write_seg
-from sfpc.server.io import UploadError, Volume, decode_upload
+from sfpc.io import UploadError, Volume, decode_upload
+from sfpc.io.dicom_seg import write_parametric_map, write_seg
 
 pytestmark = pytest.mark.data
 CLASSES = ["background", "Liver", "spleen", "kidney_left", "my custom structure"]

@@ -24,11 +24,11 @@ import pytest
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 from scipy import ndimage
 
-from sfpc.model.metadata import ModelMetadata
-from sfpc.model.preprocess import resample_to_shape, restore
-from sfpc.server.backends import OnnxRuntimeBackend
-from sfpc.server.engine import Engine, InputError, flip_unavailable, resample_linear
-from sfpc.server.uncertainty import (
+from sfpc.inference.backends import OnnxRuntimeBackend
+from sfpc.inference.contract import ModelMetadata
+from sfpc.inference.engine import Engine, InputError, flip_unavailable, resample_linear
+from sfpc.inference.preprocess import resample_to_shape, restore
+from sfpc.inference.uncertainty import (
     cropped_boundary_band,
     mutual_information,
     predictive_entropy,
@@ -183,7 +183,7 @@ AFFINES = {
 
 
 def test_engine_imports_without_torch():
-    code = ("import sys, sfpc.server.engine, sfpc.server.uncertainty; "
+    code = ("import sys, sfpc.inference.engine, sfpc.inference.uncertainty; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sfpc.model.metadata import ModelMetadata
-from sfpc.server.backends import BackendError, OnnxRuntimeBackend
-from sfpc.server.engine import Engine
+from sfpc.inference.backends import BackendError, OnnxRuntimeBackend
+from sfpc.inference.contract import ModelMetadata
+from sfpc.inference.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from triton_support import export_fixture_model, pre_temperature_export  # noqa: E402

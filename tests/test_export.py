@@ -19,9 +19,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from sfpc.inference.contract import ModelMetadata, sha256_file
 from sfpc.model import export_cli
 from sfpc.model.export import INPUT_NAME, TEMPERATURE_NAME, export_model, parity
-from sfpc.model.metadata import ModelMetadata, sha256_file
 from sfpc.model.networks import NetConfig, SFPCNet
 
 # Stated tolerance: float32 graphs, same ops; differences come from kernel summation order.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from io_support import edited_series, require, series_files
 
-from sfpc.server.io import Limits, UploadError, decode_upload
+from sfpc.io import Limits, UploadError, decode_upload
 
 
 def _nifti() -> bytes:

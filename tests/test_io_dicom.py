@@ -27,7 +27,7 @@ from io_support import (
 )
 from pydicom.uid import generate_uid
 
-from sfpc.server.io import UploadError, decode_upload
+from sfpc.io import UploadError, decode_upload
 
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from io_support import DATA, require
 
-from sfpc.server.io import Limits, UploadError, decode_upload, encode_nifti
+from sfpc.io import Limits, UploadError, decode_upload, encode_nifti
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 SHARED_NIFTI = sorted(p.relative_to(DATA).as_posix()

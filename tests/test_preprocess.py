@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from sfpc.model.preprocess import (
+from sfpc.inference.preprocess import (
     Geometry,
     from_orientation,
     normalise,
@@ -39,7 +39,7 @@ LPS_AFFINE[:3, 3] = [50.0, 60.0, -20.0]
 
 
 def test_preprocess_does_not_import_torch() -> None:
-    code = "import sys, sfpc.model.preprocess; print('torch' in sys.modules)"
+    code = "import sys, sfpc.inference.preprocess; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

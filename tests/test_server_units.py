@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from sfpc.server.overlay import _display, choose_slices, class_colour, render_overlay, zoom_box
+from sfpc.inference.pipeline import OptionError, SegmentOptions
+from sfpc.io.overlay import _display, choose_slices, class_colour, render_overlay, zoom_box
 from sfpc.server.security import keys_match
-from sfpc.server.service import OptionError, SegmentOptions
 from sfpc.server.settings import Settings, is_loopback_host, load_settings
 
 
@@ -174,7 +174,7 @@ def test_unreachable_triton_is_not_ready_and_answers_503(tmp_path):
     import nibabel as nib
     from fastapi.testclient import TestClient
 
-    from sfpc.model.metadata import ModelMetadata
+    from sfpc.inference.contract import ModelMetadata
     from sfpc.server.app import create_app
 
     # The Triton backend reads only the metadata here; the graphs live on the (absent) server.
@@ -210,7 +210,7 @@ def test_mask_nifti_survives_odd_header_fields(field, value):
 
     import nibabel as nib
 
-    from sfpc.server.artefacts import nifti_bytes
+    from sfpc.io.artefacts import nifti_bytes
 
     upload = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.diag([1.5, 2.0, 3.0, 1.0]))
     upload.header[field] = value

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from sfpc.server.sliding_window import (
+from sfpc.inference.sliding_window import (
     gaussian_importance_map,
     scan_interval,
     slicewise_inference,
@@ -243,7 +243,7 @@ def test_identity_predict_returns_the_image():
 
 def test_module_does_not_import_torch():
     code = (
-        "import sys; import sfpc.server.sliding_window; "
+        "import sys; import sfpc.inference.sliding_window; "
         "assert 'torch' not in sys.modules and 'monai' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

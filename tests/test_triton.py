@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sfpc.inference.backends import BackendError, BackendUnavailable, OnnxRuntimeBackend
+from sfpc.inference.backends.triton_backend import TritonBackend
 from sfpc.model.triton_repo import (
     METADATA_PARAMETER,
     model_config_text,
@@ -24,8 +26,6 @@ from sfpc.model.triton_repo import (
     trtexec_command,
     write_triton_repository,
 )
-from sfpc.server.backends import BackendError, BackendUnavailable, OnnxRuntimeBackend
-from sfpc.server.backends.triton_backend import TritonBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from triton_support import (  # noqa: E402

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import optimize, special
 
-from sfpc.model.metadata import ModelMetadata, sha256_file
+from sfpc.inference.contract import ModelMetadata, sha256_file
+from sfpc.inference.review import quality_flag
 from sfpc.training import calibration as C
 from sfpc.training.uncertainty_metrics import expected_calibration_error
 
@@ -91,10 +92,10 @@ def test_threshold_falls_back_to_a_quantile():
 
 def test_quality_flag():
     q = {"threshold": 0.2}
-    assert C.quality_flag(0.3, q) == {"review_recommended": True, "boundary_uncertainty": 0.3,
+    assert quality_flag(0.3, q) == {"review_recommended": True, "boundary_uncertainty": 0.3,
                                       "threshold": 0.2}
-    assert C.quality_flag(0.2, q)["review_recommended"] is False
-    none = C.quality_flag(None, q)
+    assert quality_flag(0.2, q)["review_recommended"] is False
+    none = quality_flag(None, q)
     assert none["review_recommended"] is None and "reason" in none
 
 

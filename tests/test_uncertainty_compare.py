@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
+from sfpc.inference.uncertainty import predictive_entropy  # noqa: E402
 from sfpc.model.networks import NetConfig, SFPCNet  # noqa: E402
-from sfpc.server.uncertainty import predictive_entropy  # noqa: E402
 from sfpc.training.uncertainty_compare import (  # noqa: E402
     compare_methods,
     comparison_table,
@@ -132,7 +132,7 @@ def test_compare_methods_bookkeeping():
     assert "mutual_information" not in methods["softmax"]["error_detection"]
     assert len(methods["flpm"]["cases"]) == 2
     # The softmax row against sklearn on the same maps, recomputed through its predictor.
-    from sfpc.server.engine import predict_model_grid
+    from sfpc.inference.engine import predict_model_grid
 
     scores, errors = [], []
     for v in volumes:

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from sfpc.model.metadata import ModelMetadata, sha256_file
-from sfpc.model.preprocess import prepare_label
-from sfpc.server.uncertainty import uncertainty_maps
+from sfpc.inference.contract import ModelMetadata, sha256_file
+from sfpc.inference.preprocess import prepare_label
+from sfpc.inference.uncertainty import uncertainty_maps
 from sfpc.training.layouts import Case, discover_cases
 from sfpc.training.metrics import dice
 from sfpc.training.uncertainty_eval import (

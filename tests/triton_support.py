@@ -52,8 +52,8 @@ def export_fixture_model(
     """
     import torch
 
+    from sfpc.inference.contract import ModelMetadata
     from sfpc.model.export import export_model
-    from sfpc.model.metadata import ModelMetadata
     from sfpc.model.networks import NetConfig, SFPCNet
 
     torch.manual_seed(seed)
@@ -93,8 +93,8 @@ def pre_temperature_export(export_dir: Path, net: Any, out_dir: Path) -> Path:
 
     import torch
 
+    from sfpc.inference.contract import METADATA_FILE, sha256_file
     from sfpc.model.export import INPUT_NAME, UNCERTAINTY_OUTPUTS, _export
-    from sfpc.model.metadata import METADATA_FILE, sha256_file
     from sfpc.model.networks import UncertaintyHead
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sfpc.model.metadata import ModelMetadata
+from sfpc.inference.contract import ModelMetadata
 
 GOLDEN = (math.sqrt(5) - 1) / 2
 DEFAULT_T_BOUNDS = (0.05, 20.0)
@@ -152,21 +152,6 @@ def choose_quality_threshold(
         })
     info["flagged_cases"] = int(np.count_nonzero(u > info["threshold"]))
     return info
-
-
-def quality_flag(boundary_uncertainty: float | None,
-                 quality: Mapping[str, Any]) -> dict[str, Any]:
-    """The per-case flag of a model's ``quality`` metadata: {"review_recommended",
-    "boundary_uncertainty", "threshold"} (review_recommended None when there is no boundary)."""
-    t = float(quality["threshold"])
-    out: dict[str, Any] = {"review_recommended": None, "boundary_uncertainty": None,
-                           "threshold": t}
-    if boundary_uncertainty is None or not math.isfinite(float(boundary_uncertainty)):
-        out["reason"] = "no foreground predicted: there is no boundary to measure"
-        return out
-    u = float(boundary_uncertainty)
-    out.update(review_recommended=bool(u > t), boundary_uncertainty=u)
-    return out
 
 
 def write_calibration(export_dir: str | Path, temperature: float,

@@ -27,7 +27,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sfpc.model.preprocess import (
+from sfpc.inference.preprocess import (
     Geometry,
     prepare_image,
     prepare_label,
@@ -628,7 +628,7 @@ class SliceDataset2D(_SampleStream):
     """2D slices of the volumes along ``plane`` (axial by default) with augmentation.
 
     Geometry: with ``size`` (paper default 256x256) each slice is resized to it (bilinear image,
-    nearest label, the same :func:`~sfpc.model.preprocess.resample_to_shape` used at inference);
+    nearest label, the same :func:`~sfpc.inference.preprocess.resample_to_shape` used at inference);
     with ``size=None`` and ``patch_size`` the slice (already at the target spacing) is randomly
     cropped / zero padded to the patch. Augmentation: random flips (each in-plane axis, p=0.5),
     optional quarter turns, rotation by ``U(-rotation, rotation)`` degrees, optional zoom

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sfpc.model.metadata import PLANE_AXIS
+from sfpc.inference.contract import PLANE_AXIS
 from sfpc.training.config import TrainConfig
 from sfpc.training.data import (
     IntensityAugment,

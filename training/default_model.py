@@ -1,6 +1,6 @@
 """`sfpc build-default-model`: re-create the embedded default model from the data, in one command.
 
-The shipped model (``server/default_model/``) is a 2D SFPC model for spleen, liver and stomach on
+The shipped model (``sfpc/default_model/``) is a 2D SFPC model for spleen, liver and stomach on
 CT, trained semi-supervised on the TotalSegmentator test CTs (``shared/data/organs``). The steps
 are the project's own commands, in order, with the committed config
 ``configs/default_organ_ct.yaml``:
@@ -31,7 +31,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default_organ_ct.yaml"
-DEFAULT_OUT = REPO / "server" / "default_model"
+DEFAULT_OUT = REPO / "sfpc" / "default_model"
 MODEL_NAME = "sfpc-organs-ct"
 CARD_FILE = "MODEL_CARD.md"
 
@@ -43,10 +43,10 @@ def validate_export(export_dir: str | Path, data_dir: str | Path,
     The whole raw volume goes in (as a user would post it); the metrics are computed on the
     validation block of axial slices only, on ct_a's own 3 mm grid, against the mapped labels.
     """
-    from sfpc.model.metadata import ModelMetadata
-    from sfpc.model.preprocess import to_orientation
-    from sfpc.server.backends import make_backend
-    from sfpc.server.engine import Engine
+    from sfpc.inference.backends import make_backend
+    from sfpc.inference.contract import ModelMetadata
+    from sfpc.inference.engine import Engine
+    from sfpc.inference.preprocess import to_orientation
     from sfpc.training.metrics import case_metrics
     from sfpc.training.organ_task import LABEL_MAP, VAL_BLOCK
 
@@ -158,8 +158,8 @@ def build(data_dir: str | Path, config: str | Path = DEFAULT_CONFIG,
           work: str | Path = "runs/default_model", out: str | Path = DEFAULT_OUT,
           iterations: int | None = None, progress: bool = True,
           skip_training: bool = False) -> dict[str, Any]:
+    from sfpc.inference.contract import ModelMetadata
     from sfpc.model.export import export_checkpoint
-    from sfpc.model.metadata import ModelMetadata
     from sfpc.training.config import TrainConfig, load_config_file
     from sfpc.training.organ_task import make_organ_dataset, train_overrides
     from sfpc.training.trainer import train

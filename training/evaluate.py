@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sfpc.inference.engine import predict_model_grid
 from sfpc.model.networks import SFPCNet
-from sfpc.server.engine import predict_model_grid
 from sfpc.training.metrics import case_metrics, summarise, write_case_csv
 
 

@@ -19,6 +19,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from sfpc.inference.uncertainty import boundary_band
+
 Spacing = float | Sequence[float]
 
 METRIC_NAMES = ("dice", "hd95", "asd", "boundary_dice")
@@ -125,25 +127,6 @@ def _hd95_asd(d_pg: np.ndarray, d_gp: np.ndarray) -> tuple[float, float]:
     # percentile of the pooled distances; ASD is the mean of the pooled distances.
     hd = max(float(np.percentile(d_pg, 95)), float(np.percentile(d_gp, 95)))
     return hd, float(np.concatenate([d_pg, d_gp]).mean())
-
-
-def boundary_band(mask: np.ndarray, band: int = 10) -> np.ndarray:
-    """Voxels within `band` voxels (chessboard distance, in voxel units) of the mask's boundary, on
-    both sides: outside voxels with a mask voxel in their (2*band+1)-cube, and mask voxels with a
-    non-mask voxel in it. Outside the image is not treated as background, so a mask touching the
-    field-of-view edge has no band along that edge (a truncation, not an anatomical boundary).
-
-    Chessboard rather than Euclidean: the cube is separable into 1D min/max filters, about ten
-    times cheaper than two distance transforms on a full-resolution CT crop, and it is the band of
-    iterated 3x3 erosions used by Boundary IoU (Cheng et al., 2021).
-    """
-    m = _as_mask(mask)
-    if int(band) != band or band < 1:
-        raise ValueError(f"band must be a whole number of voxels >= 1, got {band}")
-    size = 2 * int(band) + 1
-    dilated = ndimage.maximum_filter(m, size=size, mode="constant", cval=False)
-    eroded = ndimage.minimum_filter(m, size=size, mode="nearest")
-    return dilated & ~eroded
 
 
 def _cropped_boundary_dice(p: np.ndarray, g: np.ndarray, band: int) -> float:

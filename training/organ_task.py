@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from sfpc.model.preprocess import to_orientation
+from sfpc.inference.preprocess import to_orientation
 
 # TotalSegmentator 'total' ids -> our classes.
 LABEL_MAP = {1: 1, 5: 2, 6: 3}

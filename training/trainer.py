@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import sfpc
-from sfpc.model.metadata import PLANE_AXIS, ModelMetadata
+from sfpc.inference.contract import PLANE_AXIS, ModelMetadata
 from sfpc.model.networks import NetConfig, SFPCNet
 from sfpc.model.perturbation import eps_grid
 from sfpc.training.config import TrainConfig

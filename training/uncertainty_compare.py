@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from sfpc.inference.engine import predict_model_grid
+from sfpc.inference.uncertainty import DEFAULT_BAND, region_statistics, uncertainty_maps
 from sfpc.model.networks import SFPCNet, UncertaintyHead
-from sfpc.server.engine import predict_model_grid
-from sfpc.server.uncertainty import DEFAULT_BAND, region_statistics, uncertainty_maps
 from sfpc.training.uncertainty_eval import UncertaintyScorer, foreground_dice
 from sfpc.training.uncertainty_metrics import DEFAULT_BINS, paired_auroc_difference
 

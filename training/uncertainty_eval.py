@@ -1,6 +1,6 @@
 """Uncertainty evaluation of a model on labelled cases: does each uncertainty map find the
 model's errors, are the probabilities calibrated, and does a case's boundary uncertainty track
-its Dice? Torch-free: an export runs through the serving :class:`~sfpc.server.engine.Engine`
+its Dice? Torch-free: an export runs through the serving :class:`~sfpc.inference.engine.Engine`
 with ONNX Runtime, so the maps scored are the maps the server computes.
 
 Per case, three engine passes on the case's image:
@@ -38,15 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from sfpc.model.metadata import ModelMetadata
-from sfpc.model.preprocess import Geometry, prepare_label, to_orientation
-from sfpc.server.uncertainty import (
+from sfpc.inference.contract import ModelMetadata
+from sfpc.inference.preprocess import Geometry, prepare_label, to_orientation
+from sfpc.inference.review import quality_flag
+from sfpc.inference.uncertainty import (
     DEFAULT_BAND,
     predictive_entropy,
     region_statistics,
     uncertainty_maps,
 )
-from sfpc.training.calibration import quality_flag
 from sfpc.training.layouts import Case
 from sfpc.training.metrics import dice
 from sfpc.training.uncertainty_metrics import (
@@ -207,8 +207,8 @@ def load_engine(export_dir: str | Path, *, band: int = DEFAULT_BAND,
                 threads: int | None = None, **overrides: Any) -> Any:
     """An ONNX Runtime :class:`Engine` of an export; keyword ``overrides`` replace metadata
     fields for this engine only (e.g. ``temperature=1.0``, ``quality={}``)."""
-    from sfpc.server.backends import make_backend
-    from sfpc.server.engine import Engine
+    from sfpc.inference.backends import make_backend
+    from sfpc.inference.engine import Engine
 
     meta = ModelMetadata.load(export_dir)
     if overrides:

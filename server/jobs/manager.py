@@ -275,7 +275,7 @@ class JobManager:
         return path
 
     def _execute(self, job: JobRecord, cancel: threading.Event) -> JobOutcome:
-        from sfpc.server.service import Cancelled, SegmentOptions
+        from sfpc.inference.pipeline import Cancelled, SegmentOptions
 
         try:
             options = SegmentOptions.model_validate(job.options)
@@ -334,10 +334,10 @@ def _manifest_media_types(results_dir: Path) -> dict[str, str]:
 
 def _failure(exc: Exception) -> JobFailure | None:
     """The job failure for an exception a bad upload, option or backend raises; None for a bug."""
-    from sfpc.server.backends.base import BackendError, BackendUnavailable
-    from sfpc.server.engine import InputError
-    from sfpc.server.io.errors import UploadError
-    from sfpc.server.service import ServiceError
+    from sfpc.inference.backends.base import BackendError, BackendUnavailable
+    from sfpc.inference.engine import InputError
+    from sfpc.inference.pipeline import ServiceError
+    from sfpc.io.errors import UploadError
 
     if isinstance(exc, (UploadError, ServiceError)):
         return JobFailure(str(exc.code), str(exc.message))

@@ -32,10 +32,7 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sfpc.server.observability import IN_FLIGHT, SEGMENTATIONS, set_queue_depth
-from sfpc.server.routers import error_responses
-from sfpc.server.security import require_api_key
-from sfpc.server.service import (
+from sfpc.inference.pipeline import (
     FORMATS,
     OUTPUT_FILES,
     OUTPUTS,
@@ -46,6 +43,9 @@ from sfpc.server.service import (
     SegmentOptions,
     ServiceError,
 )
+from sfpc.server.observability import IN_FLIGHT, SEGMENTATIONS, set_queue_depth
+from sfpc.server.routers import error_responses
+from sfpc.server.security import require_api_key
 from sfpc.server.settings import Settings
 
 router = APIRouter(tags=["segmentation"], dependencies=[Depends(require_api_key)])

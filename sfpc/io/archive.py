@@ -19,8 +19,8 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
-from sfpc.server.io.errors import MALFORMED, TOO_LARGE, UNSUPPORTED, UploadError
-from sfpc.server.io.volume import Limits
+from sfpc.io.errors import MALFORMED, TOO_LARGE, UNSUPPORTED, UploadError
+from sfpc.io.volume import Limits
 
 _CHUNK = 1 << 20
 # Small members compress extremely well when they are mostly padding (a DICOM header, an empty

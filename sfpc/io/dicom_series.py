@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sfpc.server.io.dicom_frames import Frame, Instance
-from sfpc.server.io.errors import UNPROCESSABLE, UploadError
-from sfpc.server.io.volume import SeriesSummary
+from sfpc.io.dicom_frames import Frame, Instance
+from sfpc.io.errors import UNPROCESSABLE, UploadError
+from sfpc.io.volume import SeriesSummary
 
 _ORIENTATION_MATCH = 1e-3
 _SPACING_MATCH = 1e-3

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sfpc.server.backends.base import Backend, BackendError, BackendUnavailable
-from sfpc.server.backends.onnxruntime_backend import OnnxRuntimeBackend
-from sfpc.server.backends.triton_backend import TritonBackend
+from sfpc.inference.backends.base import Backend, BackendError, BackendUnavailable
+from sfpc.inference.backends.onnxruntime_backend import OnnxRuntimeBackend
+from sfpc.inference.backends.triton_backend import TritonBackend
 
 BACKEND_KINDS = ("onnxruntime", "triton")
 

@@ -14,11 +14,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from sfpc.server.io.archive import extract_zip, gunzip
-from sfpc.server.io.dicom import decode_dicom
-from sfpc.server.io.errors import MALFORMED, TOO_LARGE, UNSUPPORTED, UploadError
-from sfpc.server.io.nifti import decode_nifti
-from sfpc.server.io.sniff import (
+from sfpc.io.archive import extract_zip, gunzip
+from sfpc.io.dicom import decode_dicom
+from sfpc.io.errors import MALFORMED, TOO_LARGE, UNSUPPORTED, UploadError
+from sfpc.io.nifti import decode_nifti
+from sfpc.io.sniff import (
     DICOM,
     DICOM_NO_PREAMBLE,
     GZIP,
@@ -30,7 +30,7 @@ from sfpc.server.io.sniff import (
     describe_other,
     sniff,
 )
-from sfpc.server.io.volume import Limits, Volume
+from sfpc.io.volume import Limits, Volume
 
 UploadFile = tuple[str, "bytes | bytearray | memoryview | str | os.PathLike[str]"]
 _ARCHIVE_WORDS = ("archive", "stream")
@@ -42,7 +42,7 @@ def decode_upload(files: Sequence[UploadFile], limits: Limits | None = None, *,
 
     ``max_channels`` lets a 4D NIfTI with that many volumes through as a ``(C, X, Y, Z)`` array;
     ``series_uid`` picks a DICOM series explicitly (otherwise the rule in
-    :mod:`sfpc.server.io.dicom_series` chooses). Raises :class:`UploadError` (4xx) for anything
+    :mod:`sfpc.io.dicom_series` chooses). Raises :class:`UploadError` (4xx) for anything
     that is not a segmentable volume.
     """
     limits = limits or Limits()

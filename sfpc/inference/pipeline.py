@@ -7,7 +7,7 @@ an upload gives the same files whichever way it came in:
   the configured backend, and hands out :class:`LoadedModel` by name;
 - :class:`SegmentOptions` is what a request may choose (model, outputs, uncertainty, series,
   response format);
-- :meth:`SegmentationService.run` turns a decoded :class:`~sfpc.server.io.Volume` into an
+- :meth:`SegmentationService.run` turns a decoded :class:`~sfpc.io.Volume` into an
   :class:`ArtefactSet` (files + report). It is synchronous, CPU-bound and thread-safe: callers
   run it in a thread pool. A ``cancel`` event stops it between backend calls (request timeout,
   job cancellation) with :class:`Cancelled`.
@@ -28,143 +28,79 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import numpy as np
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import sfpc
-from sfpc.model.metadata import ModelMetadata
-from sfpc.model.preprocess import resampled_shape, spacing_from_affine
-from sfpc.server import artefacts as files
-from sfpc.server.backends import Backend, BackendError, make_backend
-from sfpc.server.engine import Engine, InputError, SegmentationResult, flip_unavailable
-from sfpc.server.settings import OutputName, Settings
-from sfpc.server.uncertainty import region_statistics
+from sfpc.errors import Cancelled, ModelNotFound, NoModels, OptionError, ServiceError
+from sfpc.inference.backends import Backend, BackendError, make_backend
+from sfpc.inference.contract import ModelMetadata
+from sfpc.inference.engine import Engine, InputError, SegmentationResult, flip_unavailable
+from sfpc.inference.options import (
+    FORMATS,
+    OUTPUT_FILES,
+    OUTPUTS,
+    UNCERTAINTY_OUTPUTS,
+    SegmentOptions,
+)
+from sfpc.inference.preprocess import resampled_shape, spacing_from_affine
+from sfpc.inference.review import review_flag
+from sfpc.inference.uncertainty import region_statistics
+from sfpc.io import artefacts as files
 
-log = logging.getLogger("sfpc.server.service")
+log = logging.getLogger("sfpc.inference.pipeline")
 
-OUTPUT_FILES: dict[str, tuple[str, str]] = {
-    "mask_nifti": ("mask.nii.gz", files.NIFTI_MEDIA_TYPE),
-    "seg_dicom": ("segmentation.dcm", files.DICOM_MEDIA_TYPE),
-    "entropy_nifti": ("entropy.nii.gz", files.NIFTI_MEDIA_TYPE),
-    "mi_nifti": ("mutual_information.nii.gz", files.NIFTI_MEDIA_TYPE),
-    "overlay_png": ("overlay.png", files.PNG_MEDIA_TYPE),
-    "report_json": ("report.json", files.JSON_MEDIA_TYPE),
-}
-OUTPUTS: tuple[str, ...] = tuple(OUTPUT_FILES)
-UNCERTAINTY_OUTPUTS = frozenset({"entropy_nifti", "mi_nifti"})
-FORMATS = ("auto", "nifti", "dicom-seg", "zip")
-ResponseFormat = Literal["auto", "nifti", "dicom-seg", "zip"]
 STAGES = ("decode", "preprocess", "inference", "postprocess", "encode")
 MANIFEST_FILE = "artefacts.json"
 
 
 # ----------------------------------------------------------------------------------------------
-# Errors a client can act on (the app maps them to JSON 4xx bodies)
+# Run-time settings
 # ----------------------------------------------------------------------------------------------
 
 
-class ServiceError(Exception):
-    """A request the service refuses; ``status`` is the HTTP status, ``code`` a stable slug."""
+class RuntimeSettings(Protocol):
+    """What the pipeline reads of its settings: the gateway's ``Settings`` has these fields, and
+    :class:`RuntimeConfig` holds them for ``sfpc predict`` and the Python API."""
 
-    status = 422
-    code = "invalid_request"
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 detail: Any = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if status is not None:
-            self.status = status
-        if code is not None:
-            self.code = code
-        self.detail = detail
-
-
-class ModelNotFound(ServiceError):
-    status = 404
-    code = "model_not_found"
-
-
-class OptionError(ServiceError):
-    status = 422
-    code = "invalid_option"
+    model_dirs: Sequence[Path]
+    default_model: str | None
+    backend: str
+    onnx_providers: str
+    onnx_intra_op_threads: int | None
+    triton_url: str | None
+    triton_protocol: str
+    triton_timeout_s: float
+    triton_model_names: Mapping[str, str]
+    sw_batch_size: int | None
+    max_upload_bytes: int
+    max_decompressed_bytes: int
+    max_voxels: int
+    max_files: int
+    max_compression_ratio: float
 
 
-class NoModels(ServiceError):
-    status = 503
-    code = "no_model_loaded"
+@dataclass
+class RuntimeConfig:
+    """The pipeline's settings outside the gateway; the defaults are the gateway's."""
 
-
-class Cancelled(Exception):
-    """The run was stopped through its ``cancel`` event (timeout or job cancellation)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Options
-# ----------------------------------------------------------------------------------------------
-
-
-class SegmentOptions(BaseModel):
-    """What a segmentation request may choose.
-
-    ``outputs`` None means the default for the upload: ``mask_nifti`` for NIfTI,
-    ``seg_dicom`` for DICOM; with ``uncertainty`` true the defaults also hold ``entropy_nifti``,
-    ``mi_nifti`` and ``report_json``. Asking for an uncertainty output implies ``uncertainty``.
-    ``format`` packs the response: ``auto`` sends a single artefact as itself and several as a
-    zip; ``nifti`` / ``dicom-seg`` send the mask as that file alone (adding it to the outputs);
-    ``zip`` always zips.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, description="Served model name (GET /v1/models); default "
-                              "model when omitted.", max_length=200)
-    outputs: list[OutputName] | None = Field(None, description="Artefacts to produce.")
-    uncertainty: bool = Field(False, description="Run the FLPM multi-sample graph (entropy and "
-                              "mutual information maps, uncertainty statistics).")
-    flip: bool = Field(False, description="Also run every window mirrored along the model grid's "
-                       "first axis (left-right for 3D, axial and coronal models) and average "
-                       "(test-time augmentation: twice the cost; with uncertainty, FLPM's samples "
-                       "of both passes). Only for models trained with flips.")
-    series_uid: str | None = Field(None, description="DICOM: SeriesInstanceUID to segment when "
-                                   "the upload holds several series.", max_length=64)
-    format: ResponseFormat = Field("auto", description="Response packing.")
-
-    @field_validator("outputs")
-    @classmethod
-    def _unique(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        if not value:
-            raise ValueError("outputs is empty; omit it for the default or name at least one of "
-                             f"{', '.join(OUTPUTS)}")
-        return list(dict.fromkeys(value))
-
-    def wants_uncertainty(self) -> bool:
-        """Whether the multi-sample graph must run."""
-        return self.uncertainty or bool(UNCERTAINTY_OUTPUTS.intersection(self.outputs or ()))
-
-    def resolve_outputs(self, source: str) -> list[str]:
-        """The artefacts to produce for an upload decoded from ``source`` ("nifti"/"dicom")."""
-        if self.outputs is not None:
-            chosen = list(self.outputs)
-        else:
-            chosen = ["seg_dicom" if source == "dicom" else "mask_nifti"]
-            if self.uncertainty:
-                chosen += ["entropy_nifti", "mi_nifti", "report_json"]
-        wanted = {"nifti": "mask_nifti", "dicom-seg": "seg_dicom"}.get(self.format)
-        if wanted and wanted not in chosen:
-            chosen.insert(0, wanted)
-        if "seg_dicom" in chosen and source != "dicom":
-            raise OptionError(
-                "a DICOM SEG (outputs=seg_dicom or format=dicom-seg) references the source DICOM "
-                f"series, but this upload is {source}; ask for mask_nifti instead",
-                code="seg_needs_dicom",
-            )
-        return [name for name in OUTPUTS if name in chosen]
+    model_dirs: Sequence[Path] = ()
+    default_model: str | None = None
+    backend: str = "onnxruntime"
+    onnx_providers: str = "auto"
+    onnx_intra_op_threads: int | None = None
+    triton_url: str | None = None
+    triton_protocol: str = "grpc"
+    triton_timeout_s: float = 60.0
+    triton_model_names: Mapping[str, str] = field(default_factory=dict)
+    sw_batch_size: int | None = None
+    max_upload_bytes: int = 1 << 30
+    max_decompressed_bytes: int = 2 << 30
+    max_voxels: int = 1 << 28
+    max_files: int = 10_000
+    max_compression_ratio: float = 250.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +161,8 @@ class ModelRegistry:
     construction (the server refuses to start rather than 500 on the first request).
     """
 
-    def __init__(self, settings: Settings, *, model_dirs: Sequence[str | Path] | None = None):
+    def __init__(self, settings: RuntimeSettings, *,
+                 model_dirs: Sequence[str | Path] | None = None) -> None:
         self.settings = settings
         self._models: dict[str, LoadedModel] = {}
         dirs = [Path(d) for d in (settings.model_dirs if model_dirs is None else model_dirs)]
@@ -398,29 +335,24 @@ StageObserver = Callable[[str, float], None]
 class SegmentationService:
     """Decode uploads and segment volumes with the registry's models; see the module docstring.
 
-    ``on_stage(stage, seconds)`` is called after each stage (metrics); it defaults to the
-    Prometheus histogram of :mod:`sfpc.server.observability`.
+    ``on_stage(stage, seconds)`` is called after each stage (the gateway's metrics).
     """
 
-    def __init__(self, registry: ModelRegistry, settings: Settings, *,
+    def __init__(self, registry: ModelRegistry, settings: RuntimeSettings, *,
                  on_stage: StageObserver | None = None) -> None:
         self.registry = registry
         self.settings = settings
-        if on_stage is None:
-            from sfpc.server.observability import observe_stage
-
-            on_stage = observe_stage
-        self.on_stage = on_stage
+        self.on_stage = on_stage or (lambda stage, seconds: None)
 
     # -- decoding ---------------------------------------------------------------------------
     def limits(self, model: LoadedModel | None = None) -> Any:
-        """The upload :class:`~sfpc.server.io.Limits` built from the settings; a 3D ``model``
+        """The upload :class:`~sfpc.io.Limits` built from the settings; a 3D ``model``
         needs at least 2 voxels per axis, a 2D one accepts single slices."""
-        from sfpc.server.io import Limits
+        from sfpc.io import Limits
 
         # Settings fields carry the Limits field names, so each limit is configured once.
         wanted = {f.name for f in dataclasses.fields(Limits)}
-        given = {k: v for k, v in self.settings.model_dump().items() if k in wanted}
+        given = {k: getattr(self.settings, k) for k in wanted if hasattr(self.settings, k)}
         if "min_spatial" in wanted:
             given["min_spatial"] = 2 if model is None or model.metadata.spatial_dims == 3 else 1
         return Limits(**given)
@@ -431,7 +363,7 @@ class SegmentationService:
 
         Raises the I/O layer's UploadError (``.status``, ``.code``) for bad files.
         """
-        from sfpc.server.io import decode_upload
+        from sfpc.io import decode_upload
 
         options = options or SegmentOptions()
         model = self.registry.get(options.model)
@@ -539,7 +471,7 @@ class SegmentationService:
             "n_windows": engine_report["n_windows"],
             "timings": timings,
         }
-        quality = _quality(model.metadata, statistics, result.uncertainty,
+        quality = review_flag(model.metadata, statistics, result.uncertainty,
                            bool(result.model.get("flip")))
         if quality is not None:
             report["quality"] = quality
@@ -564,7 +496,7 @@ class SegmentationService:
                 data = files.dicom_seg_bytes(result.mask, volume, result.class_names,
                                              model.metadata)
             elif name == "overlay_png":
-                from sfpc.server.overlay import render_overlay
+                from sfpc.io.overlay import render_overlay
 
                 volumes = {name: entry["volume_ml"]
                            for name, entry in report["classes"].items()}
@@ -649,25 +581,6 @@ def first_slice(result: SegmentationResult, axis: int, engine: Engine) -> Segmen
     return dataclasses.replace(result, mask=mask, statistics=statistics, geometry=geometry,
                                entropy=maps.get("entropy"),
                                mutual_information=maps.get("mutual_information"))
-
-
-def _quality(metadata: ModelMetadata, statistics: Mapping[str, Any],
-             uncertainty: bool, flip: bool = False) -> dict[str, Any] | None:
-    """The per-case review flag of a model calibrated by `sfpc calibrate` (metadata.quality):
-    its measure is the case's boundary uncertainty, which only uncertainty mode computes."""
-    if not metadata.quality or not uncertainty:
-        return None
-    from sfpc.training.calibration import quality_flag
-
-    measure = f"boundary_mean_{metadata.quality.get('map', 'entropy')}"
-    flag = quality_flag(statistics["case"].get(measure), metadata.quality)
-    if flip and flag["review_recommended"] is not None:
-        # Two averaged passes change the boundary uncertainty's scale: a threshold chosen on
-        # single-pass maps does not apply, so the measure is reported without a verdict.
-        flag["review_recommended"] = None
-        flag["reason"] = ("the review threshold was chosen on single-pass uncertainty; it is not "
-                          "applied to flip=true")
-    return flag
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:

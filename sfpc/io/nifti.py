@@ -17,9 +17,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from sfpc.server.io.errors import MALFORMED, UNPROCESSABLE, UNSUPPORTED, UploadError
-from sfpc.server.io.sniff import NIFTI1, NIFTI2
-from sfpc.server.io.volume import (
+from sfpc.io.errors import MALFORMED, UNPROCESSABLE, UNSUPPORTED, UploadError
+from sfpc.io.sniff import NIFTI1, NIFTI2
+from sfpc.io.volume import (
     Limits,
     Volume,
     check_affine,

@@ -28,11 +28,11 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from sfpc.server.io.dicom_frames import Frame, Instance, frames_of, ineligibility
-from sfpc.server.io.dicom_geometry import StackGeometry, arrange
-from sfpc.server.io.dicom_series import Rejected, Stack, group_stacks, select_stack
-from sfpc.server.io.errors import MALFORMED, UNSUPPORTED, UploadError
-from sfpc.server.io.volume import (
+from sfpc.io.dicom_frames import Frame, Instance, frames_of, ineligibility
+from sfpc.io.dicom_geometry import StackGeometry, arrange
+from sfpc.io.dicom_series import Rejected, Stack, group_stacks, select_stack
+from sfpc.io.errors import MALFORMED, UNSUPPORTED, UploadError
+from sfpc.io.volume import (
     FrameRef,
     Limits,
     SeriesInfo,

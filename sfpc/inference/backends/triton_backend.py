@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sfpc.server.backends.base import (
+from sfpc.inference.backends.base import (
     INPUT_NAME,
     TEMPERATURE_NAME,
     BackendError,

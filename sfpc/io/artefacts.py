@@ -140,7 +140,7 @@ def dicom_seg_bytes(mask: np.ndarray, volume: Any, class_names: list[str],
     """A DICOM SEG of ``mask`` referencing the uploaded series (highdicom, via sfpc.server.
     dicom_seg)."""
     import sfpc
-    from sfpc.server.dicom_seg import write_seg
+    from sfpc.io.dicom_seg import write_seg
 
     return write_seg(mask, volume, class_names, algorithm_name=f"SFPC {metadata.name}",
                      algorithm_version=str(metadata.version),

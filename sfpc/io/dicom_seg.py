@@ -26,8 +26,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from sfpc.server.io.errors import UNPROCESSABLE, UploadError
-from sfpc.server.io.volume import Volume
+from sfpc.io.errors import UNPROCESSABLE, UploadError
+from sfpc.io.volume import Volume
 
 T = TypeVar("T")
 _ORGAN = codes.SCT.Organ

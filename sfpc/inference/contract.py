@@ -105,3 +105,8 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# The embedded default model (`sfpc serve` and `sfpc predict` without --model), shipped as package
+# data of `sfpc` so that a wheel carries it.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"

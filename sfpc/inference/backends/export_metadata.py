@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sfpc.model.metadata import METADATA_FILE, ModelMetadata, sha256_file
-from sfpc.server.backends.base import BackendError
+from sfpc.inference.backends.base import BackendError
+from sfpc.inference.contract import METADATA_FILE, ModelMetadata, sha256_file
 
 __all__ = [
     "METADATA_FILE",

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sfpc.server.io.dicom_frames import Frame, Instance
-from sfpc.server.io.errors import UNPROCESSABLE, UploadError
-from sfpc.server.io.volume import LPS_TO_RAS
+from sfpc.io.dicom_frames import Frame, Instance
+from sfpc.io.errors import UNPROCESSABLE, UploadError
+from sfpc.io.volume import LPS_TO_RAS
 
 SPACING_REL_TOLERANCE = 0.10
 SPACING_ABS_TOLERANCE = 0.1  # mm

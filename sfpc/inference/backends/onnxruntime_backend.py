@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from sfpc.server.backends.base import (
+from sfpc.inference.backends.base import (
     INPUT_NAME,
     TEMPERATURE_NAME,
     BackendError,
@@ -19,7 +19,7 @@ from sfpc.server.backends.base import (
     temperature_input,
     untempered_graph_error,
 )
-from sfpc.server.backends.export_metadata import (
+from sfpc.inference.backends.export_metadata import (
     graph_entry,
     read_export_metadata,
     read_graph_bytes,

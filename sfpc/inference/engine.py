@@ -4,8 +4,8 @@ Every caller (HTTP gateway, CLI, benchmarks) goes through :class:`Engine`, so a 
 anywhere is preprocessed, tiled, stitched and restored the same way:
 
 1. validate the array and its affine (:class:`InputError` with a message a user can act on);
-2. :func:`~sfpc.model.preprocess.prepare_image`: reorient to the model's orientation, resample to
-   its spacing (in-plane only for 2D models), normalise - the trainer's own code;
+2. :func:`~sfpc.inference.preprocess.prepare_image`: reorient to the model's orientation,
+   resample to its spacing (in-plane only for 2D models), normalise - the trainer's own code;
 3. sliding window over the model grid (3D) or slice by slice along the model's plane (2D), with
    Gaussian blending; plain mode blends softmax(logits / T), uncertainty mode blends the graph's
    mean probabilities and mean per-sample entropy, the graph dividing each sample's logits by the
@@ -40,23 +40,23 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt
 
-from sfpc.model.metadata import ModelMetadata
-from sfpc.model.preprocess import (
+from sfpc.inference.backends.base import Backend, BackendError
+from sfpc.inference.contract import ModelMetadata
+from sfpc.inference.preprocess import (
     Geometry,
     prepare_image,
     resample_to_shape,
     spacing_from_affine,
     validate_normalisation,
 )
-from sfpc.server.backends.base import Backend, BackendError
-from sfpc.server.sliding_window import (
+from sfpc.inference.sliding_window import (
     Predictor,
     scan_interval,
     slicewise_inference,
     sliding_window_inference,
     window_starts,
 )
-from sfpc.server.uncertainty import DEFAULT_BAND, region_statistics, uncertainty_maps
+from sfpc.inference.uncertainty import DEFAULT_BAND, region_statistics, uncertainty_maps
 
 Progress = Callable[[int, int], None]
 
@@ -189,7 +189,7 @@ def resample_linear(
 ) -> np.ndarray:
     """Rows ``start:stop`` along spatial ``axis`` of ``resample_to_shape(array, shape, order=1)``.
 
-    Same grid as :func:`~sfpc.model.preprocess.resample_to_shape` (voxel edges aligned, edge
+    Same grid as :func:`~sfpc.inference.preprocess.resample_to_shape` (voxel edges aligned, edge
     values extended) computed separably in float32, so a block of the output costs memory
     proportional to the block. ``array`` is spatial or has leading channel axes; an axis whose
     length already matches is sliced, not interpolated (a view when nothing changes).
