@@ -13,21 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import sfpc
-from sfpc.inference.backends import BackendError, BackendUnavailable
-from sfpc.inference.engine import InputError
-from sfpc.inference.pipeline import Cancelled, ModelRegistry, SegmentationService, ServiceError
+from sfpc.inference.pipeline import ModelRegistry, SegmentationService
+from sfpc.server.error_handlers import install_error_handlers
 from sfpc.server.observability import (
-    REQUEST_ID,
     RequestContextMiddleware,
-    count_error,
     observe_stage,
 )
 from sfpc.server.routers import models as models_router
@@ -47,76 +41,6 @@ upload's exact shape and affine (NIfTI) or as a DICOM SEG; ask for predictive en
 information maps, a PNG overlay and a JSON report. Batch pipelines submit jobs to `/v1/jobs`.
 When the server has API keys, send one in `X-API-Key` or `Authorization: Bearer`.
 """
-
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
-                 410: "gone", 413: "upload_too_large", 415: "unsupported_media_type",
-                 422: "invalid_request", 429: "too_many_requests", 503: "unavailable"}
-
-
-def error_response(status: int, code: str, message: str, detail: Any = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    """The one JSON error shape, with the request id; counted by code in the metrics."""
-    error: dict[str, Any] = {"code": code, "message": message}
-    if detail is not None:
-        error["detail"] = detail
-    error["request_id"] = REQUEST_ID.get()
-    count_error(code, status)
-    if status >= 500:
-        log.warning("error response", extra={"status": status, "code": code})
-    return JSONResponse(status_code=status, content={"error": error}, headers=headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    try:  # the I/O layer's error type; absent only in a partial checkout
-        from sfpc.io import UploadError
-    except ImportError:  # pragma: no cover - the package ships with sfpc.io
-        UploadError = None  # noqa: N806
-
-    @app.exception_handler(ServiceError)
-    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error_response(exc.status, exc.code, exc.message, exc.detail, headers)
-
-    if UploadError is not None:
-        @app.exception_handler(UploadError)
-        async def _upload(request: Request, exc: Any) -> JSONResponse:
-            return error_response(int(exc.status), str(exc.code), str(exc))
-
-    @app.exception_handler(InputError)
-    async def _input(request: Request, exc: InputError) -> JSONResponse:
-        return error_response(422, "invalid_image", str(exc))
-
-    @app.exception_handler(Cancelled)
-    async def _cancelled(request: Request, exc: Cancelled) -> JSONResponse:
-        return error_response(504, "timeout", "segmentation was cancelled before it finished")
-
-    @app.exception_handler(BackendUnavailable)
-    async def _unavailable(request: Request, exc: BackendUnavailable) -> JSONResponse:
-        return error_response(503, "backend_unavailable", str(exc), headers={"Retry-After": "5"})
-
-    @app.exception_handler(BackendError)
-    async def _backend(request: Request, exc: BackendError) -> JSONResponse:
-        return error_response(502, "backend_error", str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [{"field": ".".join(str(p) for p in e.get("loc", ())),
-                     "message": str(e.get("msg", ""))} for e in exc.errors()]
-        text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-        return error_response(422, "invalid_request", f"invalid request: {text}", problems)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        message = str(exc.detail)
-        if exc.status_code == 404:
-            message = f"no endpoint at {request.url.path}; see /docs for the API"
-        elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-        return error_response(exc.status_code, code, message,
-                              headers=getattr(exc, "headers", None))
-
 
 def _jobs_manager(settings: Settings, service: SegmentationService) -> tuple[Any, Any] | None:
     """The asynchronous jobs router and its manager, when that subsystem is installed."""
@@ -168,7 +92,7 @@ def create_app(settings: Settings | None = None, *,
     if jobs is not None:
         app.state.job_manager = jobs[1]
 
-    _install_error_handlers(app)
+    install_error_handlers(app)
     app.include_router(ops_router.router)
     app.include_router(models_router.router)
     app.include_router(segment_router.router)
@@ -181,8 +105,8 @@ def create_app(settings: Settings | None = None, *,
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["X-API-Key", "Authorization", "Content-Type",
                                           "X-Request-ID"],
-                           expose_headers=["X-Request-ID", "X-SFPC-Model", "X-SFPC-Series-UID",
-                                           "X-SFPC-Artefacts", "Content-Disposition"])
+                           expose_headers=["X-Request-ID", *segment_router.RESULT_HEADERS,
+                                           "Content-Disposition"])
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -19,9 +19,15 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from sfpc.errors import error_body
+
+# ASGI's send callable, as the middleware here and in security.py see it.
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("sfpc_request_id", default="-")
 
@@ -196,8 +202,6 @@ class RequestContextMiddleware:
         except Exception as exc:  # the last resort: a bug, reported as such
             error_log.exception("unhandled error", extra={"error_type": type(exc).__name__})
             if not status["started"]:
-                from sfpc.server.security import send_json_error
-
                 await send_json_error(
                     send_with_id, 500, "internal_error",
                     "the server failed on this request; this is a bug: report it with the "
@@ -222,3 +226,18 @@ def _header(scope: dict, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+async def send_json_error(send: Send, status: int, code: str, message: str, *,
+                          close: bool = False, request_id: str | None = None) -> None:
+    """Send a complete JSON error response from ASGI middleware."""
+    count_error(code, status)
+    body = json.dumps(error_body(code, message, request_id=request_id or REQUEST_ID.get())
+                      ).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if close:
+        # The client may still be sending: tell it this connection is done.
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -12,20 +12,18 @@
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from sfpc.inference.pipeline import ServiceError
-from sfpc.server.observability import REQUEST_ID, count_error
+from sfpc.errors import SFPCError
+from sfpc.server.observability import Send, send_json_error
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 API_KEY_HEADER = "X-API-Key"
@@ -34,7 +32,7 @@ _api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
 _bearer = HTTPBearer(auto_error=False, description="The same API key as a bearer token.")
 
 
-class Unauthorized(ServiceError):
+class Unauthorized(SFPCError):
     status = 401
     code = "unauthorized"
 
@@ -67,7 +65,7 @@ async def require_api_key(
         raise Unauthorized("the API key is not valid for this server", code="invalid_api_key")
 
 
-class BodyTooLarge(ServiceError):
+class BodyTooLarge(SFPCError):
     status = 413
     code = "upload_too_large"
 
@@ -136,21 +134,3 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
-
-
-async def send_json_error(send: Send, status: int, code: str, message: str, *,
-                          close: bool = False, request_id: str | None = None) -> None:
-    """Send a complete JSON error response from ASGI middleware."""
-    error: dict[str, Any] = {"code": code, "message": message}
-    request_id = request_id or REQUEST_ID.get()
-    if request_id and request_id != "-":
-        error["request_id"] = request_id
-    count_error(code, status)
-    body = json.dumps({"error": error}).encode()
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]
-    if close:
-        # The client may still be sending: tell it this connection is done.
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -24,9 +24,10 @@ import pytest
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 from scipy import ndimage
 
+from sfpc.errors import InputError
 from sfpc.inference.backends import OnnxRuntimeBackend
 from sfpc.inference.contract import ModelMetadata
-from sfpc.inference.engine import Engine, InputError, flip_unavailable, resample_linear
+from sfpc.inference.engine import Engine, flip_unavailable, resample_linear
 from sfpc.inference.preprocess import resample_to_shape, restore
 from sfpc.inference.uncertainty import (
     cropped_boundary_band,
@@ -36,6 +37,7 @@ from sfpc.inference.uncertainty import (
     sample_moments,
 )
 from sfpc.training.metrics import boundary_band
+from tests.support.models import train_tiny_net
 
 torch = pytest.importorskip("torch")
 monai_inferers = pytest.importorskip("monai.inferers")
@@ -53,51 +55,11 @@ PATCH_2D = [32, 32]
 
 def _trained_net(spatial_dims: int, in_channels: int, num_classes: int, patch: list[int],
                  seed: int):
-    from sfpc.model.networks import NetConfig, SFPCNet
-
-    torch.manual_seed(seed)
-    cfg = NetConfig(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
-                    channels=(8, 16, 32, 64, 128), encoder_dropout=(0.0,) * 5)
-    net = SFPCNet(cfg)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    net.train()
-    rng = np.random.default_rng(seed)
-
-    def batch() -> np.ndarray:
-        x = np.stack([_volume(tuple(patch), in_channels, int(rng.integers(1 << 30)))
-                      for _ in range(4)])
-        return (x - x.mean()) / x.std()
-
-    for _ in range(4):
-        # Intensity bands of smooth blobs as labels: enough for masks that follow the image.
-        x = batch()
-        edges = np.quantile(x[:, 0], np.linspace(0, 1, num_classes + 1)[1:-1])
-        y = torch.from_numpy(np.digitize(x[:, 0], edges))
-        out = net.forward_train(torch.from_numpy(x), n_unlabelled=2, m=4)
-        loss = (torch.nn.functional.cross_entropy(out.logits, y) + out.perturbed.var()
-                + out.recon.square().mean())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    # Four steps leave BatchNorm's running statistics mostly at their init, and eval outputs
-    # collapse to one class; re-estimate them as a plain average over a few batches.
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    with torch.no_grad():
-        for _ in range(4):
-            net(torch.from_numpy(batch()))
-    for m in norms:
-        m.momentum = 0.1
-    flpm = net.flpm()
-    assert float(flpm.running_dsigma.abs().sum()) > 0
-    # Three steps on noise leave batch spreads near 1e-3, where the M perturbed predictions
-    # agree to 1e-7; a trained model's spreads are ~0.1-0.5, so the maps are tested there.
-    with torch.no_grad():
-        flpm.running_dmu.mul_(0).add_(torch.rand_like(flpm.running_dmu) * 0.4 + 0.2)
-        flpm.running_dsigma.mul_(0).add_(torch.rand_like(flpm.running_dsigma) * 0.4 + 0.2)
-    return net.eval()
+    # Trained a few steps (tests.support.models) so BatchNorm and FLPM buffers are not at init.
+    net = train_tiny_net(spatial_dims, num_classes, patch, in_channels=in_channels,
+                         channels=(8, 16, 32, 64, 128), steps=4, seed=seed)
+    assert float(net.flpm().running_dsigma.abs().sum()) > 0
+    return net
 
 
 def _export(tmp: Path, spatial_dims: int, in_channels: int, num_classes: int, patch: list[int],

@@ -23,17 +23,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_support import (  # noqa: E402
-    DATA,
-    DATA_MISSING,
-    DICOM_SERIES,
-    NIFTI_IMAGES,
-    TRANSFER_SYNTAXES,
-    GatewayServer,
-    nifti_upload,
-    tiny_models,
-)
+from tests.support.models import tiny_models
+from tests.support.paths import DATA, DATA_MISSING, DICOM_SERIES, NIFTI_IMAGES, TRANSFER_SYNTAXES
+from tests.support.server import GatewayServer, nifti_upload
 
 httpx = pytest.importorskip("httpx")
 
@@ -672,6 +664,16 @@ def test_cors_is_off_by_default_and_on_for_configured_origins(server, secured):
     other = httpx.options(f"{secured.url}/v1/segment",
                           headers={**preflight, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_exposes_every_header_a_result_carries(secured):
+    """A browser client reads the result headers of /v1/segment and job results only when CORS
+    exposes them; X-SFPC-Model-Version was once missing."""
+    response = httpx.get(f"{secured.url}/healthz", headers={"Origin": ORIGIN})
+    exposed = {h.strip().lower()
+               for h in response.headers["access-control-expose-headers"].split(",")}
+    assert {"x-request-id", "x-sfpc-model", "x-sfpc-model-version", "x-sfpc-series-uid",
+            "x-sfpc-artefacts", "content-disposition"} <= exposed
 
 
 def test_serve_refuses_a_public_host_without_keys_and_needs_a_model(models, tmp_path):

@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from sfpc.inference.pipeline import OptionError, SegmentOptions
+from sfpc.errors import OptionError
+from sfpc.inference.options import SegmentOptions
 from sfpc.io.overlay import _display, choose_slices, class_colour, render_overlay, zoom_box
 from sfpc.server.security import keys_match
 from sfpc.server.settings import Settings, is_loopback_host, load_settings

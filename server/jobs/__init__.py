@@ -10,7 +10,8 @@ recovered after a crash, expired after a retention period.
 The HTTP endpoints are in :mod:`sfpc.server.routers.jobs`.
 """
 
-from sfpc.server.jobs.manager import JobError, JobManager, JobsConfig
+from sfpc.errors import JobError
+from sfpc.server.jobs.manager import JobManager, JobsConfig
 from sfpc.server.jobs.models import JobRecord, JobStatus
 from sfpc.server.jobs.store import JobStore, QueueFull
 

@@ -21,6 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from sfpc.errors import (
+    BackendError,
+    BackendUnavailable,
+    Cancelled,
+    JobError,
+    SFPCError,
+)
+from sfpc.inference.options import SegmentOptions
 from sfpc.server.jobs.files import (
     MANIFEST_FILE,
     JobFiles,
@@ -38,6 +46,7 @@ from sfpc.server.jobs.runner import (
     WorkerPool,
 )
 from sfpc.server.jobs.store import JobStore, QueueFull
+from sfpc.server.observability import IN_FLIGHT, SEGMENTATIONS, set_queue_depth
 
 log = logging.getLogger("sfpc.server.jobs")
 
@@ -46,18 +55,6 @@ JOBS_DIR = "jobs"
 # Retry-After when no job has finished yet to time: a small CPU model's run.
 DEFAULT_JOB_SECONDS = 10.0
 MAX_RETRY_AFTER_S = 600
-
-
-class JobError(Exception):
-    """A job request the API refuses; ``status`` and ``code`` go into the JSON error body."""
-
-    def __init__(self, status: int, code: str, message: str,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
 
 
 class Upload(Protocol):
@@ -275,8 +272,6 @@ class JobManager:
         return path
 
     def _execute(self, job: JobRecord, cancel: threading.Event) -> JobOutcome:
-        from sfpc.inference.pipeline import Cancelled, SegmentOptions
-
         try:
             options = SegmentOptions.model_validate(job.options)
         except ValueError as exc:
@@ -333,38 +328,21 @@ def _manifest_media_types(results_dir: Path) -> dict[str, str]:
 
 
 def _failure(exc: Exception) -> JobFailure | None:
-    """The job failure for an exception a bad upload, option or backend raises; None for a bug."""
-    from sfpc.inference.backends.base import BackendError, BackendUnavailable
-    from sfpc.inference.engine import InputError
-    from sfpc.inference.pipeline import ServiceError
-    from sfpc.io.errors import UploadError
-
-    if isinstance(exc, (UploadError, ServiceError)):
-        return JobFailure(str(exc.code), str(exc.message))
-    if isinstance(exc, InputError):
-        return JobFailure("invalid_image", str(exc))
-    if isinstance(exc, BackendUnavailable):
-        return JobFailure("backend_unavailable", f"the inference backend is unavailable: {exc}")
+    """The job failure for an error a bad upload, option or backend raises; None for a bug."""
     if isinstance(exc, BackendError):
-        return JobFailure("backend_error", f"the inference backend failed: {exc}")
+        what = "is unavailable" if isinstance(exc, BackendUnavailable) else "failed"
+        return JobFailure(exc.code, f"the inference backend {what}: {exc.message}")
+    if isinstance(exc, SFPCError):
+        return JobFailure(exc.code, exc.message)
     return None
 
 
 def _count(model: str, outcome: str) -> None:
-    try:
-        from sfpc.server.observability import SEGMENTATIONS
-    except ImportError:  # no metrics module: nothing to count into
-        return
     SEGMENTATIONS.labels(model=model, outcome=outcome).inc()
 
 
 @contextlib.contextmanager
 def _in_flight() -> Iterator[None]:
-    try:
-        from sfpc.server.observability import IN_FLIGHT
-    except ImportError:  # no metrics module
-        yield
-        return
     IN_FLIGHT.inc()
     try:
         yield
@@ -372,12 +350,7 @@ def _in_flight() -> Iterator[None]:
         IN_FLIGHT.dec()
 
 
-def _prometheus_queue_depth() -> Callable[[int], None] | None:
-    try:
-        from sfpc.server.observability import set_queue_depth
-    except ImportError:  # the gateway without its observability module: no gauge to feed
-        return None
-
+def _prometheus_queue_depth() -> Callable[[int], None]:
     def publish(depth: int) -> None:
         set_queue_depth(depth, "jobs")
 

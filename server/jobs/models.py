@@ -97,10 +97,6 @@ class ErrorDetail(BaseModel):
     message: str = Field(description="What went wrong, for a person.")
 
 
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
 class JobSubmitted(BaseModel):
     """The 202 answer to ``POST /v1/jobs``."""
 

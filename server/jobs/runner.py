@@ -215,11 +215,6 @@ class WorkerPool:
         active.cancel.set()
         return True
 
-    @property
-    def active_jobs(self) -> list[str]:
-        with self._active_lock:
-            return list(self._active)
-
     # -- workers ----------------------------------------------------------------------------
     def _work(self) -> None:
         while not self._stopping.is_set():

@@ -18,7 +18,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from sfpc.server.jobs.manager import JobError, JobManager
+from sfpc.errors import JobError
+from sfpc.server.jobs.manager import JobManager
 from sfpc.server.jobs.models import (
     ErrorDetail,
     JobList,
@@ -43,12 +44,6 @@ def _manager(request: Request) -> JobManager:
     if manager is None:
         raise JobError(503, "jobs_unavailable", "asynchronous jobs are not enabled on this server")
     return manager
-
-
-def _error(exc: JobError) -> JSONResponse:
-    from sfpc.server.app import error_response  # the app's one error shape (and its metrics)
-
-    return error_response(exc.status, exc.code, exc.message, headers=exc.headers or None)
 
 
 def _urls(request: Request, job_id: str) -> tuple[str, str]:
@@ -127,10 +122,7 @@ async def submit_job(
     in ``Location``). 503 with ``Retry-After`` when the queue is full."""
     from sfpc.server.routers.segment import build_options, check_fields, read_multipart
 
-    try:
-        manager = _manager(request)
-    except JobError as exc:
-        return _error(exc)
+    manager = _manager(request)
     settings = request.app.state.settings
     form = await read_multipart(request, settings)
     try:
@@ -140,10 +132,7 @@ async def submit_job(
         request.app.state.service.registry.get(options.model)  # 404 before queuing
         for upload in uploads:
             upload.file.seek(0)
-        try:
-            record = await run_in_threadpool(manager.submit, uploads, options)
-        except JobError as exc:
-            return _error(exc)
+        record = await run_in_threadpool(manager.submit, uploads, options)
     finally:
         await form.close()
     status_url, results_url = _urls(request, record.id)
@@ -162,10 +151,7 @@ async def list_jobs(
     offset: int = Query(0, ge=0, le=2**62, description="Jobs to skip (newest first)."),
 ) -> Any:
     """Jobs newest first, optionally of one status, one page at a time."""
-    try:
-        manager = _manager(request)
-    except JobError as exc:
-        return _error(exc)
+    manager = _manager(request)
     records, total = await run_in_threadpool(manager.list, status, limit, offset)
     now = manager.clock()
     next_offset = offset + len(records) if offset + len(records) < total else None
@@ -177,11 +163,8 @@ async def list_jobs(
             name="get_job", responses={**error_responses(401, 404, 410)})
 async def get_job(request: Request, job_id: str) -> Any:
     """State, attempts, timings, error and result file names of one job; 410 once expired."""
-    try:
-        manager = _manager(request)
-        record = await run_in_threadpool(manager.get, job_id)
-    except JobError as exc:
-        return _error(exc)
+    manager = _manager(request)
+    record = await run_in_threadpool(manager.get, job_id)
     return _view(request, record, manager.clock())
 
 
@@ -190,11 +173,8 @@ async def get_job(request: Request, job_id: str) -> Any:
 async def cancel_job(request: Request, job_id: str) -> Any:
     """Cancel a queued job, or a running one (it stops at its next stage boundary and whatever
     it computed is discarded); 409 when it already ended."""
-    try:
-        manager = _manager(request)
-        record = await run_in_threadpool(manager.cancel, job_id)
-    except JobError as exc:
-        return _error(exc)
+    manager = _manager(request)
+    record = await run_in_threadpool(manager.cancel, job_id)
     return _view(request, record, manager.clock())
 
 
@@ -205,12 +185,9 @@ async def cancel_job(request: Request, job_id: str) -> Any:
 async def get_job_results(request: Request, job_id: str) -> Any:
     """The results of a succeeded job; 409 while queued or running (or when it failed or was
     cancelled), 410 once expired."""
-    try:
-        manager = _manager(request)
-        path, body = await run_in_threadpool(manager.result_body, job_id)
-        record = await run_in_threadpool(manager.get, job_id)
-    except JobError as exc:
-        return _error(exc)
+    manager = _manager(request)
+    path, body = await run_in_threadpool(manager.result_body, job_id)
+    record = await run_in_threadpool(manager.get, job_id)
     from sfpc.server.routers.segment import result_headers
 
     headers = result_headers(record.report, list(record.results))
@@ -224,9 +201,6 @@ async def get_job_results(request: Request, job_id: str) -> Any:
                        **error_responses(401, 404, 409, 410)})
 async def get_job_result_file(request: Request, job_id: str, filename: str) -> Any:
     """One artefact of a succeeded job, by the name listed in its status ``results``."""
-    try:
-        manager = _manager(request)
-        path, media_type = await run_in_threadpool(manager.result_file, job_id, filename)
-    except JobError as exc:
-        return _error(exc)
+    manager = _manager(request)
+    path, media_type = await run_in_threadpool(manager.result_file, job_id, filename)
     return FileResponse(path, media_type=media_type, filename=filename)

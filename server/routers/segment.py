@@ -32,17 +32,9 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sfpc.inference.pipeline import (
-    FORMATS,
-    OUTPUT_FILES,
-    OUTPUTS,
-    ArtefactSet,
-    Cancelled,
-    OptionError,
-    SegmentationService,
-    SegmentOptions,
-    ServiceError,
-)
+from sfpc.errors import Cancelled, OptionError, ServiceError
+from sfpc.inference.options import FORMATS, OUTPUT_FILES, OUTPUTS, SegmentOptions
+from sfpc.inference.pipeline import ArtefactSet, SegmentationService
 from sfpc.server.observability import IN_FLIGHT, SEGMENTATIONS, set_queue_depth
 from sfpc.server.routers import error_responses
 from sfpc.server.security import require_api_key
@@ -326,6 +318,10 @@ async def segment(
     if isinstance(artefact.content, Path):
         return FileResponse(artefact.content, media_type=artefact.media_type, headers=headers)
     return Response(content=artefact.content, media_type=artefact.media_type, headers=headers)
+
+
+# Every header result_headers may set: CORS must expose each of them to browser clients.
+RESULT_HEADERS = ("X-SFPC-Model", "X-SFPC-Model-Version", "X-SFPC-Series-UID", "X-SFPC-Artefacts")
 
 
 def result_headers(report: dict[str, Any] | None, filenames: list[str]) -> dict[str, str]:

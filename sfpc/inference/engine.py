@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt
 
-from sfpc.inference.backends.base import Backend, BackendError
+from sfpc.errors import BackendError, InputError
+from sfpc.inference.backends.base import Backend
 from sfpc.inference.contract import ModelMetadata
 from sfpc.inference.preprocess import (
     Geometry,
@@ -70,10 +71,6 @@ DEFAULT_SLAB_BYTES = 64 << 20
 ORTHOGONALITY_TOLERANCE = 1e-3
 _PLANE_CODES = {"sagittal": "LR", "coronal": "AP", "axial": "SI"}
 _FINITE_CHECK_VOXELS = 1 << 22
-
-
-class InputError(ValueError):
-    """The uploaded image or its affine cannot be segmented; the message says why (HTTP 4xx)."""
 
 
 # ----------------------------------------------------------------------------------------------

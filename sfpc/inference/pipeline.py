@@ -34,15 +34,13 @@ import numpy as np
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
 import sfpc
-from sfpc.errors import Cancelled, ModelNotFound, NoModels, OptionError, ServiceError
-from sfpc.inference.backends import Backend, BackendError, make_backend
+from sfpc.errors import Cancelled, ModelNotFound, NoModels, OptionError
+from sfpc.inference.backends import Backend, make_backend
 from sfpc.inference.contract import ModelMetadata
-from sfpc.inference.engine import Engine, InputError, SegmentationResult, flip_unavailable
+from sfpc.inference.engine import Engine, SegmentationResult, flip_unavailable
 from sfpc.inference.options import (
     FORMATS,
     OUTPUT_FILES,
-    OUTPUTS,
-    UNCERTAINTY_OUTPUTS,
     SegmentOptions,
 )
 from sfpc.inference.preprocess import resampled_shape, spacing_from_affine
@@ -626,8 +624,6 @@ def _jsonable(value: Any) -> Any:
 
 
 __all__ = [
-    "OUTPUTS", "OUTPUT_FILES", "FORMATS", "STAGES", "UNCERTAINTY_OUTPUTS", "Artefact",
-    "ArtefactSet", "BackendError", "Cancelled", "InputError", "LoadedModel", "ModelNotFound",
-    "ModelRegistry", "NoModels", "OptionError", "SegmentOptions", "SegmentationService",
-    "ServiceError",
+    "STAGES", "Artefact", "ArtefactSet", "LoadedModel", "ModelRegistry", "RuntimeConfig",
+    "RuntimeSettings", "SegmentationService",
 ]

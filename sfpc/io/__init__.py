@@ -4,7 +4,7 @@
 :class:`UploadError` with an HTTP status (400/413/415/422) and a message in the user's terms.
 """
 
-from sfpc.io.errors import UploadError
+from sfpc.errors import UploadError
 from sfpc.io.nifti import encode_nifti
 from sfpc.io.upload import decode_upload
 from sfpc.io.volume import FrameRef, Limits, SeriesInfo, SeriesSummary, Volume

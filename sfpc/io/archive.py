@@ -19,7 +19,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
-from sfpc.io.errors import MALFORMED, TOO_LARGE, UNSUPPORTED, UploadError
+from sfpc.errors import MALFORMED, TOO_LARGE, UNSUPPORTED, UploadError
 from sfpc.io.volume import Limits
 
 _CHUNK = 1 << 20

@@ -28,10 +28,10 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from sfpc.errors import MALFORMED, UNSUPPORTED, UploadError
 from sfpc.io.dicom_frames import Frame, Instance, frames_of, ineligibility
 from sfpc.io.dicom_geometry import StackGeometry, arrange
 from sfpc.io.dicom_series import Rejected, Stack, group_stacks, select_stack
-from sfpc.io.errors import MALFORMED, UNSUPPORTED, UploadError
 from sfpc.io.volume import (
     FrameRef,
     Limits,

@@ -16,7 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from sfpc.io.errors import UNPROCESSABLE, UNSUPPORTED, UploadError
+from sfpc.errors import UNPROCESSABLE, UNSUPPORTED, UploadError
 
 # Non-image or derived objects: never the series to segment, even when they carry pixels
 # (a SEG, an RT dose grid). Modality is the quickest tell; SOP classes below catch the rest.

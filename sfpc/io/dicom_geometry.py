@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sfpc.errors import UNPROCESSABLE, UploadError
 from sfpc.io.dicom_frames import Frame, Instance
-from sfpc.io.errors import UNPROCESSABLE, UploadError
 from sfpc.io.volume import LPS_TO_RAS
 
 SPACING_REL_TOLERANCE = 0.10

@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from sfpc.io.errors import UNPROCESSABLE, UploadError
+from sfpc.errors import UNPROCESSABLE, UploadError
 from sfpc.io.volume import Volume
 
 T = TypeVar("T")

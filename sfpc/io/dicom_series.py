@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sfpc.errors import UNPROCESSABLE, UploadError
 from sfpc.io.dicom_frames import Frame, Instance
-from sfpc.io.errors import UNPROCESSABLE, UploadError
 from sfpc.io.volume import SeriesSummary
 
 _ORIENTATION_MATCH = 1e-3

@@ -17,7 +17,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from sfpc.io.errors import MALFORMED, UNPROCESSABLE, UNSUPPORTED, UploadError
+from sfpc.errors import MALFORMED, UNPROCESSABLE, UNSUPPORTED, UploadError
 from sfpc.io.sniff import NIFTI1, NIFTI2
 from sfpc.io.volume import (
     Limits,

@@ -14,9 +14,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from sfpc.errors import MALFORMED, TOO_LARGE, UNSUPPORTED, UploadError
 from sfpc.io.archive import extract_zip, gunzip
 from sfpc.io.dicom import decode_dicom
-from sfpc.io.errors import MALFORMED, TOO_LARGE, UNSUPPORTED, UploadError
 from sfpc.io.nifti import decode_nifti
 from sfpc.io.sniff import (
     DICOM,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sfpc.io.errors import TOO_LARGE, UNPROCESSABLE, UploadError
+from sfpc.errors import TOO_LARGE, UNPROCESSABLE, UploadError
 
 # Real scanners' direction cosines are orthonormal to ~1e-5 (float32 NIfTI headers, rounded DICOM
 # strings); beyond this the grid is sheared, which reorientation cannot represent. Same value as

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sfpc.inference.backends.base import Backend, BackendError, BackendUnavailable
+from sfpc.errors import BackendError, BackendUnavailable
+from sfpc.inference.backends.base import Backend
 from sfpc.inference.backends.onnxruntime_backend import OnnxRuntimeBackend
 from sfpc.inference.backends.triton_backend import TritonBackend
 

@@ -16,18 +16,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from sfpc.errors import BackendError
+
 INPUT_NAME = "image"
 TEMPERATURE_NAME = "temperature"
 PLAIN_OUTPUTS: tuple[str, ...] = ("logits",)
 UNCERTAINTY_OUTPUTS: tuple[str, ...] = ("mean_probs", "mean_entropy")
-
-
-class BackendError(RuntimeError):
-    """An inference backend failed; the message says what to check or do next."""
-
-
-class BackendUnavailable(BackendError):
-    """The backend cannot serve right now (server down, model not loaded, runtime missing)."""
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sfpc.inference.backends.base import BackendError
+from sfpc.errors import BackendError
 from sfpc.inference.contract import METADATA_FILE, ModelMetadata, sha256_file
 
 __all__ = [

@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from sfpc.errors import BackendError, BackendUnavailable
 from sfpc.inference.backends.base import (
     INPUT_NAME,
     TEMPERATURE_NAME,
-    BackendError,
-    BackendUnavailable,
     check_batch,
     check_temperature,
     output_names,
