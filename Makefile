@@ -25,8 +25,12 @@ $(TRITON_VENV)/.installed: scripts/setup_triton_env.sh
 
 setup: $(STAMP)
 
+# Style, the import directions between the layers (pyproject [tool.importlinter], see
+# docs/architecture.md) and types of the torch-free layers, the gateway and the clients.
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # dciodvfy (Debian's dicom3tools), the DICOM standard's validator, checks the SEG we write;
 # Orthanc with its DICOMweb plugin is the real PACS of the client tests.
@@ -38,8 +42,7 @@ system-deps:
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-test: system-deps $(STAMP) $(TRITON_VENV)/.installed
-	$(BIN)/ruff check .
+test: system-deps $(STAMP) $(TRITON_VENV)/.installed lint
 	$(BIN)/python -m pytest -q
 
 demo: setup
