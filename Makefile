@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps test lint demo serve default-model clean
+.PHONY: setup system-deps test test-fast lint demo serve default-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ system-deps:
 
 test: system-deps $(STAMP) $(TRITON_VENV)/.installed lint
 	$(BIN)/python -m pytest -q
+
+# The inner loop (under 2 minutes): no slow tests (training, evaluation) and no integration tests
+# (real tritonserver, Orthanc, gateway processes). `make test` runs everything and is what CI runs.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
 demo: setup
 	$(BIN)/sfpc demo --out runs/demo

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import uncertainty_benchmark as ub  # noqa: E402
+# A sibling script: `python benchmarks/flpm_tau_sweep.py` puts this folder first on sys.path.
+import uncertainty_benchmark as ub
 
-from sfpc.model.export import load_checkpoint  # noqa: E402
-from sfpc.training.config import TrainConfig  # noqa: E402
-from sfpc.training.data import load_eval_cases  # noqa: E402
-from sfpc.training.datamodule import resample_axes  # noqa: E402
-from sfpc.training.layouts import discover_cases  # noqa: E402
-from sfpc.training.uncertainty_compare import compare_methods  # noqa: E402
+from sfpc.model.export import load_checkpoint
+from sfpc.training.config import TrainConfig
+from sfpc.training.data import load_eval_cases
+from sfpc.training.datamodule import resample_axes
+from sfpc.training.layouts import discover_cases
+from sfpc.training.uncertainty_compare import compare_methods
 
 
 def row(name: str, s: dict) -> dict:

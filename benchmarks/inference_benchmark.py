@@ -19,8 +19,8 @@ Configurations, each measured in a fresh child process (so ``ru_maxrss`` is its 
 - ``onnxruntime:{plain,uncertainty,m_passes}``: ``Engine.segment`` with ``OnnxRuntimeBackend``;
 - ``triton:{plain,uncertainty,m_passes}``: ``Engine.segment`` with ``TritonBackend`` over gRPC to a
   real tritonserver (the nvidia-pytriton wheel in .venv-triton) that this script starts on free
-  loopback ports and stops by pid, serving the Python-backend test repository built from the
-  production repository by ``tests/triton_support.python_backend_repository``;
+  loopback ports and stops by pid, serving the Python-backend repository built from the
+  production repository by ``sfpc.model.triton_python_backend.python_backend_repository``;
 - ``m_passes`` runs the plain graph M times per batch (M from the metadata) and averages softmax
   and entropy, i.e. what MC dropout would cost, through the same uncertainty post-processing.
 
@@ -59,12 +59,10 @@ from typing import Any
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TESTS_DIR = REPO_ROOT / "tests"
 CHANNELS = (16, 32, 64, 128, 256)
 DIVISOR = 2 ** (len(CHANNELS) - 1)  # four poolings: window sides must divide by 16
 CHECKPOINT = "checkpoint.pt"
 UNCERTAINTY_TARGET = 1.3
-TRITON_THREADS_LINE = "options.intra_op_num_threads = 1"
 
 BACKENDS = ("torch", "onnxruntime", "triton")
 MODES = ("plain", "uncertainty", "m_passes")
@@ -366,33 +364,17 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _triton_support() -> Any:
-    sys.path.insert(0, str(TESTS_DIR))
-    import triton_support
-
-    return triton_support
-
-
 def triton_repository(export_dir: Path, work: Path, name: str, max_batch: int,
                       model_threads: int) -> Path:
-    """The production repository (write_triton_repository) switched to the Python backend exactly
-    as the Triton tests do; only the served ONNX Runtime's thread count is set to
-    `model_threads` (the test model pins 1 thread, which would not compare with in-process ONNX
-    Runtime on all cores)."""
+    """The production repository (write_triton_repository) switched to the Python backend, as
+    the Triton tests serve it, with the served ONNX Runtime at `model_threads` intra-op threads
+    (the tests' 1 thread would not compare with in-process ONNX Runtime on all cores)."""
+    from sfpc.model.triton_python_backend import python_backend_repository
     from sfpc.model.triton_repo import write_triton_repository
 
-    support = _triton_support()
     production, served = work / "production_repo", work / "python_backend_repo"
     write_triton_repository(export_dir, production, name, max_batch_size=max_batch)
-    support.python_backend_repository(production, served)
-    if model_threads != 1:
-        for model_py in served.glob("*/*/model.py"):
-            text = model_py.read_text()
-            if text.count(TRITON_THREADS_LINE) != 1:
-                raise RuntimeError(f"{model_py} no longer contains '{TRITON_THREADS_LINE}' once; "
-                                   "update triton_repository() to the new test model")
-            model_py.write_text(text.replace(
-                TRITON_THREADS_LINE, f"options.intra_op_num_threads = {int(model_threads)}"))
+    python_backend_repository(production, served, intra_op_threads=model_threads)
     return served
 
 
@@ -637,13 +619,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join([sys.executable, *sys.argv])
     cases = make_cases(args)
     use_triton = any(c.startswith("triton:") for c in args.configs)
-    support = install = None
+    install = None
     if use_triton:
-        support = _triton_support()
+        from sfpc.model.triton_python_backend import (
+            TritonUnavailable,
+            find_triton_install,
+            missing_triton_message,
+            triton_venv,
+        )
+
+        venv = triton_venv(REPO_ROOT / ".venv-triton")
         try:
-            install = support.find_triton_install(support.triton_venv())
-        except support.TritonUnavailable as exc:
-            log(support.missing_triton_message(str(exc)) + "; use --skip-triton to run without")
+            install = find_triton_install(venv)
+        except TritonUnavailable as exc:
+            log(missing_triton_message(venv, str(exc)) + "; use --skip-triton to run without")
             return 2
     facts = machine_facts(args.threads, install.onnxruntime_version if install else None)
     records: list[dict[str, Any]] = []
@@ -657,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if done.returncode != 0:
                 log(done.stderr)
                 return 1
-            records += run_case(case, export_dir, work, args, support, install)
+            records += run_case(case, export_dir, work, args, install)
     facts["loadavg_end"] = os.getloadavg()
     facts["total_minutes"] = round((time.perf_counter() - t_start) / 60, 1)
 
@@ -672,9 +661,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_case(case: Case, export_dir: Path, work: Path, args: argparse.Namespace,
-             support: Any, install: Any) -> list[dict[str, Any]]:
+             install: Any) -> list[dict[str, Any]]:
     """All repeats of all configurations of one case, interleaved, one tritonserver for them."""
     from sfpc.inference.contract import ModelMetadata
+    from sfpc.model.triton_python_backend import TritonServer
 
     configs = [c for c in args.configs if c.split(":")[0] != "triton"]
     server = None
@@ -689,7 +679,7 @@ def run_case(case: Case, export_dir: Path, work: Path, args: argparse.Namespace,
         max_batch = max(8, sw_batch)
         repo = triton_repository(export_dir, work, meta.name, max_batch,
                                  args.triton_model_threads)
-        server = support.TritonServer(install, repo, work)
+        server = TritonServer(install, repo, work)
     records = []
     try:
         if server is not None:

@@ -23,13 +23,8 @@ from sfpc.inference.backends import (
     make_backend,
 )
 from sfpc.inference.backends.onnxruntime_backend import resolve_providers
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from triton_support import (  # noqa: E402
-    export_fixture_model,
-    free_port,
-    pre_temperature_export,
-)
+from tests.support.models import export_fixture_model, pre_temperature_export
+from tests.support.triton import free_port
 
 torch = pytest.importorskip("torch")
 

@@ -24,22 +24,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_support import (  # noqa: E402
-    DATA,
-    DATA_MISSING,
-    DICOM_SERIES,
-    TRANSFER_SYNTAXES,
-    GatewayServer,
-    tiny_models,
-)
-
 from sfpc.clients.discover import discover  # noqa: E402
 from sfpc.clients.http import SFPCClient  # noqa: E402
 from sfpc.clients.manifest import Manifest  # noqa: E402
+from tests.support.models import tiny_models
+from tests.support.paths import DATA, DATA_MISSING, DICOM_SERIES, TRANSFER_SYNTAXES
+from tests.support.server import GatewayServer
 
 pytest.importorskip("torch")  # the tiny model is trained and exported with torch
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=DATA_MISSING)
+# Real gateway processes and `sfpc client` subprocesses: not in `make test-fast`.
+pytestmark = [pytest.mark.skipif(not DATA.is_dir(), reason=DATA_MISSING),
+              pytest.mark.integration]
 KEY = "batch-test-key"
 NIFTIS = {  # link name in the tree -> shared file
     "nifti/brain1.nii.gz": "lesions/brain1_image.nii.gz",

@@ -13,7 +13,6 @@ import gzip
 import io
 import re
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,16 +21,6 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from jobs_support import volume_upload  # noqa: E402
-from server_support import (  # noqa: E402
-    DATA,
-    DATA_MISSING,
-    DICOM_SERIES,
-    GatewayServer,
-    tiny_models,
-)
 
 from sfpc.clients.http import NO_RETRY, AsyncSFPCClient, RetryPolicy, SFPCClient  # noqa: E402
 from sfpc.clients.models import (  # noqa: E402
@@ -44,8 +33,14 @@ from sfpc.clients.models import (  # noqa: E402
     RequestTimeout,
     TransportError,
 )
+from tests.support.jobs import volume_upload
+from tests.support.models import tiny_models
+from tests.support.paths import DATA, DATA_MISSING, DICOM_SERIES
+from tests.support.server import GatewayServer
 
 pytest.importorskip("torch")  # the tiny models are trained and exported with torch
+# Real gateway processes (uvicorn via `sfpc serve`): not in `make test-fast`.
+pytestmark = pytest.mark.integration
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=DATA_MISSING)
 KEY = "client-test-key"
 FAST = RetryPolicy(attempts=3, backoff_s=0.05, max_backoff_s=0.2, jitter=False)

@@ -9,25 +9,24 @@ the metadata read back from Triton.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from triton_support import (  # noqa: E402
+from sfpc.model.triton_python_backend import (
     TritonServer,
     TritonUnavailable,
-    export_fixture_model,
     find_triton_install,
-    missing_triton_message,
     python_backend_repository,
-    triton_venv,
 )
+from tests.support.models import export_fixture_model
+from tests.support.triton import missing_triton_message, triton_venv
 
 pytest.importorskip("torch")  # the fixture model is exported with torch
 pytest.importorskip("tritonclient.grpc")
+# A real tritonserver: not in `make test-fast`.
+pytestmark = pytest.mark.integration
 
 MODEL = "direct_fixture"
 MAX_BATCH = 4

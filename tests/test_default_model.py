@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import sys
 import zipfile
 from pathlib import Path
 
@@ -54,12 +53,12 @@ def test_shipped_model_reaches_its_card_validation_dice(meta: ModelMetadata) -> 
 
 
 @needs_data
+@pytest.mark.integration
 def test_serve_with_no_model_segments_ct_with_uncertainty(tmp_path: Path) -> None:
     import httpx
     from PIL import Image
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from server_support import GatewayServer
+    from tests.support.server import GatewayServer
 
     source = ORGANS / "ct_a_image.nii.gz"
     image = nib.load(str(source))

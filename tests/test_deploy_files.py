@@ -178,7 +178,7 @@ def test_compose_environment_validates_as_triton_settings(monkeypatch: pytest.Mo
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from triton_support import export_fixture_model
+    from tests.support.models import export_fixture_model
 
     out, _ = export_fixture_model(tmp_path_factory.mktemp("deploy") / "export", spatial_dims=2,
                                   patch_size=(16, 16))

@@ -12,18 +12,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from io_support import (
-    TRANSFER_SYNTAXES,
-    dciodvfy_errors,
-    fresh_uids,
-    require,
-    series_datasets,
-    to_bytes,
-)
 from pydicom.sr.codedict import codes
 
 from sfpc.io import UploadError, Volume, decode_upload
 from sfpc.io.dicom_seg import write_parametric_map, write_seg
+from tests.support.io import dciodvfy_errors, fresh_uids, require, series_datasets, to_bytes
+from tests.support.paths import TRANSFER_SYNTAXES
 
 pytestmark = pytest.mark.data
 CLASSES = ["background", "Liver", "spleen", "kidney_left", "my custom structure"]

@@ -21,13 +21,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from orthanc_support import PASSWORD, USER, OrthancServer, missing_reason  # noqa: E402
-from server_support import DATA, DATA_MISSING, DICOM_SERIES, GatewayServer, tiny_models  # noqa: E402,E501
+from tests.support.models import tiny_models
+from tests.support.orthanc import PASSWORD, USER, OrthancServer, missing_reason
+from tests.support.paths import DATA, DATA_MISSING, DICOM_SERIES
+from tests.support.server import GatewayServer
 
 pytest.importorskip("torch")  # the tiny model is trained and exported with torch
 pytest.importorskip("dicomweb_client", reason="pip install dicomweb-client (extra 'pacs')")
-pytestmark = [pytest.mark.skipif(not DATA.is_dir(), reason=DATA_MISSING),
+# Real Orthanc and gateway processes: not in `make test-fast`.
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not DATA.is_dir(), reason=DATA_MISSING),
               pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))]
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -8,8 +8,6 @@ mode), on a volume of one window, where the Gaussian blend returns the window's 
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +15,7 @@ import pytest
 from sfpc.inference.backends import BackendError, OnnxRuntimeBackend
 from sfpc.inference.contract import ModelMetadata
 from sfpc.inference.engine import Engine
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from triton_support import export_fixture_model, pre_temperature_export  # noqa: E402
+from tests.support.models import export_fixture_model, pre_temperature_export
 
 torch = pytest.importorskip("torch")
 

@@ -10,9 +10,9 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
-from io_support import edited_series, require, series_files
 
 from sfpc.io import Limits, UploadError, decode_upload
+from tests.support.io import edited_series, require, series_files
 
 
 def _nifti() -> bytes:

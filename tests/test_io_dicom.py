@@ -15,8 +15,10 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
-from io_support import (
-    TRANSFER_SYNTAXES,
+from pydicom.uid import generate_uid
+
+from sfpc.io import UploadError, decode_upload
+from tests.support.io import (
     edited_series,
     require,
     series_datasets,
@@ -25,9 +27,7 @@ from io_support import (
     to_bytes,
     world,
 )
-from pydicom.uid import generate_uid
-
-from sfpc.io import UploadError, decode_upload
+from tests.support.paths import TRANSFER_SYNTAXES
 
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"

@@ -9,9 +9,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from io_support import DATA, require
 
 from sfpc.io import Limits, UploadError, decode_upload, encode_nifti
+from tests.support.io import require
+from tests.support.paths import DATA
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 SHARED_NIFTI = sorted(p.relative_to(DATA).as_posix()

@@ -17,20 +17,23 @@ import zipfile
 import httpx
 import numpy as np
 import pytest
-from jobs_support import (
+
+from tests.support.jobs import (
     WAIT_S,
     claim_all,
     db_rows,
     nifti_from,
-    session_model,
     start_gateway,
     submit,
     volume_upload,
     wait_status,
 )
-from server_support import DATA, DICOM_SERIES
+from tests.support.models import session_model
+from tests.support.paths import DATA, DICOM_SERIES
 
 pytest.importorskip("torch")  # the tiny model is trained and exported with torch
+# Real gateway processes and claimers in spawned processes: not in `make test-fast`.
+pytestmark = pytest.mark.integration
 
 SLOW = 80  # 64 windows: about a second on one core
 FAST = 32  # one window

@@ -19,19 +19,22 @@ import time
 import httpx
 import numpy as np
 import pytest
-from jobs_support import (
+
+from tests.support.jobs import (
     WAIT_S,
     db_rows,
     kill9,
     nifti_from,
-    session_model,
     start_gateway,
     submit,
     volume_upload,
     wait_status,
 )
+from tests.support.models import session_model
 
 pytest.importorskip("torch")  # the tiny model is trained and exported with torch
+# Real gateway processes, killed and restarted: not in `make test-fast`.
+pytestmark = pytest.mark.integration
 
 SIZES = (80, 64, 64, 48)  # the first runs about a second, long enough to be killed mid-run
 

@@ -11,7 +11,6 @@ import gzip
 import io
 import os
 import struct
-import sys
 import zipfile
 from pathlib import Path
 
@@ -19,11 +18,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_support import DICOM_SERIES, GatewayServer, tiny_models  # noqa: E402
+from tests.support.models import tiny_models
+from tests.support.paths import DICOM_SERIES
+from tests.support.server import GatewayServer
 
 httpx = pytest.importorskip("httpx")
 hypothesis = pytest.importorskip("hypothesis")
+# Real gateway processes (uvicorn via `sfpc serve`): not in `make test-fast`.
+pytestmark = pytest.mark.integration
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402

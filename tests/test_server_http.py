@@ -28,6 +28,8 @@ from tests.support.paths import DATA, DATA_MISSING, DICOM_SERIES, NIFTI_IMAGES, 
 from tests.support.server import GatewayServer, nifti_upload
 
 httpx = pytest.importorskip("httpx")
+# Real gateway processes (uvicorn via `sfpc serve`): not in `make test-fast`.
+pytestmark = pytest.mark.integration
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=DATA_MISSING)
 KEYS = ["test-key-one", "second key"]

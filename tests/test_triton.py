@@ -10,7 +10,6 @@ to equal OnnxRuntimeBackend's on the same batches.
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -19,6 +18,15 @@ import pytest
 
 from sfpc.inference.backends import BackendError, BackendUnavailable, OnnxRuntimeBackend
 from sfpc.inference.backends.triton_backend import TritonBackend
+from sfpc.model.triton_python_backend import (
+    PYTHON_MODEL_SOURCE,
+    THREADS_PARAMETER,
+    TritonInstall,
+    TritonServer,
+    TritonUnavailable,
+    find_triton_install,
+    python_backend_repository,
+)
 from sfpc.model.triton_repo import (
     METADATA_PARAMETER,
     model_config_text,
@@ -26,21 +34,8 @@ from sfpc.model.triton_repo import (
     trtexec_command,
     write_triton_repository,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from triton_support import (  # noqa: E402
-    TritonInstall,
-    TritonServer,
-    TritonUnavailable,
-    export_fixture_model,
-    find_triton_install,
-    missing_triton_message,
-    pre_temperature_export,
-    python_backend_repository,
-    require_module,
-    running_in_ci,
-    triton_venv,
-)
+from tests.support.models import export_fixture_model, pre_temperature_export
+from tests.support.triton import missing_triton_message, require_module, running_in_ci, triton_venv
 
 onnx = require_module("onnx")
 require_module("torch")
@@ -251,7 +246,37 @@ def test_tensorrt_plan_config_and_trtexec_command(export_3d) -> None:
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 8
 
 
+def test_python_backend_copy_changes_only_the_execution(export_2d_fixed, tmp_path) -> None:
+    """The repository the pip-installed tritonserver serves: against the production configs
+    as protobuf parses them, only platform -> backend "python", CPU instances, no accelerator
+    and the served ONNX Runtime's thread count differ; model.py is the shipped source."""
+    production, served = tmp_path / "production", tmp_path / "served"
+    write_triton_repository(export_2d_fixed, production, MODEL, max_batch_size=MAX_BATCH,
+                            instance_kind="KIND_GPU", tensorrt=True)
+    names = python_backend_repository(production, served, intra_op_threads=3)
+    assert names == [MODEL, MODEL + "_uncertainty"]
+    for name in names:
+        before = _parse(production / name / "config.pbtxt")
+        after = _parse(served / name / "config.pbtxt")
+        assert before.platform == "onnxruntime_onnx" and before.HasField("optimization")
+        assert after.backend == "python" and not after.platform
+        assert not after.HasField("optimization")
+        cpu = model_config_pb2.ModelInstanceGroup.KIND_CPU
+        assert [g.kind for g in after.instance_group] == [cpu]
+        assert after.parameters[THREADS_PARAMETER].string_value == "3"
+        assert after.parameters[METADATA_PARAMETER] == before.parameters[METADATA_PARAMETER]
+        for field in ("name", "max_batch_size", "input", "output", "dynamic_batching"):
+            assert getattr(after, field) == getattr(before, field), field
+        assert (served / name / "1" / "model.py").read_bytes() == \
+            PYTHON_MODEL_SOURCE.read_bytes()
+        assert (served / name / "1" / "model.onnx").read_bytes() == \
+            (production / name / "1" / "model.onnx").read_bytes()
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        python_backend_repository(production, tmp_path / "bad", intra_op_threads=0)
+
+
 # --- a real tritonserver ------------------------------------------------------------------------
+# The tests below start tritonserver: marked integration, not in `make test-fast`.
 @pytest.fixture(scope="module")
 def triton_install() -> TritonInstall:
     try:
@@ -304,6 +329,7 @@ def triton_backend(request, triton_server: TritonServer) -> TritonBackend:
     backend.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("uncertainty", "temperature"),
     [(False, 1.0), (True, 1.0), (True, 1.7)],
@@ -341,6 +367,7 @@ def assert_same(actual: np.ndarray, desired: np.ndarray, exact: bool, name: str 
         np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.integration
 def test_temperature_reaches_the_served_graph(triton_backend, reference, exact) -> None:
     # Guards the comparison above against both sides ignoring the temperature.
     batch = np.random.default_rng(7).normal(size=(2, 1, 8, 8, 8)).astype(np.float32)
@@ -349,6 +376,7 @@ def test_temperature_reaches_the_served_graph(triton_backend, reference, exact) 
     assert np.abs(at_1 - at_2).max() > 1e-3
 
 
+@pytest.mark.integration
 def test_model_without_temperature_input(
     triton_backend, triton_server, export_3d_old, exact
 ) -> None:
@@ -369,6 +397,7 @@ def test_model_without_temperature_input(
         reference.close()
 
 
+@pytest.mark.integration
 def test_health_and_description(triton_backend, export_3d) -> None:
     assert triton_backend.ready() is True
     assert triton_backend.uncertainty_ready() is True
@@ -379,6 +408,7 @@ def test_health_and_description(triton_backend, export_3d) -> None:
     assert triton_backend.export_metadata() == metadata
 
 
+@pytest.mark.integration
 def test_concurrent_requests_from_threads(triton_backend, reference, exact) -> None:
     batches = [
         np.random.default_rng(100 + i).normal(size=(2, 1, 8, 8, 8)).astype(np.float32)
@@ -405,11 +435,13 @@ def test_concurrent_requests_from_threads(triton_backend, reference, exact) -> N
             assert_same(results[i][name], value, exact, name)
 
 
+@pytest.mark.integration
 def test_wrong_input_is_rejected_before_sending(triton_backend) -> None:
     with pytest.raises(BackendError, match=r"expects \[B, 1, any, any, any\]"):
         triton_backend.infer(np.zeros((1, 2, 8, 8, 8), np.float32))
 
 
+@pytest.mark.integration
 def test_unknown_model_is_unavailable(triton_server: TritonServer) -> None:
     backend = TritonBackend(triton_server.grpc_url, "grpc", "no_such_model")
     assert backend.ready() is False
@@ -418,6 +450,7 @@ def test_unknown_model_is_unavailable(triton_server: TritonServer) -> None:
     backend.close()
 
 
+@pytest.mark.integration
 def test_stopped_server_is_unavailable(triton_install, triton_repo, tmp_path) -> None:
     server = TritonServer(triton_install, triton_repo, tmp_path)
     batch = np.zeros((1, 1, 8, 8, 8), np.float32)

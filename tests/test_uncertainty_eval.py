@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import httpx
@@ -32,10 +31,9 @@ from sfpc.training.uncertainty_eval import (
     load_engine,
     report_text,
 )
-from sfpc.training.uncertainty_metrics import expected_calibration_error
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_support import GatewayServer, nifti_upload, tiny_models  # noqa: E402
+from sfpc.training.uncertainty_metrics import expected_calibration_error, quantise_scores
+from tests.support.models import tiny_models
+from tests.support.server import GatewayServer, nifti_upload
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -109,7 +107,7 @@ def test_foreground_dice_counts_empty_classes():
 
 
 # ----------------------------------------------------------------------------------------------
-# Exported models and labelled cases
+# Exported models and labelled cases (tiny models trained here: marked slow)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -142,7 +140,19 @@ def cases3d(tmp_path_factory) -> list[Case]:
     return discover_cases(folder, "folder")
 
 
+@pytest.mark.slow
 def test_export_evaluation_against_sklearn_and_the_engine(models, cases3d):
+    """The evaluation of an export against sklearn on maps recomputed through the engine.
+
+    The scorer's AUROC and AP come from a histogram of quantised scores (11 mantissa bits), so
+    they are compared with sklearn on the *quantised* scores, where the histogram is exact
+    whatever the scores are; on the raw scores only AUROC has a proven bound (quantisation only
+    turns ordered pairs into ties, each moving the statistic by 1/2: at most half the tie mass).
+    A fixed tolerance against sklearn on the raw scores failed on another CPU (AP 0.4413 vs
+    0.4451): the quantisation error depends on the tiny trained model's last bits. The oracle's
+    maps come from the same engine calls on the same machine as the evaluation's, so the
+    comparison holds on any machine whatever floats the model gives there.
+    """
     engine = load_engine(models["tiny3d"], threads=1)
     result = evaluate_export(engine, cases3d)
     flpm = result["sources"]["flpm"]
@@ -169,9 +179,13 @@ def test_export_evaluation_against_sklearn_and_the_engine(models, cases3d):
     s, e = np.concatenate(scores), np.concatenate(errs)
     assert 0 < e.mean() < 0.5
     overall = flpm["error_detection"]["entropy"]["overall"]
-    assert overall["auroc"] == pytest.approx(sklearn_metrics.roc_auc_score(e, s), abs=2e-3)
-    assert overall["ap"] == pytest.approx(sklearn_metrics.average_precision_score(e, s),
-                                          abs=2e-3)
+    levels = quantise_scores(s, result["settings"]["precision_bits"])
+    assert overall["auroc"] == pytest.approx(sklearn_metrics.roc_auc_score(e, levels),
+                                             abs=1e-9)
+    assert overall["ap"] == pytest.approx(sklearn_metrics.average_precision_score(e, levels),
+                                          abs=1e-9)
+    assert abs(overall["auroc"] - sklearn_metrics.roc_auc_score(e, s)) <= \
+        0.5 * overall["tie_mass"] + 1e-9
     assert overall["voxels"] == s.size and overall["errors"] == int(e.sum())
     assert flpm["calibration"]["ece"] == pytest.approx(
         expected_calibration_error(np.concatenate(probs_all), np.concatenate(labels_all)))
@@ -181,6 +195,7 @@ def test_export_evaluation_against_sklearn_and_the_engine(models, cases3d):
     assert "mutual_information" in text and "ECE" in text
 
 
+@pytest.mark.slow
 def test_slab_cases_equal_an_upload_of_the_slab(models, tmp_path):
     folder = _write_cases(tmp_path / "c2d", 1, (48, 40, 4), (1.5, 1.5, 4.0), 3, seed=2)
     # The volume is its 4-slice block three times over, so that the whole-volume z-score the
@@ -226,6 +241,7 @@ def calibrated(models, cases3d, tmp_path_factory) -> Path:
     return export
 
 
+@pytest.mark.slow
 def test_calibrate_writes_temperature_and_quality(calibrated, models, cases3d):
     meta = ModelMetadata.load(calibrated)
     original = ModelMetadata.load(models["tiny3d"])
@@ -253,6 +269,7 @@ def test_calibrate_writes_temperature_and_quality(calibrated, models, cases3d):
         expected_calibration_error(np.concatenate(conf), np.concatenate(correct)))
 
 
+@pytest.mark.slow
 def test_uncertainty_eval_command(calibrated, cases3d, tmp_path, capsys):
     from sfpc.cli import main
 
@@ -266,6 +283,8 @@ def test_uncertainty_eval_command(calibrated, cases3d, tmp_path, capsys):
     assert "AUROC" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_server_report_carries_the_review_flag(calibrated, models, tmp_path):
     meta = ModelMetadata.load(calibrated)
     rng = np.random.default_rng(4)

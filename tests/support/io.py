@@ -1,5 +1,5 @@
-"""Shared helpers for the server I/O tests: the real data's location, edited copies of the real
-DICOM series, SimpleITK's reading of a series as the reference grid, and dciodvfy."""
+"""Shared helpers for the I/O tests: edited copies of the real DICOM series, SimpleITK's reading
+of a series as the reference grid, and dciodvfy (the data's location: tests.support.paths)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MR_SERIES = DATA / "dicom" / "mr_pd_series"
-TRANSFER_SYNTAXES = DATA / "dicom" / "transfer_syntaxes"
+from tests.support.paths import DICOM_SERIES as MR_SERIES
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 

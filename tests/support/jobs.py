@@ -1,7 +1,8 @@
-"""Support for the asynchronous-jobs tests: one tiny model per test session, real gateway
-processes on a shared data dir, and an independent look at the job database.
+"""Support for the asynchronous-jobs tests: real gateway processes on a shared data dir (their
+model: tests.support.models.session_model), workloads, and an independent look at the job
+database.
 
-The gateway runs as ``python -m sfpc.cli serve`` (tests/server_support.GatewayServer); jobs
+The gateway runs as ``python -m sfpc.cli serve`` (tests.support.server.GatewayServer); jobs
 settings reach it as ``SFPC_*`` environment variables. The workloads are smooth synthetic volumes
 whose size sets how long a job runs (the tiny model's grid is 4 mm, 32^3 windows): they make jobs
 slow or fast on purpose, while the results are checked against the synchronous endpoint and
@@ -20,19 +21,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-from server_support import GatewayServer, export_tiny_model
+
+from tests.support.server import GatewayServer
 
 TERMINAL = ("succeeded", "failed", "cancelled", "expired")
 WAIT_S = 90.0  # generous: the machine may be shared with a long benchmark
-
-
-def session_model(tmp_path_factory: Any) -> Path:
-    """The tiny 3D model, exported once per pytest session and shared by the jobs modules."""
-    out = tmp_path_factory.getbasetemp() / "jobs-model-3d"
-    if not (out / "sfpc_model.json").is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        export_tiny_model(out, 3, name="jobs3d", num_classes=3, steps=4)
-    return out
 
 
 def volume_upload(size: int, seed: int = 0, spacing: float = 4.0) -> bytes:

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from server_support import stop_process
+from tests.support.server import stop_process
 
 PLUGIN_NAME = "libOrthancDicomWeb.so"
 _PLUGIN_FALLBACKS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
