@@ -4,7 +4,7 @@
 # Why a separate venv: the nvidia-pytriton wheel ships tritonserver 2.51 (Python backend only) but
 # pins numpy<2, while the project runs on numpy 2. The Python-backend stub finds its interpreter
 # through `python3` on PATH, so this venv's bin/ is put first on PATH when the server starts
-# (tests/triton_support.py does that).
+# (model/triton_python_backend.py does that).
 #
 # Usage: scripts/setup_triton_env.sh [VENV_DIR]   (default: <repo>/.venv-triton; env TRITON_VENV too)
 # Idempotent: a venv that already has a working tritonserver and onnxruntime is left as it is.
