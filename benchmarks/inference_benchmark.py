@@ -577,7 +577,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(default: the usable CPUs)")
     parser.add_argument("--triton-model-threads", type=int, default=None,
                         help="ONNX Runtime threads inside the Triton model (default --threads; "
-                             "1 keeps the test model.py byte for byte)")
+                             "the Triton tests serve with 1)")
     parser.add_argument("--patch", type=int, default=None,
                         help="3D window side (default 112, 32 with --quick); a multiple of 16")
     parser.add_argument("--cases", nargs="+", choices=["3d", "2d"], default=["3d", "2d"])

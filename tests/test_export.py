@@ -22,7 +22,8 @@ import torch
 from sfpc.inference.contract import ModelMetadata, sha256_file
 from sfpc.model import export_cli
 from sfpc.model.export import INPUT_NAME, TEMPERATURE_NAME, export_model, parity
-from sfpc.model.networks import NetConfig, SFPCNet
+from sfpc.model.networks import SFPCNet
+from tests.support.models import train_tiny_net
 
 # Stated tolerance: float32 graphs, same ops; differences come from kernel summation order.
 ATOL = 1e-4
@@ -36,17 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trained_a_little(spatial_dims: int, patch: list[int]) -> tuple[SFPCNet, ModelMetadata]:
-    torch.manual_seed(spatial_dims)
-    cfg = NetConfig(spatial_dims=spatial_dims, num_classes=3, channels=(8, 16, 32, 64, 128))
-    net = SFPCNet(cfg)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    net.train()
-    for _ in range(3):  # move BatchNorm statistics and FLPM running spreads off their init
-        out = net.forward_train(torch.randn(4, 1, *patch), n_unlabelled=2, m=4)
-        loss = out.logits.mean() + out.perturbed.mean() + out.recon.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    # BatchNorm statistics and FLPM running spreads off their init (tests.support.models).
+    net = train_tiny_net(spatial_dims, 3, patch, channels=(8, 16, 32, 64, 128), steps=3,
+                         seed=spatial_dims)
     assert float(net.flpm().running_dmu.abs().sum()) > 0
     meta = ModelMetadata(spatial_dims=spatial_dims, num_classes=3, patch_size=patch,
                          class_names=["bg", "a", "b"])
