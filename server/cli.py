@@ -14,8 +14,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sfpc.inference.contract import DEFAULT_MODEL_DIR, METADATA_FILE
+
+if TYPE_CHECKING:  # the gateway loads lazily, in the functions below; this is for annotations
+    from fastapi import FastAPI
 
 FACTORY = "sfpc.server.cli:_factory"
 _ENV_SETTINGS = "SFPC__SERVE_SETTINGS"
@@ -106,7 +110,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _factory():  # type: ignore[no-untyped-def]
+def _factory() -> FastAPI:
     """uvicorn's app factory in each worker: the settings `serve` resolved, or the environment."""
     from sfpc.server.app import create_app
     from sfpc.server.observability import configure_logging

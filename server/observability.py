@@ -19,15 +19,12 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sfpc.errors import error_body
-
-# ASGI's send callable, as the middleware here and in security.py see it.
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("sfpc_request_id", default="-")
 
@@ -174,10 +171,10 @@ class RequestContextMiddleware:
     latencies by route template, and turns any exception that escaped the app into a 500 JSON body
     carrying the request id (the traceback goes to the log)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -188,7 +185,7 @@ class RequestContextMiddleware:
         status = {"code": 500, "started": False}
         t0 = time.perf_counter()
 
-        async def send_with_id(message: dict) -> None:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = int(message["status"])
                 status["started"] = True
@@ -221,7 +218,7 @@ class RequestContextMiddleware:
             REQUEST_ID.reset(token)
 
 
-def _header(scope: dict, name: bytes) -> str | None:
+def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
             return value.decode("latin-1")

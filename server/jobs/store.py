@@ -9,6 +9,7 @@ durable before it returns, which is what lets the gateway answer 202 only once a
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -160,20 +161,22 @@ class JobStore:
         return self._conn().execute("SELECT 1 FROM jobs WHERE id = ?",
                                     (job_id,)).fetchone() is not None
 
-    def running(self) -> list[JobRecord]:
+    # Below the method `list`, the bare name means it in this class: annotations spell the
+    # type builtins.list.
+    def running(self) -> builtins.list[JobRecord]:
         """Every job some worker (here or in another process) has claimed."""
         rows = self._conn().execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq",
                                     (JobStatus.RUNNING.value,)).fetchall()
         return [_record(r) for r in rows]
 
-    def recent_run_seconds(self, n: int = 20) -> list[float]:
+    def recent_run_seconds(self, n: int = 20) -> builtins.list[float]:
         """Run times of the last ``n`` succeeded jobs (to estimate Retry-After)."""
         rows = self._conn().execute(
             "SELECT finished_at - started_at FROM jobs WHERE status = ? AND started_at IS NOT "
             "NULL ORDER BY seq DESC LIMIT ?", (JobStatus.SUCCEEDED.value, n)).fetchall()
         return [float(r[0]) for r in rows if r[0] is not None and r[0] >= 0]
 
-    def due_for_expiry(self, now: float) -> list[JobRecord]:
+    def due_for_expiry(self, now: float) -> builtins.list[JobRecord]:
         """Ended jobs whose retention has run out (expired ones excluded)."""
         rows = self._conn().execute(
             "SELECT * FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ? AND status "
@@ -215,7 +218,7 @@ class JobStore:
         return _record(row) if row is not None else None
 
     def succeed(self, job_id: str, owner: str, *, now: float, expires_at: float,
-                results: list[str], result_body: ResultBody,
+                results: builtins.list[str], result_body: ResultBody,
                 report: dict[str, Any] | None) -> bool:
         """Record the results; False when the job is no longer this owner's running job."""
         cur = self._conn().execute(

@@ -68,7 +68,8 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, header: Any = None, *,
 _XFORM_CODES = (0, 1, 2, 3, 4, 5)
 
 
-def _with_header(data: np.ndarray, affine: np.ndarray, header: Any) -> nib.Nifti1Image:
+def _with_header(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header
+                 ) -> nib.Nifti1Image:
     hdr = header.copy()
     hdr.set_slope_inter(1.0, 0.0)
     for key in ("cal_min", "cal_max", "slice_start", "slice_end", "slice_duration", "toffset",
@@ -88,7 +89,8 @@ def _with_header(data: np.ndarray, affine: np.ndarray, header: Any) -> nib.Nifti
     return image
 
 
-def _written_affine_equals(raw: bytes, header_class: type, affine: np.ndarray) -> bool:
+def _written_affine_equals(raw: bytes, header_class: type[nib.Nifti1Header],
+                           affine: np.ndarray) -> bool:
     size = 540 if issubclass(header_class, nib.Nifti2Header) else 348
     written = header_class.from_fileobj(io.BytesIO(raw[:size]))
     return bool(np.array_equal(written.get_best_affine(), affine))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import pydicom
@@ -46,6 +46,7 @@ from sfpc.io.volume import (
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, Float/DoubleFloatPixelData
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def decode_dicom(files: Sequence[tuple[str, bytes]], limits: Limits, *,
@@ -59,11 +60,11 @@ def decode_dicom(files: Sequence[tuple[str, bytes]], limits: Limits, *,
     frames: list[Frame] = []
     rejected: list[Rejected] = []
     for index, inst in enumerate(instances):
-        problem = _guard(inst.name, lambda inst=inst: ineligibility(inst) or _codec_problem(inst))
+        problem = _guard(inst.name, _problem, inst)
         if problem is not None:
             rejected.append(Rejected(index, *problem))
             continue
-        frames += _guard(inst.name, lambda i=index, inst=inst: frames_of(i, inst))
+        frames += _guard(inst.name, frames_of, index, inst)
     stacks = group_stacks(instances, frames)
     stack, rule, others = select_stack(instances, stacks, rejected, series_uid)
     geometry = arrange(instances, stack.frames)
@@ -97,13 +98,12 @@ def _parse_all(files: Sequence[tuple[str, bytes]], warnings: list[str]) -> list[
     seen: dict[str, str] = {}
     for name, data in files:
         ds = read_dataset(name, data)
-        sop_class = _guard(name, lambda ds=ds: str(_meta_or_top(ds, "MediaStorageSOPClassUID",
-                                                                 "SOPClassUID")))
+        sop_class = _guard(name, _sop_class, ds)
         if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
             warnings.append(f"skipped {name}: DICOMDIR index (the image files themselves are read)")
             continue
         inst = Instance(name, ds)
-        uid = _guard(name, lambda inst=inst: inst.sop_uid)
+        uid = _guard(name, inst.text, "SOPInstanceUID")
         if uid is not None and uid in seen:
             warnings.append(f"skipped {name}: same SOPInstanceUID as {seen[uid]}")
             continue
@@ -147,11 +147,20 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
     ds.file_meta.TransferSyntaxUID = syntax
 
 
+def _sop_class(ds: Dataset) -> str:
+    return str(_meta_or_top(ds, "MediaStorageSOPClassUID", "SOPClassUID"))
+
+
 def _meta_or_top(ds: Dataset, meta_keyword: str, keyword: str) -> Any:
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get(meta_keyword):
         return meta.get(meta_keyword)
     return ds.get(keyword, "")
+
+
+def _problem(inst: Instance) -> tuple[int, str, str] | None:
+    """Why ``inst`` cannot be decoded and segmented, as (status, code, words); None if it can."""
+    return ineligibility(inst) or _codec_problem(inst)
 
 
 def _codec_problem(inst: Instance) -> tuple[int, str, str] | None:
@@ -290,10 +299,12 @@ def _header_only(ds: Dataset) -> Dataset:
     return out
 
 
-def _guard(name: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on one file's data set; any non-UploadError failure is that file's fault."""
+def _guard(name: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run ``fn(*args, **kwargs)`` on one file's data set; any non-UploadError failure is that
+    file's fault. (Arguments rather than a closure: a lambda in the callers' loops would need
+    default-argument binding, which type checkers cannot infer.)"""
     try:
-        return fn()
+        return fn(*args, **kwargs)
     except UploadError:
         raise
     except Exception as exc:  # a malformed element surfaces as any exception type
@@ -301,6 +312,6 @@ def _guard(name: str, fn: Callable[[], T]) -> T:
                           f"{name} has a malformed data element ({_why(exc)})") from exc
 
 
-def _why(exc: Exception) -> str:
+def _why(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."

@@ -63,7 +63,7 @@ def _patient_geometry(instances: Sequence[Instance], frames: list[Frame]) -> Sta
     normal = np.cross(row, col)
     # A stable sort over a deterministic pre-order keeps equal positions in a reproducible order.
     pre = sorted(frames, key=lambda f: (f.instance, f.frame_number or 0))
-    depth = np.array([float(f.position @ normal) for f in pre])  # type: ignore[operator]
+    depth = np.array([float(_position(f) @ normal) for f in pre])
     order = np.argsort(depth, kind="stable")
     frames = [pre[i] for i in order]
     depth = depth[order]
@@ -88,6 +88,13 @@ def _patient_geometry(instances: Sequence[Instance], frames: list[Frame]) -> Sta
     linear = np.column_stack([row * pixel[1], col * pixel[0], normal * spacing])
     return StackGeometry(frames, _ras_affine(linear, frames[0].position), spacing, "patient",
                          warnings)
+
+
+def _position(frame: Frame) -> np.ndarray:
+    """The frame's ImagePositionPatient; :func:`arrange` sends only frames that have one to the
+    patient geometry."""
+    assert frame.position is not None
+    return frame.position
 
 
 def _assumed_geometry(instances: Sequence[Instance], frames: list[Frame]) -> StackGeometry:
@@ -152,8 +159,8 @@ def _check_uniform(instances: Sequence[Instance], frames: list[Frame], gaps: np.
 
 def _check_drift(instances: Sequence[Instance], frames: list[Frame], depth: np.ndarray,
                  normal: np.ndarray, pixel: float) -> None:
-    origin = frames[0].position
-    positions = np.stack([f.position for f in frames])  # type: ignore[arg-type]
+    origin = _position(frames[0])
+    positions = np.stack([_position(f) for f in frames])
     in_plane = positions - origin - np.outer(depth - depth[0], normal)
     drift = np.linalg.norm(in_plane, axis=1)
     worst = int(np.argmax(drift))

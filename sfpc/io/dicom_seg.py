@@ -124,10 +124,6 @@ def write_seg(
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
         ))
-    kwargs = {}
-    if fractional:
-        kwargs = {"fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
-                  "max_fractional_value": 255}
     seg = _build(lambda: hd.seg.Segmentation(
         source_images=datasets,
         pixel_array=frames,
@@ -148,7 +144,9 @@ def write_seg(
         # would otherwise carry hundreds of blank frames per segment); an absent class stays
         # described as a segment with no frames, which readers return as all zeros.
         omit_empty_frames=True,
-        **kwargs,
+        # Read only for FRACTIONAL (probabilities scaled to 0..255); BINARY ignores them.
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        max_fractional_value=255,
     ))
     seg.SeriesDescription = series_description[:64]
     _patient_orientation(seg, datasets)

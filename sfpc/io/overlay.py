@@ -90,7 +90,7 @@ def zoom_box(mask_ras: np.ndarray, spacing_xy: Sequence[float], margin_mm: float
     """In-plane (x, y) crop around the foreground of every slice, square in mm, when the
     structure is small enough that the whole field of view would shrink it to a few pixels;
     None to show the whole slice."""
-    fg = np.asarray(mask_ras).any(axis=2)
+    fg: np.ndarray = np.any(mask_ras, axis=2)
     if not fg.any():
         return None
     extent_mm, centre = [], []
