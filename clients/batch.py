@@ -42,18 +42,22 @@ from sfpc.clients.models import (
     WaitTimeout,
     safe_name,
 )
+from sfpc.errors import OptionError
+from sfpc.inference.options import OUTPUTS, SegmentOptions, parse_options
 
 log = logging.getLogger("sfpc.clients.batch")
-UNCERTAINTY_OUTPUTS = ("entropy_nifti", "mi_nifti")
 
 
 @dataclass(frozen=True)
 class BatchOptions:
     """What every input of a batch is segmented with, and how the batch runs.
 
-    ``outputs`` None: the server's default mask (DICOM SEG for a series, NIfTI otherwise), the
-    uncertainty maps when ``uncertainty``, and ``report_json``. ``seg_dicom`` is only asked for
-    DICOM inputs (a NIfTI input has no series for it to reference).
+    The segmentation options are checked against :class:`SegmentOptions` (ValueError) and
+    resolved per input by :meth:`SegmentOptions.resolve_outputs`, as the gateway resolves them.
+    ``outputs`` None: the gateway's default for the input (DICOM SEG for a series, NIfTI
+    otherwise; the uncertainty maps when ``uncertainty``) and ``report_json``. ``seg_dicom`` is
+    only asked for DICOM inputs: a NIfTI input has no series for it to reference, and gets
+    ``mask_nifti`` instead.
     """
 
     model: str | None = None
@@ -70,17 +74,27 @@ class BatchOptions:
             raise ValueError("concurrency must be >= 1")
         if self.mode not in ("jobs", "sync"):
             raise ValueError(f"mode must be 'jobs' or 'sync', not {self.mode!r}")
+        try:
+            self.segment_options()
+        except OptionError as exc:
+            raise ValueError(exc.message) from None
+
+    def segment_options(self, outputs: list[str] | None = None) -> SegmentOptions:
+        """The options as the gateway reads them (``outputs`` instead of the batch's)."""
+        if outputs is None and self.outputs:
+            outputs = list(self.outputs)
+        return parse_options({"model": self.model, "outputs": outputs,
+                              "uncertainty": self.uncertainty, "flip": self.flip})
 
     def outputs_for(self, item: WorkItem) -> list[str]:
-        if self.outputs:
-            chosen = list(self.outputs)
-        else:
-            chosen = ["seg_dicom" if item.kind == "dicom" else "mask_nifti"]
-            chosen += list(UNCERTAINTY_OUTPUTS) if self.uncertainty else []
-            chosen.append("report_json")
-        if item.kind != "dicom":
-            chosen = [o for o in chosen if o != "seg_dicom"] or ["mask_nifti"]
-        return list(dict.fromkeys(chosen))
+        """The artefacts asked for ``item``, in the gateway's order."""
+        outputs = list(self.outputs) if self.outputs else None
+        if outputs is not None and item.kind != "dicom":
+            outputs = ["mask_nifti" if o == "seg_dicom" else o for o in outputs]
+        chosen = self.segment_options(outputs).resolve_outputs(item.kind)
+        if outputs is None:
+            chosen.append("report_json")  # a batch keeps every input's report by default
+        return [name for name in OUTPUTS if name in chosen]
 
     def request(self, item: WorkItem) -> dict[str, Any]:
         """The segmentation options sent for ``item``."""

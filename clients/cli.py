@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from sfpc.clients.config import ClientConfig, gateway_client, load_config
+from sfpc.inference.options import add_option_arguments
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-OUTPUT_CHOICES = ("mask_nifti", "seg_dicom", "entropy_nifti", "mi_nifti", "overlay_png",
-                  "report_json")
 
 
 class UsageError(Exception):
@@ -39,15 +38,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _segmentation(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="served model name (default: the gateway's default model)")
-    p.add_argument("--outputs", help="comma-separated artefacts, of " + ", ".join(OUTPUT_CHOICES)
-                   + " (default: the mask, the uncertainty maps with --uncertainty, and "
-                     "report_json; seg_dicom only for DICOM inputs)")
-    p.add_argument("--uncertainty", action="store_true",
-                   help="run the FLPM uncertainty graph (entropy and mutual information maps)")
-    p.add_argument("--flip", action="store_true",
-                   help="also segment each input mirrored and average (2x the time; "
-                        "only for models trained with flips, see GET /v1/models)")
+    # The segmentation options come from the gateway's schema; the batch finds the series
+    # itself (no --series-uid) and always downloads files (no --format).
+    add_option_arguments(p, exclude=("series_uid", "format"), several=False, more_help={
+        "outputs": "A batch adds report_json to the default; seg_dicom is asked for DICOM "
+                   "inputs only (a NIfTI input gets mask_nifti).",
+        "flip": "See GET /v1/models (or sfpc client models) for which models take it."})
     p.add_argument("--mode", choices=("jobs", "sync"), default="jobs",
                    help="jobs (default: queued on the server, survives a gateway restart) or "
                         "sync (one request per input)")
@@ -129,13 +125,8 @@ def _config(args: argparse.Namespace) -> ClientConfig:
 def _options(args: argparse.Namespace, *, dicom_only: bool = False) -> Any:
     from sfpc.clients.batch import BatchOptions
 
-    outputs = None
-    if args.outputs:
-        outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
-        unknown = [o for o in outputs if o not in OUTPUT_CHOICES]
-        if unknown:
-            raise UsageError(f"unknown output(s) {', '.join(unknown)}; choose from "
-                             f"{', '.join(OUTPUT_CHOICES)}")
+    # add_option_arguments checked each name against the schema's choices.
+    outputs = tuple(args.outputs) if args.outputs else None
     uncertainty = bool(args.uncertainty or getattr(args, "uncertainty_map", False))
     if dicom_only and outputs is not None:
         needed = []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -97,12 +98,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
         data = yaml.safe_load(text) or {}
     elif suffix == ".toml":
-        try:
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ImportError:  # Python 3.10
-            raise ValueError(f"config file {path}: TOML needs Python 3.11; use JSON or "
-                             "YAML") from None
-        data = tomllib.loads(text)
+
+            data = tomllib.loads(text)
+        else:
+            raise ValueError(f"config file {path}: TOML needs Python 3.11; use JSON or YAML")
     else:
         raise ValueError(f"config file {path}: use .json, .yaml, .yml or .toml")
     if not isinstance(data, dict):

@@ -16,6 +16,12 @@ submission or a cancellation, which could then happen twice.
     with SFPCClient("http://127.0.0.1:8000", api_key=key) as client:
         result = client.segment("ct.nii.gz", outputs=["mask_nifti", "report_json"])
         result.save("out/ct")
+
+The segmentation options (``model``, ``outputs``, ``uncertainty``, ``flip``, ``series_uid``,
+``format``) are keyword arguments named after the fields of
+:class:`~sfpc.inference.options.SegmentOptions`, the schema the gateway reads them with; a name
+that is no field raises TypeError here, and values are checked by the gateway (422
+``invalid_option``), so that a client talks to a newer gateway without an update.
 """
 
 from __future__ import annotations
@@ -27,11 +33,11 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
@@ -55,6 +61,7 @@ from sfpc.clients.models import (
     WaitTimeout,
     safe_name,
 )
+from sfpc.inference.options import option_fields, option_params
 
 log = logging.getLogger("sfpc.clients")
 T = TypeVar("T")
@@ -134,15 +141,20 @@ Parser = Callable[[httpx.Response], T]
 
 def expand_uploads(files: Uploads) -> list[tuple[str, bytes | Path]]:
     """``files`` as ``(name, bytes or path)`` pairs; a folder becomes its files, sorted."""
+    items: Sequence[Upload]
     if isinstance(files, (str, os.PathLike)) or _is_pair(files):
-        files = [files]  # type: ignore[list-item]
+        items = [files]
+    else:
+        items = cast("Sequence[Upload]", files)
     out: list[tuple[str, bytes | Path]] = []
-    for item in files:  # type: ignore[union-attr]
+    for item in items:
         if _is_pair(item):
-            name, content = item  # type: ignore[misc]
+            name, content = item
             out.append((str(name), bytes(content)))
             continue
-        path = Path(item)  # type: ignore[arg-type]
+        if isinstance(item, tuple):
+            raise TypeError(f"an upload given as a tuple is (file name, bytes), not {item!r}"[:200])
+        path = Path(item)
         if path.is_dir():
             out += [(p.name, p) for p in sorted(path.rglob("*")) if p.is_file()]
         elif path.is_file():
@@ -154,7 +166,7 @@ def expand_uploads(files: Uploads) -> list[tuple[str, bytes | Path]]:
     return out
 
 
-def _is_pair(value: object) -> bool:
+def _is_pair(value: object) -> TypeGuard[tuple[str, bytes]]:
     return (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
             and isinstance(value[1], (bytes, bytearray, memoryview)))
 
@@ -175,23 +187,9 @@ def _multipart(uploads: Sequence[tuple[str, bytes | Path]]) -> Iterator[list[Any
         yield parts
 
 
-def _options(model: str | None, outputs: Sequence[str] | str | None, uncertainty: bool | None,
-             series_uid: str | None, format: str | None, flip: bool | None = None
-             ) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    if model:
-        params["model"] = model
-    if outputs:
-        params["outputs"] = outputs if isinstance(outputs, str) else ",".join(outputs)
-    if uncertainty is not None:
-        params["uncertainty"] = "true" if uncertainty else "false"
-    if flip is not None:
-        params["flip"] = "true" if flip else "false"
-    if series_uid:
-        params["series_uid"] = series_uid
-    if format:
-        params["format"] = format
-    return params
+def _call_timeout(call: _Call) -> httpx.Timeout | Any:
+    """The call's own timeout, or the client's (httpx's marker for "not overridden")."""
+    return httpx.USE_CLIENT_DEFAULT if call.timeout is None else call.timeout
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -264,24 +262,26 @@ def _job_path(job_id: str) -> str:
     return f"/v1/jobs/{quote(str(job_id), safe='')}"
 
 
+def _with_options_doc(method: Callable[..., T]) -> Callable[..., T]:
+    """Append the segmentation options, from the schema, to ``method``'s docstring."""
+    lines = [f"    ``{f.name}``: {f.description}" for f in option_fields()]
+    method.__doc__ = (method.__doc__ or "").rstrip() + "\n\n    Options (SegmentOptions):\n" \
+        + "\n".join(lines) + "\n"
+    return method
+
+
 # One description per endpoint, used by both clients.
-def _op_segment(files: Uploads, model: str | None, outputs: Sequence[str] | str | None,
-                uncertainty: bool | None, series_uid: str | None, format: str | None,
-                timeout: float | None, flip: bool | None = None
+def _op_segment(files: Uploads, options: Mapping[str, Any], timeout: float | None
                 ) -> tuple[_Call, Parser[SegmentResult]]:
-    call = _Call("POST", "/v1/segment",
-                 _options(model, outputs, uncertainty, series_uid, format, flip),
-                 tuple(expand_uploads(files)), idempotent=True,
-                 timeout=None if timeout is None else httpx.Timeout(timeout))
+    call = _Call("POST", "/v1/segment", option_params(options), tuple(expand_uploads(files)),
+                 idempotent=True, timeout=None if timeout is None else httpx.Timeout(timeout))
     return call, _parse_result
 
 
-def _op_submit(files: Uploads, model: str | None, outputs: Sequence[str] | str | None,
-               uncertainty: bool | None, series_uid: str | None, format: str | None,
-               flip: bool | None = None) -> tuple[_Call, Parser[JobSubmitted]]:
-    call = _Call("POST", "/v1/jobs",
-                 _options(model, outputs, uncertainty, series_uid, format, flip),
-                 tuple(expand_uploads(files)), idempotent=False)
+def _op_submit(files: Uploads, options: Mapping[str, Any]
+               ) -> tuple[_Call, Parser[JobSubmitted]]:
+    call = _Call("POST", "/v1/jobs", option_params(options), tuple(expand_uploads(files)),
+                 idempotent=False)
     return call, _json_model(JobSubmitted)
 
 
@@ -380,9 +380,8 @@ class SFPCClient:
             attempt += 1
             try:
                 with _multipart(call.uploads) as files:
-                    extra = {} if call.timeout is None else {"timeout": call.timeout}
                     response = self._http.request(call.method, call.path, params=call.params,
-                                                  files=files, **extra)
+                                                  files=files, timeout=_call_timeout(call))
             except httpx.TransportError as exc:
                 if attempt < self.retry.attempts and self.retry.may_retry(exc, call.idempotent):
                     wait = self.retry.delay(attempt)
@@ -429,23 +428,18 @@ class SFPCClient:
                         _json_model(ModelInfo))
 
     # -- synchronous segmentation -----------------------------------------------------------
-    def segment(self, files: Uploads, *, model: str | None = None,
-                outputs: Sequence[str] | str | None = None, uncertainty: bool | None = None,
-                series_uid: str | None = None, format: str | None = None,
-                timeout: float | None = None, flip: bool | None = None) -> SegmentResult:
+    @_with_options_doc
+    def segment(self, files: Uploads, *, timeout: float | None = None,
+                **options: Any) -> SegmentResult:
         """``POST /v1/segment``: segment ``files`` (a NIfTI file, DICOM files or a folder of
         them, a zip) and return the artefacts by file name."""
-        return self._do(*_op_segment(files, model, outputs, uncertainty, series_uid, format,
-                                     timeout, flip))
+        return self._do(*_op_segment(files, options, timeout))
 
     # -- jobs -------------------------------------------------------------------------------
-    def submit_job(self, files: Uploads, *, model: str | None = None,
-                   outputs: Sequence[str] | str | None = None, uncertainty: bool | None = None,
-                   series_uid: str | None = None, format: str | None = None,
-                   flip: bool | None = None) -> JobSubmitted:
+    @_with_options_doc
+    def submit_job(self, files: Uploads, **options: Any) -> JobSubmitted:
         """``POST /v1/jobs``: queue a segmentation (retried while the queue is full)."""
-        return self._do(*_op_submit(files, model, outputs, uncertainty, series_uid, format,
-                                    flip))
+        return self._do(*_op_submit(files, options))
 
     def job(self, job_id: str) -> Job:
         """``GET /v1/jobs/{id}``: status, attempts, timings, error and result names."""
@@ -498,15 +492,13 @@ class SFPCClient:
         return [write_atomic(Path(directory) / safe_name(name),
                              self.job_result_file(job_id, name)) for name in job.results]
 
-    def run_job(self, files: Uploads, *, model: str | None = None,
-                outputs: Sequence[str] | str | None = None, uncertainty: bool | None = None,
-                series_uid: str | None = None, format: str | None = None,
-                timeout: float | None = None, flip: bool | None = None) -> SegmentResult:
+    @_with_options_doc
+    def run_job(self, files: Uploads, *, timeout: float | None = None,
+                **options: Any) -> SegmentResult:
         """Submit, wait and fetch: ``segment`` through the job queue, for volumes too long
-        for one HTTP request. :class:`JobFailed` when the job does not succeed."""
-        submitted = self.submit_job(files, model=model, outputs=outputs,
-                                    uncertainty=uncertainty, series_uid=series_uid,
-                                    format=format, flip=flip)
+        for one HTTP request (``timeout``: seconds to wait for the job). :class:`JobFailed`
+        when the job does not succeed."""
+        submitted = self.submit_job(files, **options)
         job = self.wait_job(submitted.id, timeout=timeout)
         if job.status is not JobStatus.SUCCEEDED:
             raise JobFailed(job)
@@ -549,9 +541,9 @@ class AsyncSFPCClient:
             attempt += 1
             try:
                 with _multipart(call.uploads) as files:
-                    extra = {} if call.timeout is None else {"timeout": call.timeout}
                     response = await self._http.request(call.method, call.path,
-                                                        params=call.params, files=files, **extra)
+                                                        params=call.params, files=files,
+                                                        timeout=_call_timeout(call))
             except httpx.TransportError as exc:
                 if attempt < self.retry.attempts and self.retry.may_retry(exc, call.idempotent):
                     wait = self.retry.delay(attempt)
@@ -590,20 +582,16 @@ class AsyncSFPCClient:
         return await self._do(_Call("GET", f"/v1/models/{quote(name, safe='')}"),
                               _json_model(ModelInfo))
 
-    async def segment(self, files: Uploads, *, model: str | None = None,
-                      outputs: Sequence[str] | str | None = None,
-                      uncertainty: bool | None = None, series_uid: str | None = None,
-                      format: str | None = None, timeout: float | None = None,
-                      flip: bool | None = None) -> SegmentResult:
-        return await self._do(*_op_segment(files, model, outputs, uncertainty, series_uid,
-                                           format, timeout, flip))
+    @_with_options_doc
+    async def segment(self, files: Uploads, *, timeout: float | None = None,
+                      **options: Any) -> SegmentResult:
+        """``POST /v1/segment``, as :meth:`SFPCClient.segment`."""
+        return await self._do(*_op_segment(files, options, timeout))
 
-    async def submit_job(self, files: Uploads, *, model: str | None = None,
-                         outputs: Sequence[str] | str | None = None,
-                         uncertainty: bool | None = None, series_uid: str | None = None,
-                         format: str | None = None, flip: bool | None = None) -> JobSubmitted:
-        return await self._do(*_op_submit(files, model, outputs, uncertainty, series_uid,
-                                          format, flip))
+    @_with_options_doc
+    async def submit_job(self, files: Uploads, **options: Any) -> JobSubmitted:
+        """``POST /v1/jobs``, as :meth:`SFPCClient.submit_job`."""
+        return await self._do(*_op_submit(files, options))
 
     async def job(self, job_id: str) -> Job:
         return await self._do(_Call("GET", _job_path(job_id)), _json_model(Job))
@@ -652,14 +640,11 @@ class AsyncSFPCClient:
             written.append(write_atomic(Path(directory) / safe_name(name), content))
         return written
 
-    async def run_job(self, files: Uploads, *, model: str | None = None,
-                      outputs: Sequence[str] | str | None = None,
-                      uncertainty: bool | None = None, series_uid: str | None = None,
-                      format: str | None = None, timeout: float | None = None,
-                      flip: bool | None = None) -> SegmentResult:
-        submitted = await self.submit_job(files, model=model, outputs=outputs,
-                                          uncertainty=uncertainty, series_uid=series_uid,
-                                          format=format, flip=flip)
+    @_with_options_doc
+    async def run_job(self, files: Uploads, *, timeout: float | None = None,
+                      **options: Any) -> SegmentResult:
+        """Submit, wait and fetch, as :meth:`SFPCClient.run_job`."""
+        submitted = await self.submit_job(files, **options)
         job = await self.wait_job(submitted.id, timeout=timeout)
         if job.status is not JobStatus.SUCCEEDED:
             raise JobFailed(job)

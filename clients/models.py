@@ -59,9 +59,14 @@ class ModelInfo(_Body):
     patch_size: list[int] = Field(default_factory=list)
     normalisation: dict[str, Any] | None = None
     uncertainty: bool = False
-    flip: bool = False
+    # As the gateway declares it: flip=true is allowed unless the model's metadata says it was
+    # trained without flips (GET /v1/models always states it; the default is for bodies that
+    # omit it).
+    flip: bool = True
     perturbation: dict[str, Any] = Field(default_factory=dict)
     temperature: float = 1.0
+    # The review flag's rule (measure, threshold, how it was chosen); empty: no flag.
+    quality: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     sfpc_version: str = ""
     created: str = ""

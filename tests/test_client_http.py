@@ -115,6 +115,29 @@ def test_operations_and_models_are_typed(server, client):
     assert listing.get("tiny2d") == one and listing.get().name == "tiny3d"
 
 
+def test_model_info_declares_what_the_gateway_sends_with_its_defaults(server, client):
+    """Every field of the gateway's /v1/models is a declared field of the client's ModelInfo
+    (none left to ``extra``), and where the gateway's schema declares a default, the client's
+    is the same (flip: allowed unless the model was trained without flips)."""
+    for sent in raw(server, "GET", "/v1/models").json()["models"]:
+        parsed = ModelInfo.model_validate(sent)
+        assert parsed.model_extra == {}, sorted(parsed.model_extra or {})
+        assert parsed.quality == sent["quality"] and parsed.flip is sent["flip"]
+    declared = raw(server, "GET", "/openapi.json").json()["components"]["schemas"]["ModelInfo"]
+    assert set(declared["properties"]) <= set(ModelInfo.model_fields)
+    defaults = {name: prop["default"] for name, prop in declared["properties"].items()
+                if "default" in prop}
+    assert "flip" in defaults and "quality" in declared["properties"]
+    for name, default in defaults.items():
+        assert ModelInfo.model_fields[name].get_default(call_default_factory=True) == default, \
+            name
+
+
+def test_unknown_option_names_fail_before_sending(client):
+    with pytest.raises(TypeError, match="colour"):
+        client.segment(("a.nii", b"x"), colour="red")
+
+
 @needs_data
 def test_segment_nifti_gives_the_raw_endpoints_artefacts(server, client):
     result = client.segment(SMALL_NIFTI, outputs=["mask_nifti", "report_json"])

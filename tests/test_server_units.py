@@ -221,3 +221,57 @@ def test_mask_nifti_survives_odd_header_fields(field, value):
     out = nib.Nifti1Image.from_bytes(gzip.decompress(nifti_bytes(mask, read.affine, read.header)))
     assert np.array_equal(out.affine, read.affine)
     assert np.array_equal(np.asarray(out.dataobj), mask)
+
+
+def test_upload_endpoints_document_exactly_the_segment_options():
+    """/v1/segment and /v1/jobs take SegmentOptions' fields, no more and no fewer, both as
+    query parameters and as form fields, with the schema's choices (oracle: the field list and
+    the artefact names written out by hand)."""
+    from fastapi import FastAPI
+
+    from sfpc.server.routers import jobs, segment
+
+    app = FastAPI()
+    app.include_router(segment.router)
+    app.include_router(jobs.router)
+    spec = app.openapi()
+    fields = ["model", "outputs", "uncertainty", "flip", "series_uid", "format"]
+    assert list(SegmentOptions.model_fields) == fields
+    for path in ("/v1/segment", "/v1/jobs"):
+        operation = spec["paths"][path]["post"]
+        assert [p["name"] for p in operation["parameters"] if p["in"] == "query"] == fields
+        body = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert list(body["properties"]) == ["file", *fields]
+        assert body["required"] == ["file"] and body["additionalProperties"] is False
+        properties = body["properties"]
+        assert properties["outputs"]["items"]["enum"] == [
+            "mask_nifti", "seg_dicom", "entropy_nifti", "mi_nifti", "overlay_png", "report_json"]
+        assert properties["format"]["enum"] == ["auto", "nifti", "dicom-seg", "zip"]
+        assert properties["model"]["maxLength"] == 200
+        assert properties["series_uid"]["maxLength"] == 64
+        assert properties["uncertainty"]["type"] == properties["flip"]["type"] == "boolean"
+
+
+def test_option_text_parses_alike_from_query_form_and_command_line():
+    import argparse
+
+    from sfpc.inference.options import add_option_arguments, options_from_args, parse_options
+
+    expected = SegmentOptions(outputs=["mask_nifti", "entropy_nifti", "report_json"],
+                              uncertainty=True, flip=False, series_uid="1.2.3", format="zip")
+    query = {"outputs": ["mask_nifti,entropy_nifti", "report_json"], "uncertainty": True,
+             "series_uid": "1.2.3", "format": "zip"}
+    form = {"outputs": ["mask_nifti", "entropy_nifti,report_json"], "uncertainty": ["yes"],
+            "flip": ["off"], "series_uid": ["1.2.3"], "format": ["zip"]}
+    parser = argparse.ArgumentParser()
+    add_option_arguments(parser)
+    args = parser.parse_args(["--outputs", "mask_nifti,entropy_nifti", "report_json",
+                              "--uncertainty", "--series-uid", "1.2.3", "--format", "zip"])
+    for raw in (query, form, options_from_args(args)):
+        assert parse_options(raw) == expected
+    with pytest.raises(OptionError) as info:
+        parse_options({"uncertainty": "maybe"})
+    assert info.value.code == "invalid_option"
+    with pytest.raises(OptionError) as info:
+        parse_options({"format": "tiff", "colour": "red"})
+    assert {p["field"] for p in info.value.detail} == {"format", "colour"}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 
@@ -30,7 +30,15 @@ from sfpc.server.jobs.models import (
     JobView,
     iso_time,
 )
-from sfpc.server.routers import error_responses
+from sfpc.server.routers import (
+    build_options,
+    check_fields,
+    error_responses,
+    option_query,
+    read_multipart,
+    upload_request_body,
+)
+from sfpc.server.routers.segment import UPLOAD_DESCRIPTION, result_headers
 
 router = APIRouter(tags=["jobs"])
 
@@ -78,57 +86,26 @@ def _view(request: Request, record: JobRecord, now: float) -> JobView:
         status_url=status_url, results_url=results_url)
 
 
-_SUBMIT_BODY = {
-    "required": True,
-    "content": {"multipart/form-data": {"schema": {
-        "type": "object",
-        "required": ["file"],
-        "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                     "description": "As for POST /v1/segment: one .nii/.nii.gz, a .zip of a "
-                                    "DICOM series, several DICOM files or one multi-frame file."},
-            "model": {"type": "string", "maxLength": 200},
-            "outputs": {"type": "array", "items": {"type": "string"}},
-            "uncertainty": {"type": "boolean"},
-            "flip": {"type": "boolean"},
-            "series_uid": {"type": "string", "maxLength": 64},
-            "format": {"type": "string", "enum": ["auto", "nifti", "dicom-seg", "zip"]},
-        },
-    }}},
-}
-
-
 @router.post(
     "/v1/jobs",
     status_code=202,
     response_model=JobSubmitted,
     summary="Submit a segmentation job",
     responses={**error_responses(400, 401, 404, 413, 415, 422, 503, 507)},
-    openapi_extra={"requestBody": _SUBMIT_BODY},
+    openapi_extra={"requestBody": upload_request_body(
+        f"As for POST /v1/segment: {UPLOAD_DESCRIPTION[0].lower()}{UPLOAD_DESCRIPTION[1:]}")},
 )
-async def submit_job(
-    request: Request,
-    model: str | None = Query(None, max_length=200, description="Served model name."),
-    outputs: list[str] | None = Query(None, description="Artefacts, repeated or "
-                                      "comma-separated (as for /v1/segment)."),
-    uncertainty: bool | None = Query(None, description="Run the multi-sample FLPM graph."),
-    flip: bool | None = Query(None, description="Also run mirrored windows and average (2x "
-                              "cost; models trained with flips)."),
-    series_uid: str | None = Query(None, max_length=64, description="DICOM series to segment."),
-    format: str | None = Query(None, description="Packing of GET .../results: auto, nifti, "
-                               "dicom-seg, zip."),
-) -> Any:
+async def submit_job(request: Request,
+                     query: dict[str, Any] = Depends(option_query())) -> Any:
     """Queue an upload for segmentation; 202 with the job's id, status URL and results URL (also
-    in ``Location``). 503 with ``Retry-After`` when the queue is full."""
-    from sfpc.server.routers.segment import build_options, check_fields, read_multipart
-
+    in ``Location``). 503 with ``Retry-After`` when the queue is full. The options are those of
+    POST /v1/segment; ``format`` packs GET .../results."""
     manager = _manager(request)
     settings = request.app.state.settings
-    form = await read_multipart(request, settings)
+    form = await read_multipart(request, settings.max_files)
     try:
         uploads = [upload for _, upload in check_fields(form)]
-        options = build_options({"model": model, "outputs": outputs, "uncertainty": uncertainty,
-                                 "flip": flip, "series_uid": series_uid, "format": format}, form)
+        options = build_options(query, form)
         request.app.state.service.registry.get(options.model)  # 404 before queuing
         for upload in uploads:
             upload.file.seek(0)
@@ -188,8 +165,6 @@ async def get_job_results(request: Request, job_id: str) -> Any:
     manager = _manager(request)
     path, body = await run_in_threadpool(manager.result_body, job_id)
     record = await run_in_threadpool(manager.get, job_id)
-    from sfpc.server.routers.segment import result_headers
-
     headers = result_headers(record.report, list(record.results))
     return FileResponse(path, media_type=body.media_type, filename=body.filename,
                         headers=headers)

@@ -2,8 +2,10 @@
 
 The request is ``multipart/form-data``: one or more ``file`` parts (a NIfTI file, a zip of a DICOM
 series, several DICOM files, or one multi-frame DICOM file) and the options, as query parameters
-or form fields (a form field wins over the query parameter of the same name). The response is one
-file, or a zip when several artefacts were asked for (see SegmentOptions and docs/server.md).
+or form fields (a form field wins over the query parameter of the same name); both, and the
+OpenAPI request body, are generated from SegmentOptions (see ``sfpc.server.routers``). The
+response is one file, or a zip when several artefacts were asked for (see SegmentOptions and
+docs/server.md).
 
 Uploads larger than ``spool_memory_bytes`` are copied to a private temporary folder that is
 removed whatever happens: success, an error, a timeout or the client going away. The CPU-bound
@@ -25,26 +27,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
-from pydantic import ValidationError
-from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.datastructures import UploadFile
 
-from sfpc.errors import Cancelled, OptionError, ServiceError
-from sfpc.inference.options import FORMATS, OUTPUT_FILES, OUTPUTS, SegmentOptions
+from sfpc.errors import Cancelled, ServiceError
+from sfpc.inference.options import OUTPUT_FILES
 from sfpc.inference.pipeline import ArtefactSet, SegmentationService
 from sfpc.server.observability import IN_FLIGHT, SEGMENTATIONS, set_queue_depth
-from sfpc.server.routers import error_responses
+from sfpc.server.routers import (
+    build_options,
+    check_fields,
+    error_responses,
+    option_query,
+    read_multipart,
+    upload_request_body,
+)
 from sfpc.server.security import require_api_key
 from sfpc.server.settings import Settings
 
 router = APIRouter(tags=["segmentation"], dependencies=[Depends(require_api_key)])
 log = logging.getLogger("sfpc.server.segment")
 
-OPTION_FIELDS = ("model", "outputs", "uncertainty", "flip", "series_uid", "format")
-FILE_FIELD = "file"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 T = TypeVar("T")
 
@@ -92,66 +97,6 @@ class ClientGone(Exception):
     """The client closed the connection before the result was ready."""
 
 
-def _split(values: list[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    parts = [p.strip() for v in values for p in str(v).split(",")]
-    return [p for p in parts if p] or []
-
-
-def _parse_bool(name: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise OptionError(f"{name}={value!r} is not a boolean (true/false)", code="invalid_option")
-
-
-def build_options(query: dict[str, Any], form: FormData) -> SegmentOptions:
-    """SegmentOptions from query parameters and non-file form fields (form wins)."""
-    raw: dict[str, Any] = {k: v for k, v in query.items() if v is not None}
-    for key in OPTION_FIELDS:
-        values = [v for v in form.getlist(key) if isinstance(v, str)]
-        if not values:
-            continue
-        if key == "outputs":
-            raw[key] = values
-        elif key in ("uncertainty", "flip"):
-            raw[key] = _parse_bool(key, values[-1])
-        else:
-            raw[key] = values[-1] or None
-    if "outputs" in raw:
-        raw["outputs"] = _split(raw["outputs"])
-    try:
-        return SegmentOptions(**raw)
-    except ValidationError as exc:
-        problems = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                    for e in exc.errors(include_url=False, include_input=False)]
-        text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-        raise OptionError(f"invalid options: {text}", detail=problems) from None
-
-
-def check_fields(form: FormData) -> list[tuple[str, UploadFile]]:
-    uploads: list[tuple[str, UploadFile]] = []
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            uploads.append((key, value))
-        elif key == FILE_FIELD or key == "files":
-            raise ServiceError(
-                f"form field {key!r} holds text, not a file: send the file's content (curl: "
-                f"-F {key}=@path/to/image.nii.gz)", status=400, code="missing_file")
-        elif key not in OPTION_FIELDS:
-            raise OptionError(f"unknown form field {key!r}; the options are "
-                              f"{', '.join(OPTION_FIELDS)} and files go in {FILE_FIELD!r}",
-                              code="unknown_field")
-    if not uploads:
-        raise ServiceError(f"no file was uploaded: send the image as multipart/form-data in a "
-                           f"{FILE_FIELD!r} part (curl: -F {FILE_FIELD}=@image.nii.gz)",
-                           status=400, code="missing_file")
-    return uploads
-
-
 def _safe_name(name: str | None, index: int) -> str:
     base = Path(name or "").name  # never a path from the client
     cleaned = _SAFE_NAME.sub("_", base).strip("._")[:100]
@@ -191,44 +136,9 @@ def _media_types() -> dict[str, dict[str, Any]]:
     return {media: {"schema": {"type": "string", "format": "binary"}} for media in sorted(types)}
 
 
-_REQUEST_BODY = {
-    "required": True,
-    "content": {"multipart/form-data": {"schema": {
-        "type": "object",
-        "required": [FILE_FIELD],
-        "additionalProperties": False,
-        "properties": {
-            FILE_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
-                         "minItems": 1,
-                         "description": "The image: one .nii/.nii.gz, a .zip of a DICOM series, "
-                                        "several DICOM files, or one multi-frame DICOM file."},
-            "model": {"type": "string", "maxLength": 200},
-            "outputs": {"type": "array", "items": {"type": "string", "enum": list(OUTPUTS)}},
-            "uncertainty": {"type": "boolean"},
-            "flip": {"type": "boolean"},
-            "series_uid": {"type": "string", "maxLength": 64},
-            "format": {"type": "string", "enum": list(FORMATS)},
-        },
-    }}},
-}
+UPLOAD_DESCRIPTION = ("The image: one .nii/.nii.gz, a .zip of a DICOM series, several DICOM "
+                      "files, or one multi-frame DICOM file.")
 
-
-
-async def read_multipart(request: Request, settings: Settings) -> Any:
-    """The upload form of /v1/segment and /v1/jobs, with bad bodies as 4xx ServiceErrors."""
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
-        raise ServiceError(
-            "send the image as multipart/form-data (curl -F file=@image.nii.gz), got "
-            f"Content-Type {content_type.split(';')[0] or 'none'}", status=415,
-            code="unsupported_media_type")
-    try:
-        form = await request.form(max_files=settings.max_files, max_fields=64,
-                                  max_part_size=64 << 10)
-    except StarletteHTTPException as exc:
-        raise ServiceError(f"malformed multipart body: {exc.detail}", status=400,
-                           code="malformed_multipart") from None
-    return form
 
 @router.post(
     "/v1/segment",
@@ -238,21 +148,10 @@ async def read_multipart(request: Request, settings: Settings) -> Any:
                      "description": "The mask (NIfTI with the upload's shape and affine, or DICOM "
                                     "SEG for DICOM uploads), or a zip of several artefacts."},
                **error_responses(400, 401, 404, 413, 415, 422, 502, 503, 504)},
-    openapi_extra={"requestBody": _REQUEST_BODY},
+    openapi_extra={"requestBody": upload_request_body(UPLOAD_DESCRIPTION)},
 )
-async def segment(
-    request: Request,
-    model: str | None = Query(None, max_length=200, description="Served model name; the "
-                              "default model when omitted."),
-    outputs: list[str] | None = Query(None, description="Artefacts, repeated or comma-separated: "
-                                      + ", ".join(OUTPUTS)),
-    uncertainty: bool | None = Query(None, description="Run the multi-sample FLPM graph."),
-    flip: bool | None = Query(None, description="Also run mirrored windows and average (2x "
-                              "cost; models trained with flips)."),
-    series_uid: str | None = Query(None, max_length=64, description="DICOM: the series to "
-                                   "segment when the upload holds several."),
-    format: str | None = Query(None, description="Response packing: " + ", ".join(FORMATS)),
-) -> Response:
+async def segment(request: Request,
+                  query: dict[str, Any] = Depends(option_query())) -> Response:
     """Decode the upload, segment it with the chosen model and return the requested artefacts.
 
     Defaults: the mask alone (``mask.nii.gz`` for NIfTI uploads, ``segmentation.dcm`` for DICOM).
@@ -264,13 +163,12 @@ async def segment(
     settings: Settings = app.state.settings
     service: SegmentationService = app.state.service
     pool: SegmentationPool = app.state.pool
-    form = await read_multipart(request, settings)
+    form = await read_multipart(request, settings.max_files)
     folder = Path(tempfile.mkdtemp(prefix="sfpc-upload-", dir=settings.temp_dir))
     handed_over = False
     try:
         uploads = check_fields(form)
-        options = build_options({"model": model, "outputs": outputs, "uncertainty": uncertainty,
-                                 "flip": flip, "series_uid": series_uid, "format": format}, form)
+        options = build_options(query, form)
         service.registry.get(options.model)  # 404 before any decoding work
         files = await run_in_threadpool(_spool, uploads, settings, folder)
         await form.close()
@@ -293,11 +191,13 @@ async def segment(
                 shutil.rmtree(folder, ignore_errors=True)
             raise
     except ClientGone:
-        SEGMENTATIONS.labels(model=_model_label(service, model), outcome="client_gone").inc()
+        label = _model_label(service, query.get("model"))
+        SEGMENTATIONS.labels(model=label, outcome="client_gone").inc()
         return Response(status_code=499)
     except Exception as exc:
         outcome = getattr(exc, "code", None) or type(exc).__name__
-        SEGMENTATIONS.labels(model=_model_label(service, model), outcome=str(outcome)).inc()
+        label = _model_label(service, query.get("model"))
+        SEGMENTATIONS.labels(model=label, outcome=str(outcome)).inc()
         raise
     finally:
         await form.close()
@@ -328,11 +228,13 @@ def result_headers(report: dict[str, Any] | None, filenames: list[str]) -> dict[
     """What a client needs without opening the body: model, version, artefacts, series used.
     Shared by /v1/segment and job results, so that both answer alike."""
     report = report or {}
-    model = report.get("model") if isinstance(report.get("model"), dict) else {}
+    found = report.get("model")
+    model: dict[str, Any] = found if isinstance(found, dict) else {}
     headers = {"X-SFPC-Model": str(model.get("name", "")),
                "X-SFPC-Model-Version": str(model.get("version", "")),
                "X-SFPC-Artefacts": ",".join(filenames)}
-    series = (report.get("input") or {}).get("series") or {}
+    source = report.get("input")
+    series = (source.get("series") if isinstance(source, dict) else None) or {}
     if series.get("series_instance_uid"):
         headers["X-SFPC-Series-UID"] = str(series["series_instance_uid"])
     return headers
@@ -352,7 +254,8 @@ async def _await_result(request: Request, future: concurrent.futures.Future[Arte
     waiting = asyncio.wrap_future(future)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        done, _ = await asyncio.wait({waiting, watcher}, timeout=timeout_s,
+        tasks: set[asyncio.Future[Any]] = {waiting, watcher}
+        done, _ = await asyncio.wait(tasks, timeout=timeout_s,
                                      return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
