@@ -53,9 +53,11 @@ test-fast: setup
 demo: setup
 	$(BIN)/sfpc demo --out runs/demo
 
-# Re-create the shipped default model (sfpc/default_model/) from ../shared/data/organs.
+# Re-create the shipped default model (sfpc/default_model/) from data/organs (`sfpc sample-data
+# data`) or ../shared/data/organs.
+ORGANS ?= $(or $(wildcard data/organs),../shared/data/organs)
 default-model: setup
-	$(BIN)/sfpc build-default-model --data ../shared/data/organs --no-progress
+	$(BIN)/sfpc build-default-model --data $(ORGANS) --no-progress
 
 # The main job: the gateway on http://127.0.0.1:8000 with the embedded default model
 # (sfpc/default_model/), or another export with: make serve MODEL=runs/demo/export
