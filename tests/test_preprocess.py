@@ -1,4 +1,4 @@
-"""model/preprocess.py against nibabel, SimpleITK, MONAI and hand-worked values."""
+"""sfpc/inference/preprocess.py against nibabel, SimpleITK, MONAI and hand-worked values."""
 
 from __future__ import annotations
 

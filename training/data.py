@@ -2,7 +2,7 @@
 augmentation, and the two-stream (labelled + unlabelled) batch loader.
 
 Pipeline: ``discover_cases`` (training/layouts.py) -> ``make_split`` / ``load_or_make_split`` ->
-``load_volumes`` (RAS, optional spacing, normalisation: model/preprocess.py, the same code the
+``load_volumes`` (RAS, optional spacing, normalisation: sfpc/inference/preprocess.py, the same code the
 server runs) -> ``PatchDataset3D`` or ``SliceDataset2D`` -> ``TwoStreamLoader``; evaluation reads
 whole volumes with ``load_eval_cases``.
 

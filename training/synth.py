@@ -31,7 +31,7 @@ LABEL_NAMES = {
     "brats": {"0": "background", "1": "whole tumour"},
     "acdc": {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"},
 }
-# What a trainer should use on these images (see model/preprocess.normalise).
+# What a trainer should use on these images (see sfpc/inference/preprocess.normalise).
 SUGGESTED_NORMALISATION = {
     "brats": {"kind": "zscore", "foreground": "nonzero"},
     "acdc": {"kind": "minmax"},

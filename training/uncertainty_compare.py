@@ -15,7 +15,7 @@
 
 Every method returns the mean probabilities p_bar and mean per-sample entropy of its M softmax
 outputs (M = 1 for softmax), stitched by the serving engine's model-grid inference; maps are the
-normalised predictive entropy and, for M > 1, mutual information (server/uncertainty.py).
+normalised predictive entropy and, for M > 1, mutual information (sfpc/inference/uncertainty.py).
 Each method is scored against the errors of its own argmax(p_bar), with the scorer of
 training/uncertainty_eval.py. Cost: wall time of the whole model-grid inference and the time
 inside the network calls, per method, after one untimed warm-up run of every method.
