@@ -13,25 +13,27 @@ so this client needs nothing but the server's address and the model name:
     probs = direct.infer(windows, uncertainty=True)["mean_probs"]
 
 Windows must be prepared as the model was trained: on the model grid (orientation, spacing) and
-normalised as ``meta["normalisation"]`` says. :func:`segment_volume` shows the whole path for one
-image with the project's own torch-free preprocessing and sliding window (the same code the
-gateway runs), and ``python -m sfpc.clients.triton_direct`` runs it on a NIfTI file.
+normalised as ``meta["normalisation"]`` says. :func:`sfpc.inference.direct.segment_volume` does
+the whole path for one image with the project's own torch-free preprocessing and sliding window
+(the same code the gateway runs) around a ``TritonDirect``, and ``python -m sfpc.inference.direct``
+runs it on a NIfTI file. This module itself needs only the model contract: the tensor names and
+the metadata parameter of :mod:`sfpc.inference.contract`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-METADATA_PARAMETER = "sfpc_model_json"
-UNCERTAINTY_SUFFIX = "_uncertainty"
-IMAGE_INPUT = "image"
-TEMPERATURE_INPUT = "temperature"
+from sfpc.inference.contract import (
+    INPUT_NAME,
+    METADATA_PARAMETER,
+    TEMPERATURE_NAME,
+    UNCERTAINTY_SUFFIX,
+)
 
 
 class TritonDirect:
@@ -94,14 +96,14 @@ class TritonDirect:
         outputs = [spec["name"] for spec in config.get("output", [])]
         batch = int(config.get("max_batch_size", 0)) or len(windows)
         array = np.ascontiguousarray(windows, dtype=np.float32)
-        if uncertainty and TEMPERATURE_INPUT in inputs and temperature is None:
+        if uncertainty and TEMPERATURE_NAME in inputs and temperature is None:
             temperature = float(self.metadata().get("temperature") or 1.0)
         parts: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
         for start in range(0, len(array), batch):
             chunk = array[start:start + batch]
-            feeds = [self._tensor(IMAGE_INPUT, chunk)]
-            if uncertainty and TEMPERATURE_INPUT in inputs:
-                feeds.append(self._tensor(TEMPERATURE_INPUT, np.full(
+            feeds = [self._tensor(INPUT_NAME, chunk)]
+            if uncertainty and TEMPERATURE_NAME in inputs:
+                feeds.append(self._tensor(TEMPERATURE_NAME, np.full(
                     (len(chunk), 1), temperature, dtype=np.float32)))
             requested = [self._output(name) for name in outputs]
             extra = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
@@ -126,56 +128,3 @@ class TritonDirect:
         if self.protocol == "http":
             return self.module.InferRequestedOutput(name, binary_data=True)
         return self.module.InferRequestedOutput(name)
-
-
-def segment_volume(direct: TritonDirect, image: np.ndarray, affine: np.ndarray
-                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The label map of ``image`` ((X, Y, Z) or (C, X, Y, Z), RAS ``affine``) on its own grid,
-    and the blended model-grid maps: the project's preprocessing (reorientation, resampling,
-    normalisation) and sliding window, with every window sent to Triton by ``direct``."""
-    from sfpc.inference.contract import ModelMetadata
-    from sfpc.inference.engine import Engine, predict_model_grid, softmax
-    from sfpc.inference.preprocess import restore
-
-    meta = ModelMetadata.from_dict(direct.metadata())
-    # The engine only prepares geometry here; inference goes through `direct`.
-    engine = Engine(None, meta)  # type: ignore[arg-type]
-    model_image, geometry = engine.preprocess(image, affine)
-    maps = predict_model_grid(
-        direct.predictor(), model_image, spatial_dims=meta.spatial_dims,
-        patch_size=meta.patch_size, plane_axis=engine.plane_axis, input_mode=meta.input_mode,
-        overlap=engine.overlap, mode=engine.mode, sigma_scale=engine.sigma_scale,
-        sw_batch_size=engine.sw_batch_size)
-    probs = softmax(maps["logits"], axis=0, temperature=meta.temperature)
-    labels = np.argmax(probs, axis=0).astype(np.uint8)
-    return restore(labels, geometry, order=0).astype(np.uint8), maps
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sfpc.clients.triton_direct",
-        description="Segment a NIfTI image with an SFPC model served by Triton, directly.")
-    parser.add_argument("image", help="NIfTI image (.nii / .nii.gz)")
-    parser.add_argument("--url", required=True, help="Triton address, e.g. 127.0.0.1:8001")
-    parser.add_argument("--model", required=True, help="Triton model name (plain graph)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("-o", "--output", help="write the mask here (NIfTI)")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-
-    import nibabel as nib
-
-    source = nib.load(args.image)
-    image = np.asanyarray(source.dataobj).astype(np.float32)
-    with TritonDirect(args.url, args.model, protocol=args.protocol) as direct:
-        mask, _ = segment_volume(direct, image, source.affine)
-        names = direct.metadata()["class_names"]
-    counts = {names[i]: int(n) for i, n in enumerate(np.bincount(mask.ravel(),
-                                                                minlength=len(names)))}
-    print(json.dumps({"shape": list(mask.shape), "voxels": counts}))
-    if args.output:
-        nib.save(nib.Nifti1Image(mask, source.affine), args.output)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,16 +19,24 @@ import numpy as np
 import torch
 
 import sfpc
-from sfpc.inference.contract import METADATA_FILE, ModelMetadata, sha256_file
+from sfpc.inference.contract import (
+    INPUT_NAME,
+    METADATA_FILE,
+    PLAIN_OUTPUTS,
+    SEG_GRAPH,
+    TEMPERATURE_NAME,
+    UNCERTAINTY_GRAPH,
+    UNCERTAINTY_OUTPUTS,
+    ModelMetadata,
+    load_metadata,
+    sha256_file,
+)
 from sfpc.model.networks import UNCERTAINTY_GRAPHS, NetConfig, SFPCNet, UncertaintyHead
 from sfpc.model.perturbation import eps_grid
 
+# File names are recorded in the metadata ('graphs'), so readers never assume them.
 SEG_FILE = "seg.onnx"
 UNCERTAINTY_FILE = "seg_uncertainty.onnx"
-INPUT_NAME = "image"
-TEMPERATURE_NAME = "temperature"
-SEG_OUTPUTS = ("logits",)
-UNCERTAINTY_OUTPUTS = ("mean_probs", "mean_entropy")
 OPSET = 17
 
 
@@ -91,8 +99,8 @@ def export_model(
         meta.version = version
     meta.dynamic_spatial = dynamic_spatial
     meta.graphs = {}
-    _export(net, (example,), out / SEG_FILE, (INPUT_NAME,), SEG_OUTPUTS, dynamic_spatial)
-    meta.graphs["seg"] = {"file": SEG_FILE, "sha256": sha256_file(out / SEG_FILE)}
+    _export(net, (example,), out / SEG_FILE, (INPUT_NAME,), PLAIN_OUTPUTS, dynamic_spatial)
+    meta.graphs[SEG_GRAPH] = {"file": SEG_FILE, "sha256": sha256_file(out / SEG_FILE)}
     if net.flpm() is not None:
         m = int(m or meta.perturbation.get("M") or 4)
         tau = float(net.flpm().tau)
@@ -101,8 +109,8 @@ def export_model(
         _export(head, (example, temperature), out / UNCERTAINTY_FILE,
                 (INPUT_NAME, TEMPERATURE_NAME), UNCERTAINTY_OUTPUTS, dynamic_spatial)
         meta.uncertainty_graph = uncertainty_graph
-        meta.graphs["uncertainty"] = {"file": UNCERTAINTY_FILE,
-                                      "sha256": sha256_file(out / UNCERTAINTY_FILE)}
+        meta.graphs[UNCERTAINTY_GRAPH] = {"file": UNCERTAINTY_FILE,
+                                          "sha256": sha256_file(out / UNCERTAINTY_FILE)}
         meta.perturbation = {"kind": "flpm", "M": m, "tau": tau, "eps_grid": eps_grid(m, tau),
                              "running_dmu_mean": float(net.flpm().running_dmu.mean()),
                              "running_dsigma_mean": float(net.flpm().running_dsigma.mean())}
@@ -132,17 +140,17 @@ def parity(
     import onnxruntime as ort
 
     out = Path(export_dir)
-    meta = ModelMetadata.load(out)
+    meta = load_metadata(out)
     net = net.cpu().eval()
     x = torch.from_numpy(batch)
     t = np.full((batch.shape[0], 1), temperature, dtype=np.float32)
     diffs: dict[str, float] = {}
     with torch.no_grad():
-        ref = {"logits": net(x).numpy()}
+        ref = {PLAIN_OUTPUTS[0]: net(x).numpy()}
         if meta.has_uncertainty:
             head = UncertaintyHead(net, meta.perturbation["M"], "stacked").eval()
             mp, me = head(x, torch.from_numpy(t))
-            ref.update(mean_probs=mp.numpy(), mean_entropy=me.numpy())
+            ref.update(zip(UNCERTAINTY_OUTPUTS, (mp.numpy(), me.numpy()), strict=True))
     for key, graph in meta.graphs.items():
         sess = ort.InferenceSession(str(out / graph["file"]), providers=["CPUExecutionProvider"])
         feeds = {INPUT_NAME: batch}

@@ -24,15 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sfpc.inference.backends.export_metadata import (
+from sfpc.inference.contract import (
     METADATA_FILE,
-    graph_entry,
-    read_export_metadata,
+    METADATA_PARAMETER,
+    SEG_GRAPH,
+    UNCERTAINTY_GRAPH,
+    UNCERTAINTY_SUFFIX,
+    ModelMetadata,
+    load_metadata,
     verify_graph_file,
 )
 
-METADATA_PARAMETER = "sfpc_model_json"
-UNCERTAINTY_SUFFIX = "_uncertainty"
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 
 # ONNX Runtime's tensor type strings -> Triton's data types.
@@ -217,14 +219,14 @@ def model_config_text(
 
 
 def _fixed_shape_profile(
-    metadata: dict[str, Any], inputs: Sequence[TensorSpec], max_batch_size: int, opt_batch: int
+    metadata: ModelMetadata, inputs: Sequence[TensorSpec], max_batch_size: int, opt_batch: int
 ) -> tuple[str, str, str] | None:
     """TensorRT optimisation profile over the batch axis for fixed-size (patch) models.
 
     With dynamic spatial axes the patch size is only a hint, so no profile is pinned and ONNX
     Runtime builds engines for the shapes it meets (cached when an engine cache is set).
     """
-    if metadata.get("dynamic_spatial", True) or any(d < 0 for s in inputs for d in s.dims):
+    if metadata.dynamic_spatial or any(d < 0 for s in inputs for d in s.dims):
         return None
     # The uncertainty graph's temperature [B, 1] shares the batch axis, so it is listed too.
     return (
@@ -259,14 +261,15 @@ def write_triton_repository(
     repo_dir = Path(repo_dir)
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise ValueError(f"invalid Triton model name {model_name!r}")
-    metadata = read_export_metadata(export_dir)
+    metadata = load_metadata(export_dir)
+    embedded = metadata.to_dict()  # what remote clients read from the model configuration
     use_trt = tensorrt or tensorrt_fp16 or trt_engine_cache_dir is not None
     cache_dir = str(trt_engine_cache_dir) if trt_engine_cache_dir is not None else None
     opt_batch = max(preferred_batch_sizes) if preferred_batch_sizes else max_batch_size
 
-    models = [("seg", model_name)]
-    if graph_entry(metadata, "uncertainty") is not None:
-        models.append(("uncertainty", model_name + UNCERTAINTY_SUFFIX))
+    models = [(SEG_GRAPH, model_name)]
+    if metadata.has_uncertainty:
+        models.append((UNCERTAINTY_GRAPH, model_name + UNCERTAINTY_SUFFIX))
 
     # Every graph is verified and every config rendered before anything is written, so a bad
     # export or option leaves an existing repository untouched.
@@ -290,7 +293,7 @@ def write_triton_repository(
             tensorrt_fp16=tensorrt_fp16,
             trt_engine_cache_dir=cache_dir,
             trt_profile=profile,
-            metadata=metadata,
+            metadata=embedded,
         )
         planned.append((name, graph, config))
 
@@ -374,9 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.tensorrt or args.fp16) and not args.gpu:
         parser.error("TensorRT runs on GPU instances: add --gpu")
     if args.name is None:
-        from sfpc.inference.contract import ModelMetadata
-
-        args.name = ModelMetadata.load(args.export_dir).name
+        args.name = load_metadata(args.export_dir).name
     written = write_triton_repository(
         args.export_dir,
         args.repo_dir,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -24,6 +23,7 @@ from sfpc.server.observability import (
     RequestContextMiddleware,
     observe_stage,
 )
+from sfpc.server.routers import jobs as jobs_router
 from sfpc.server.routers import models as models_router
 from sfpc.server.routers import ops as ops_router
 from sfpc.server.routers import segment as segment_router
@@ -42,19 +42,6 @@ information maps, a PNG overlay and a JSON report. Batch pipelines submit jobs t
 When the server has API keys, send one in `X-API-Key` or `Authorization: Bearer`.
 """
 
-def _jobs_manager(settings: Settings, service: SegmentationService) -> tuple[Any, Any] | None:
-    """The asynchronous jobs router and its manager, when that subsystem is installed."""
-    try:
-        from sfpc.server.routers import jobs
-    except ImportError:
-        return None
-    manager_cls = getattr(jobs, "JobManager", None)
-    router = getattr(jobs, "router", None)
-    if manager_cls is None or router is None:
-        return None
-    return router, manager_cls.from_settings(settings, service)
-
-
 def create_app(settings: Settings | None = None, *,
                registry: ModelRegistry | None = None) -> FastAPI:
     """Build the gateway: load the models of ``settings`` (or use ``registry``), mount the
@@ -64,21 +51,18 @@ def create_app(settings: Settings | None = None, *,
     registry = registry or ModelRegistry(settings)
     service = SegmentationService(registry, settings, on_stage=observe_stage)
     pool = SegmentationPool(settings.concurrency)
-    jobs = _jobs_manager(settings, service)
+    manager = jobs_router.JobManager.from_settings(settings, service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        manager = jobs[1] if jobs else None
-        if manager is not None and hasattr(manager, "start"):
-            await _maybe_await(manager.start())
+        manager.start()
         log.info("gateway ready", extra={"models": registry.names,
                                          "default_model": registry.default_name})
         try:
             yield
         finally:
-            if manager is not None and hasattr(manager, "stop"):
-                # Stopping joins worker threads: off the event loop.
-                await _maybe_await(await run_in_threadpool(manager.stop))
+            # Stopping joins worker threads: off the event loop.
+            await run_in_threadpool(manager.stop)
             pool.shutdown()
             registry.close()
 
@@ -89,15 +73,13 @@ def create_app(settings: Settings | None = None, *,
     app.state.service = service
     app.state.pool = pool
     app.state.api_keys = settings.key_values()
-    if jobs is not None:
-        app.state.job_manager = jobs[1]
+    app.state.job_manager = manager
 
     install_error_handlers(app)
     app.include_router(ops_router.router)
     app.include_router(models_router.router)
     app.include_router(segment_router.router)
-    if jobs is not None:
-        app.include_router(jobs[0], dependencies=[Depends(require_api_key)])
+    app.include_router(jobs_router.router, dependencies=[Depends(require_api_key)])
 
     # Added innermost first: CORS (only when configured), body limit, request context.
     if settings.cors_origins:
@@ -110,12 +92,6 @@ def create_app(settings: Settings | None = None, *,
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
-
-
-async def _maybe_await(value: Any) -> Any:
-    if hasattr(value, "__await__"):
-        return await value
-    return value
 
 
 def app_from_env() -> FastAPI:

@@ -92,7 +92,7 @@ def test_uncertainty_matches_hand_computation(backend_3d, export_3d, temperature
     meta = backend_3d.metadata
     batch = np.random.default_rng(1).normal(size=(2, 1, 6, 8, 10)).astype(np.float32)
     out = backend_3d.infer(batch, uncertainty=True, temperature=temperature)
-    samples = _sample_probs(net, batch, meta["perturbation"]["M"], temperature)
+    samples = _sample_probs(net, batch, meta.perturbation["M"], temperature)
     mean_probs, mean_entropy = _hand_uncertainty(samples)
     assert set(out) == {"mean_probs", "mean_entropy"}
     np.testing.assert_allclose(out["mean_probs"], mean_probs, rtol=1e-4, atol=1e-5)

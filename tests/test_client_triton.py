@@ -88,7 +88,8 @@ def test_windows_through_triton_equal_onnxruntime(triton, reference, export_dir,
 
 
 def test_segment_volume_matches_the_same_pipeline_on_onnxruntime(triton, reference, export_dir):
-    from sfpc.clients.triton_direct import TritonDirect, segment_volume
+    from sfpc.clients.triton_direct import TritonDirect
+    from sfpc.inference.direct import segment_volume
 
     rng = np.random.default_rng(3)
     image = rng.normal(size=(20, 18, 22)).astype(np.float32)

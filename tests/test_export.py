@@ -19,9 +19,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from sfpc.inference.contract import ModelMetadata, sha256_file
+from sfpc.inference.contract import INPUT_NAME, TEMPERATURE_NAME, ModelMetadata, sha256_file
 from sfpc.model import export_cli
-from sfpc.model.export import INPUT_NAME, TEMPERATURE_NAME, export_model, parity
+from sfpc.model.export import export_model, parity
 from sfpc.model.networks import SFPCNet
 from tests.support.models import train_tiny_net
 

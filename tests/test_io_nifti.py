@@ -10,13 +10,24 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sfpc.io import Limits, UploadError, decode_upload, encode_nifti
+from sfpc.io import Limits, UploadError, Volume, decode_upload
 from tests.support.io import require
 from tests.support.paths import DATA
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 SHARED_NIFTI = sorted(p.relative_to(DATA).as_posix()
                       for p in DATA.glob("*/*.nii.gz")) if DATA.exists() else []
+
+
+def encode_nifti(array: np.ndarray, volume: Volume) -> bytes:
+    """``array`` (spatial or channel-first) written by nibabel with the upload's header, as an
+    output on the upload's grid would be: gzipped NIfTI bytes."""
+    data = array if array.ndim == 3 else np.moveaxis(array, 0, -1)
+    header = volume.nifti_header.copy()
+    header.set_data_dtype(data.dtype)
+    header.set_slope_inter(None, None)
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    return gzip.compress(image_class(data, None, header=header).to_bytes())
 
 
 def _nib_bytes(img: nib.Nifti1Image, compress: bool = True) -> bytes:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sfpc.inference.contract import PLANE_AXIS
+from sfpc.inference.contract import plane_axis
 from sfpc.training.config import TrainConfig
 from sfpc.training.data import (
     IntensityAugment,
@@ -35,7 +35,7 @@ class TrainData:
 def resample_axes(cfg: TrainConfig) -> tuple[int, ...] | None:
     """2D models resample in-plane only: the slice axis keeps its native spacing."""
     if cfg.spatial_dims == 2:
-        return tuple(a for a in range(3) if a != PLANE_AXIS[cfg.plane])
+        return tuple(a for a in range(3) if a != plane_axis(cfg.plane))
     return None
 
 

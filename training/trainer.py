@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import sfpc
-from sfpc.inference.contract import PLANE_AXIS, ModelMetadata
+from sfpc.inference.contract import ModelMetadata, plane_axis
 from sfpc.model.networks import NetConfig, SFPCNet
 from sfpc.model.perturbation import eps_grid
 from sfpc.training.config import TrainConfig
@@ -175,7 +175,7 @@ class Trainer:
         cfg = self.cfg
         res = evaluate_cases(self.net, self.data.val_cases, num_classes=self.data.num_classes,
                              spatial_dims=cfg.spatial_dims, patch_size=cfg.patch_size,
-                             plane_axis=PLANE_AXIS[cfg.plane], input_mode=cfg.input_mode,
+                             plane_axis=plane_axis(cfg.plane), input_mode=cfg.input_mode,
                              overlap=cfg.val_overlap, class_names=self.data.class_names,
                              device=self.device)
         return res["summary"]

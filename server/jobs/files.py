@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 INPUT_DIR = "input"
 RESULTS_DIR = "results"
-MANIFEST_FILE = "artefacts.json"  # the name ArtefactSet.save/load use
+MANIFEST_FILE = "artefacts.json"  # file names, media types and the report of a job's results
 COPY_CHUNK = 1 << 20
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 # A result file name is one of the service's fixed names; anything else is refused before it

@@ -38,17 +38,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt
+from nibabel.orientations import apply_orientation
 
 from sfpc.errors import BackendError, InputError
 from sfpc.inference.backends.base import Backend
-from sfpc.inference.contract import ModelMetadata
+from sfpc.inference.contract import (
+    INPUT_MODES,
+    PLAIN_OUTPUTS,
+    UNCERTAINTY_OUTPUTS,
+    ModelMetadata,
+    check_servable,
+    plane_axis,
+)
 from sfpc.inference.preprocess import (
     Geometry,
     prepare_image,
     resample_to_shape,
     spacing_from_affine,
-    validate_normalisation,
 )
 from sfpc.inference.sliding_window import (
     Predictor,
@@ -62,14 +68,13 @@ from sfpc.inference.uncertainty import DEFAULT_BAND, region_statistics, uncertai
 Progress = Callable[[int, int], None]
 
 PLAIN_KEY = "probs"
-UNCERTAINTY_KEYS = ("mean_probs", "mean_entropy")
-INPUT_MODES = ("spacing", "resize")
+# The uncertainty graph's two moments are blended and restored under their own names.
+UNCERTAINTY_KEYS = UNCERTAINTY_OUTPUTS
 # Per slab of streamed work, the float32 maps of one slab stay near this size.
 DEFAULT_SLAB_BYTES = 64 << 20
 # Direction cosines of real scanners' affines are orthonormal to ~1e-5 (float32 NIfTI headers,
 # DICOM rounding); anything beyond this is a sheared grid that reorientation cannot represent.
 ORTHOGONALITY_TOLERANCE = 1e-3
-_PLANE_CODES = {"sagittal": "LR", "coronal": "AP", "axial": "SI"}
 _FINITE_CHECK_VOXELS = 1 << 22
 
 
@@ -255,7 +260,7 @@ def iter_model_grid(
     independent of the others.
     """
     patch = tuple(int(p) for p in patch_size)
-    common = {"overlap": overlap, "mode": mode, "sigma_scale": sigma_scale,
+    common: dict[str, Any] = {"overlap": overlap, "mode": mode, "sigma_scale": sigma_scale,
               "sw_batch_size": sw_batch_size}
     if spatial_dims == 3:
         yield 0, 0, image.shape[1], sliding_window_inference(image, patch, predict, **common)
@@ -406,7 +411,7 @@ class Engine:
         self.progress = progress
         self.slab_bytes = int(slab_bytes)
         self.band = int(band)
-        _check_metadata(metadata)
+        check_servable(metadata)
         inference = dict(metadata.inference or {})
         self.overlap = inference.get("overlap", 0.5)
         self.mode = inference.get("mode", "gaussian")
@@ -418,7 +423,7 @@ class Engine:
         if sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
         self.sw_batch_size = int(sw_batch_size)
-        self.plane_axis = _plane_axis(metadata)
+        self.plane_axis = plane_axis(metadata.plane, metadata.orientation)
         self.target_spacing, self.resample_axes = _target_spacing(metadata, self.plane_axis)
 
     # -- the three stages, public for callers that need the model grid (evaluation, tests) ----
@@ -441,15 +446,20 @@ class Engine:
         return predict_model_grid(predict, model_image, **self._grid_settings(model_image))
 
     def segment(self, image: Any, affine: Any, *, uncertainty: bool = False,
-                flip: bool = False, progress: Progress | None = None) -> SegmentationResult:
-        """Mask (and uncertainty maps) of ``image`` on its own grid; see the module docstring."""
+                flip: bool = False, progress: Progress | None = None,
+                transform: np.ndarray | None = None) -> SegmentationResult:
+        """Mask (and uncertainty maps) of ``image`` on its own grid; see the module docstring.
+
+        ``transform`` is the orientation transform of ``affine`` to the model's orientation
+        (:func:`~sfpc.inference.preprocess.orientation_transform`) when the caller already
+        computed it for its own checks."""
         self._check_uncertainty(uncertainty)
         self._check_flip(flip)
         timings = {"preprocess": 0.0, "inference": 0.0, "backend": 0.0, "postprocess": 0.0}
         t_start = time.perf_counter()
         arr = validate_image(image, self.metadata.in_channels)
         aff = validate_affine(affine)
-        model_image, geometry = self._prepare(arr, aff)
+        model_image, geometry = self._prepare(arr, aff, transform)
         timings["preprocess"] = time.perf_counter() - t_start
 
         outputs = _Outputs(geometry, uncertainty)
@@ -504,9 +514,11 @@ class Engine:
         )
 
     # -- internals ---------------------------------------------------------------------------
-    def _prepare(self, arr: np.ndarray, aff: np.ndarray) -> tuple[np.ndarray, Geometry]:
+    def _prepare(self, arr: np.ndarray, aff: np.ndarray,
+                 transform: np.ndarray | None = None) -> tuple[np.ndarray, Geometry]:
         return prepare_image(arr, aff, self.metadata.normalisation, self.target_spacing,
-                             self.resample_axes, orientation=self.metadata.orientation)
+                             self.resample_axes, orientation=self.metadata.orientation,
+                             transform=transform)
 
     def _check_uncertainty(self, uncertainty: bool) -> None:
         if uncertainty and not self.metadata.has_uncertainty:
@@ -549,7 +561,7 @@ class Engine:
     def _predictor(self, uncertainty: bool, counter: _Counter, total: int,
                    progress: Progress | None = None, *, flip: bool = False) -> Predictor:
         backend, temperature = self.backend, float(self.metadata.temperature or 1.0)
-        expected = UNCERTAINTY_KEYS if uncertainty else ("logits",)
+        expected = UNCERTAINTY_OUTPUTS if uncertainty else PLAIN_OUTPUTS
         # The graph applies T in uncertainty mode. T = 1 is its default, and leaving the argument
         # out then keeps Backend implementations that predate it (the benchmarks' eager and
         # M-pass wrappers) working for uncalibrated models.
@@ -569,7 +581,7 @@ class Engine:
                 progress(counter.windows, total)
             if uncertainty:
                 return {k: raw[k] for k in UNCERTAINTY_KEYS}
-            return {PLAIN_KEY: softmax(raw["logits"], axis=1, temperature=temperature)}
+            return {PLAIN_KEY: softmax(raw[PLAIN_OUTPUTS[0]], axis=1, temperature=temperature)}
 
         if not flip:
             return predict
@@ -659,9 +671,8 @@ class _Outputs:
             self._mi_view[index] = maps["mutual_information"]
 
     def maps(self) -> dict[str, np.ndarray]:
-        if self.entropy is None:
-            return {}
-        return {"entropy": self.entropy, "mutual_information": self.mutual_information}
+        found = {"entropy": self.entropy, "mutual_information": self.mutual_information}
+        return {name: values for name, values in found.items() if values is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,64 +680,21 @@ class _Outputs:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_metadata(meta: ModelMetadata) -> None:
-    problems = []
-    if meta.spatial_dims not in (2, 3):
-        problems.append(f"spatial_dims {meta.spatial_dims} (2 or 3)")
-    if len(meta.patch_size) != meta.spatial_dims or min(meta.patch_size) < 1:
-        problems.append(f"patch_size {meta.patch_size} for a {meta.spatial_dims}D model")
-    if not 2 <= meta.num_classes <= 256:
-        problems.append(f"num_classes {meta.num_classes} (2..256 fit a uint8 mask)")
-    if len(meta.class_names) != meta.num_classes:
-        problems.append(f"{len(meta.class_names)} class_names for {meta.num_classes} classes")
-    if meta.in_channels < 1:
-        problems.append(f"in_channels {meta.in_channels}")
-    if meta.input_mode not in INPUT_MODES:
-        problems.append(f"input_mode {meta.input_mode!r} (one of {INPUT_MODES})")
-    if not float(meta.temperature or 1.0) > 0:
-        problems.append(f"temperature {meta.temperature} (must be > 0)")
-    try:
-        axcodes2ornt(tuple(meta.orientation))
-        if len(meta.orientation) != 3:
-            raise ValueError
-    except ValueError:
-        problems.append(f"orientation {meta.orientation!r} (three axis codes such as 'RAS')")
-    if meta.normalisation is not None:
-        try:
-            validate_normalisation(meta.normalisation)
-        except ValueError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise ValueError(f"model metadata of {meta.name!r} is not servable: {'; '.join(problems)}")
-
-
-def _plane_axis(meta: ModelMetadata) -> int:
-    """Axis of the oriented array that 2D slices are normal to (meta.plane in its orientation)."""
-    if meta.plane not in _PLANE_CODES:
-        raise ValueError(f"plane {meta.plane!r} is not one of {tuple(_PLANE_CODES)}")
-    codes = _PLANE_CODES[meta.plane]
-    for axis, code in enumerate(str(meta.orientation).upper()):
-        if code in codes:
-            return axis
-    raise ValueError(f"orientation {meta.orientation!r} has no {meta.plane} axis")
-
-
 def _target_spacing(
-    meta: ModelMetadata, plane_axis: int
+    meta: ModelMetadata, slice_axis: int
 ) -> tuple[list[float | None] | float | None, list[int] | None]:
-    """prepare_image's target spacing and resample axes: 2D models resample in-plane only."""
+    """prepare_image's target spacing and resample axes: 2D models resample in-plane only.
+    ``meta.spacing`` has passed :func:`~sfpc.inference.contract.check_servable`."""
     spacing = meta.spacing
-    in_plane = [a for a in range(3) if a != plane_axis] if meta.spatial_dims == 2 else None
+    in_plane = [a for a in range(3) if a != slice_axis] if meta.spatial_dims == 2 else None
     if spacing is None:
         return None, in_plane
     if isinstance(spacing, (int, float)):
         return float(spacing), in_plane
     values = [None if v is None else float(v) for v in spacing]
-    if meta.spatial_dims == 2 and len(values) == 2:
+    if in_plane is not None and len(values) == 2:
         full: list[float | None] = [None, None, None]
         for a, v in zip(in_plane, values, strict=True):
             full[a] = v
         return full, in_plane
-    if len(values) != 3:
-        raise ValueError(f"metadata spacing {spacing!r} needs 3 entries (2 for a 2D model)")
     return values, in_plane

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from nibabel.orientations import (
@@ -29,48 +29,14 @@ from nibabel.orientations import (
 )
 from scipy import ndimage
 
-NORMALISATION_KINDS = ("ct_window", "zscore", "minmax")
-
+# The normalisation spec is part of the model contract (checked when metadata is loaded); it is
+# re-exported here beside the code that applies it.
+from sfpc.inference.contract import NORMALISATION_KINDS as NORMALISATION_KINDS
+from sfpc.inference.contract import validate_normalisation as validate_normalisation
 
 # ----------------------------------------------------------------------------------------------
 # Intensity normalisation
 # ----------------------------------------------------------------------------------------------
-
-
-def validate_normalisation(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a normalisation spec and return it as a plain JSON-able dict with defaults filled."""
-    if not isinstance(spec, Mapping) or "kind" not in spec:
-        raise ValueError(f"normalisation spec must be a dict with a 'kind' key, got {spec!r}")
-    kind = spec["kind"]
-    if kind == "ct_window":
-        window = spec.get("window")
-        if window is None or len(window) != 2:
-            raise ValueError("ct_window normalisation needs 'window': [lo, hi]")
-        lo, hi = float(window[0]), float(window[1])
-        if not hi > lo:
-            raise ValueError(f"ct_window needs hi > lo, got window {window!r}")
-        return {"kind": kind, "window": [lo, hi]}
-    if kind == "zscore":
-        foreground = spec.get("foreground", "nonzero")
-        if foreground not in ("nonzero", "all"):
-            raise ValueError(f"zscore 'foreground' must be 'nonzero' or 'all', got {foreground!r}")
-        return {"kind": kind, "foreground": foreground}
-    if kind == "minmax":
-        out: dict[str, Any] = {"kind": kind}
-        percentiles = spec.get("percentiles")
-        if percentiles is not None:
-            if len(percentiles) != 2:
-                raise ValueError("minmax 'percentiles' must be [lower, upper]")
-            lo, hi = float(percentiles[0]), float(percentiles[1])
-            if not 0.0 <= lo < hi <= 100.0:
-                raise ValueError(
-                    f"minmax percentiles must satisfy 0 <= lo < hi <= 100, got {percentiles!r}"
-                )
-            out["percentiles"] = [lo, hi]
-        return out
-    raise ValueError(
-        f"unknown normalisation kind {kind!r}; expected one of {', '.join(NORMALISATION_KINDS)}"
-    )
 
 
 def normalise(
@@ -144,21 +110,31 @@ def _normalise_one(data: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+def orientation_transform(affine: np.ndarray, target: str = "RAS") -> np.ndarray:
+    """nibabel's orientation transform from ``affine``'s voxel axes to ``target``: one
+    ``(new_axis, flip)`` row per spatial axis (closest axes for oblique images)."""
+    return ornt_transform(io_orientation(np.asarray(affine, dtype=np.float64)),
+                          axcodes2ornt(tuple(target)))
+
+
 def to_orientation(
     array: np.ndarray,
     affine: np.ndarray,
     target: str = "RAS",
     channel_first: bool = False,
+    transform: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reorder/flip voxel axes so they point along ``target`` (closest axes for oblique images).
 
-    Returns ``(array, affine, transform)``; ``transform`` is nibabel's orientation transform
-    (one ``(new_axis, flip)`` row per spatial axis) and undoes with :func:`from_orientation`.
-    The returned affine maps the new voxel indices to the same world points as before.
+    Returns ``(array, affine, transform)``; ``transform`` is :func:`orientation_transform` (pass
+    it when already computed for this affine and target) and undoes with
+    :func:`from_orientation`. The returned affine maps the new voxel indices to the same world
+    points as before.
     """
     affine = np.asarray(affine, dtype=np.float64)
     n_spatial = affine.shape[0] - 1
-    transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(target)))
+    if transform is None:
+        transform = orientation_transform(affine, target)
     spatial_shape = _spatial_shape(array, n_spatial, channel_first)
     new_affine = affine @ inv_ornt_aff(transform, spatial_shape)
     return _apply_ornt(array, transform, channel_first), new_affine, transform
@@ -283,7 +259,8 @@ def _targets(
     if target_spacing is None or isinstance(target_spacing, numbers.Real):
         targets: list[float | None] = [target_spacing] * n  # type: ignore[list-item]
     else:
-        targets = list(target_spacing)
+        # A sequence here: mypy does not narrow through numbers.Real.
+        targets = list(cast(Sequence[float | None], target_spacing))
         if len(targets) != n:
             raise ValueError(f"target_spacing {target_spacing!r} does not match {n} spatial axes")
     if axes is not None:
@@ -338,18 +315,21 @@ def prepare_image(
     target_spacing: Sequence[float | None] | float | None = None,
     resample_axes: Sequence[int] | None = None,
     orientation: str = "RAS",
+    transform: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Geometry]:
     """Reorient, resample (linear) and normalise a channel-first ``(C, X, Y, Z)`` image.
 
     The order (orientation, spacing, then intensity statistics on the model grid) is the one both
     the trainer and the server use. Returns the float32 model-grid image and its :class:`Geometry`.
-    ``normalisation`` None leaves intensities as they are (float32).
+    ``normalisation`` None leaves intensities as they are (float32). ``transform`` is the
+    :func:`orientation_transform` of ``affine`` to ``orientation`` when the caller has it.
     """
     image = np.asarray(image)
     if image.ndim != 4:
         raise ValueError(f"prepare_image expects a (C, X, Y, Z) array, got shape {image.shape}")
     oriented, new_affine, transform = to_orientation(
-        image.astype(np.float32, copy=False), affine, orientation, channel_first=True
+        image.astype(np.float32, copy=False), affine, orientation, channel_first=True,
+        transform=transform,
     )
     oriented_shape = oriented.shape[1:]
     model = oriented

@@ -5,7 +5,6 @@
 """
 
 from sfpc.errors import UploadError
-from sfpc.io.nifti import encode_nifti
 from sfpc.io.upload import decode_upload
 from sfpc.io.volume import FrameRef, Limits, SeriesInfo, SeriesSummary, Volume
 
@@ -17,5 +16,4 @@ __all__ = [
     "UploadError",
     "Volume",
     "decode_upload",
-    "encode_nifti",
 ]

@@ -1,4 +1,4 @@
-"""NIfTI-1 / NIfTI-2 uploads to a :class:`Volume`, and outputs written back on the same grid.
+"""NIfTI-1 / NIfTI-2 uploads to a :class:`Volume` (outputs are written by :mod:`sfpc.io.artefacts`).
 
 The affine is nibabel's ``img.affine`` (sform if its code is set, else qform, else voxel sizes
 only), voxel values are nibabel's scaled data (``scl_slope``/``scl_inter`` applied) in native byte
@@ -10,9 +10,6 @@ refuse; a 4th dimension of length 1 is dropped; a 4th (or 5th, NIfTI's vector di
 """
 
 from __future__ import annotations
-
-import gzip
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -135,39 +132,3 @@ def _dtype_words(dtype: np.dtype) -> str:
 def _why(exc: Exception) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing outputs
-# ----------------------------------------------------------------------------------------------
-
-
-def encode_nifti(array: np.ndarray, volume: Volume, *, compress: bool = True) -> bytes:
-    """``array`` (spatial, or channel-first ``(C, X, Y, Z)``) on ``volume``'s grid as NIfTI bytes.
-
-    For a NIfTI upload the output keeps the upload's header (NIfTI-1 or -2, sform/qform and their
-    codes, units, description) with the data type and dimensions of ``array`` and no intensity
-    scaling; for a DICOM upload it is a NIfTI-1 with the volume's affine as scanner coordinates.
-    ``compress`` gzips it (``.nii.gz``).
-    """
-    array = np.asarray(array)
-    spatial = volume.spatial_shape
-    if array.shape[-3:] != spatial or array.ndim not in (3, 4):
-        raise ValueError(f"array of shape {array.shape} is not on the volume's grid {spatial}")
-    data = array if array.ndim == 3 else np.moveaxis(array, 0, -1)
-    header: Any = volume.nifti_header
-    if header is not None:
-        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-        header = header.copy()
-        header.set_data_dtype(data.dtype)
-        header.set_slope_inter(None, None)
-        header["intent_code"] = 0
-        img = image_class(data, None, header=header)
-    else:
-        img = nib.Nifti1Image(data, volume.affine)
-        img.header.set_data_dtype(data.dtype)
-        img.set_sform(volume.affine, code=1)
-        img.set_qform(volume.affine, code=1)
-        img.header.set_xyzt_units("mm")
-    raw = img.to_bytes()
-    return gzip.compress(raw, compresslevel=6) if compress else raw

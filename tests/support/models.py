@@ -203,8 +203,13 @@ def pre_temperature_export(export_dir: Path, net: Any, out_dir: Path) -> Path:
     """
     import torch
 
-    from sfpc.inference.contract import METADATA_FILE, sha256_file
-    from sfpc.model.export import INPUT_NAME, UNCERTAINTY_OUTPUTS, _export
+    from sfpc.inference.contract import (
+        INPUT_NAME,
+        METADATA_FILE,
+        UNCERTAINTY_OUTPUTS,
+        sha256_file,
+    )
+    from sfpc.model.export import _export
     from sfpc.model.networks import UncertaintyHead
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 """The contract every inference backend of the gateway fulfils, and its errors.
 
-A backend runs the exported SFPC graphs (see `sfpc_model.json` in an export directory) on a batch
-laid out channel-first, [B, C_in, *spatial], float32. Plain inference returns the class logits;
-uncertainty inference returns the mean softmax over the M feature-perturbed predictions and the mean
-per-sample entropy, from which the gateway derives predictive entropy and mutual information.
+A backend runs the exported SFPC graphs (their metadata and tensor names are in
+`sfpc.inference.contract`) on a batch laid out channel-first, [B, C_in, *spatial], float32. Plain
+inference returns the class logits; uncertainty inference returns the mean softmax over the M
+feature-perturbed predictions and the mean per-sample entropy, from which the gateway derives
+predictive entropy and mutual information.
 The uncertainty graph takes the calibration temperature as a second input, [B, 1] float32; graphs
 exported before that input existed can only serve temperature 1.
 """
@@ -11,17 +12,17 @@ exported before that input existed can only serve temperature 1.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from sfpc.errors import BackendError
-
-INPUT_NAME = "image"
-TEMPERATURE_NAME = "temperature"
-PLAIN_OUTPUTS: tuple[str, ...] = ("logits",)
-UNCERTAINTY_OUTPUTS: tuple[str, ...] = ("mean_probs", "mean_entropy")
+from sfpc.inference.contract import (
+    PLAIN_OUTPUTS,
+    TEMPERATURE_NAME,
+    UNCERTAINTY_OUTPUTS,
+    ModelMetadata,
+)
 
 
 @runtime_checkable
@@ -83,7 +84,7 @@ def untempered_graph_error(where: str, temperature: float) -> BackendError:
     )
 
 
-def check_batch(batch: np.ndarray, metadata: Mapping[str, Any] | None = None) -> np.ndarray:
+def check_batch(batch: np.ndarray, metadata: ModelMetadata | None = None) -> np.ndarray:
     """Validate a batch against the export metadata and return it as C-contiguous float32.
 
     Checked before inference so that a wrong upload is reported in the user's terms (axes,
@@ -93,20 +94,20 @@ def check_batch(batch: np.ndarray, metadata: Mapping[str, Any] | None = None) ->
     if arr.dtype.kind not in "fiub":
         raise BackendError(f"input batch has dtype {arr.dtype}; send a numeric (float32) array")
     if metadata is not None:
-        spatial_dims = int(metadata["spatial_dims"])
+        spatial_dims = int(metadata.spatial_dims)
         if arr.ndim != spatial_dims + 2:
             raise BackendError(
                 f"input batch has shape {arr.shape}; a {spatial_dims}D model expects "
                 f"[B, C_in, {', '.join('S' for _ in range(spatial_dims))}] (channel-first)"
             )
-        in_channels = int(metadata["in_channels"])
+        in_channels = int(metadata.in_channels)
         if arr.shape[1] != in_channels:
             raise BackendError(
                 f"input batch has {arr.shape[1]} channels (axis 1 of {arr.shape}); "
                 f"the model expects {in_channels}"
             )
-        if not metadata.get("dynamic_spatial", True):
-            patch = tuple(int(p) for p in metadata["patch_size"])
+        if not metadata.dynamic_spatial:
+            patch = tuple(int(p) for p in metadata.patch_size)
             if tuple(arr.shape[2:]) != patch:
                 raise BackendError(
                     f"input spatial shape {tuple(arr.shape[2:])} differs from the model's fixed "

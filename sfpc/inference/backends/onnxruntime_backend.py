@@ -7,20 +7,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime
 
 from sfpc.errors import BackendError, BackendUnavailable
 from sfpc.inference.backends.base import (
-    INPUT_NAME,
-    TEMPERATURE_NAME,
     check_batch,
     check_temperature,
     output_names,
     temperature_input,
     untempered_graph_error,
 )
-from sfpc.inference.backends.export_metadata import (
-    graph_entry,
-    read_export_metadata,
+from sfpc.inference.contract import (
+    INPUT_NAME,
+    SEG_GRAPH,
+    TEMPERATURE_NAME,
+    UNCERTAINTY_GRAPH,
+    ModelMetadata,
+    load_metadata,
     read_graph_bytes,
 )
 
@@ -32,16 +35,6 @@ PROVIDER_PREFERENCE = (
 )
 
 ProviderSpec = str | tuple[str, dict[str, Any]]
-
-
-def _import_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise BackendUnavailable(
-            "onnxruntime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu"
-        ) from exc
-    return onnxruntime
 
 
 def resolve_providers(
@@ -57,8 +50,8 @@ def resolve_providers(
         if requested != "auto":
             requested = [requested]
         else:
-            chosen = [name for name in PROVIDER_PREFERENCE if name in available]
-            return chosen or list(available)
+            chosen: list[ProviderSpec] = [n for n in PROVIDER_PREFERENCE if n in available]
+            return chosen or [*available]
     resolved: list[ProviderSpec] = []
     for spec in requested:
         name = spec if isinstance(spec, str) else spec[0]
@@ -80,6 +73,7 @@ class OnnxRuntimeBackend:
     Both graphs are verified and loaded at construction, so a broken or tampered export fails at
     start-up rather than on the first request. Sessions are thread-safe for `run`. An uncertainty
     graph exported before the `temperature` input existed still loads, and serves temperature 1.
+    ``metadata`` is the export's, when the caller has already loaded it (`load_metadata`).
     """
 
     def __init__(
@@ -88,23 +82,24 @@ class OnnxRuntimeBackend:
         providers: str | Sequence[ProviderSpec] = "auto",
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
+        *,
+        metadata: ModelMetadata | None = None,
     ) -> None:
-        self._ort = _import_onnxruntime()
         self.export_dir = Path(export_dir)
-        self.metadata = read_export_metadata(self.export_dir)
-        self.providers = resolve_providers(providers, self._ort.get_available_providers())
+        self.metadata = metadata if metadata is not None else load_metadata(self.export_dir)
+        self.providers = resolve_providers(providers, onnxruntime.get_available_providers())
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
         self._closed = False
-        self._sessions: dict[str, Any] = {"seg": self._load("seg")}
+        self._sessions: dict[str, Any] = {SEG_GRAPH: self._load(SEG_GRAPH)}
         self.takes_temperature = False
-        if graph_entry(self.metadata, "uncertainty") is not None:
-            self._sessions["uncertainty"] = self._load("uncertainty")
-            inputs = {i.name for i in self._sessions["uncertainty"].get_inputs()}
+        if self.metadata.has_uncertainty:
+            self._sessions[UNCERTAINTY_GRAPH] = self._load(UNCERTAINTY_GRAPH)
+            inputs = {i.name for i in self._sessions[UNCERTAINTY_GRAPH].get_inputs()}
             self.takes_temperature = TEMPERATURE_NAME in inputs
 
     def _session_options(self) -> Any:
-        options = self._ort.SessionOptions()
+        options = onnxruntime.SessionOptions()
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = int(self.intra_op_threads)
         if self.inter_op_threads is not None:
@@ -114,7 +109,7 @@ class OnnxRuntimeBackend:
     def _load(self, kind: str) -> Any:
         data = read_graph_bytes(self.export_dir, self.metadata, kind)
         try:
-            return self._ort.InferenceSession(
+            return onnxruntime.InferenceSession(
                 data, sess_options=self._session_options(), providers=list(self.providers)
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -124,7 +119,7 @@ class OnnxRuntimeBackend:
             ) from exc
 
     def _session(self, uncertainty: bool) -> Any:
-        session = self._sessions.get("uncertainty" if uncertainty else "seg")
+        session = self._sessions.get(UNCERTAINTY_GRAPH if uncertainty else SEG_GRAPH)
         if self._closed:
             raise BackendUnavailable("this OnnxRuntimeBackend was closed; create a new one")
         if session is None:
@@ -161,18 +156,18 @@ class OnnxRuntimeBackend:
 
     def describe(self) -> dict[str, Any]:
         """Backend kind, model identity, execution providers and thread settings in effect."""
-        session = self._sessions.get("seg")
+        session = self._sessions.get(SEG_GRAPH)
         options = session.get_session_options() if session is not None else None
         return {
             "backend": "onnxruntime",
             "export_dir": str(self.export_dir),
-            "model_name": self.metadata.get("name"),
-            "model_version": self.metadata.get("version"),
+            "model_name": self.metadata.name,
+            "model_version": self.metadata.version,
             "providers": session.get_providers() if session is not None else [],
             # Read back from the session: 0 means ONNX Runtime's own default (one per core).
             "intra_op_threads": options.intra_op_num_threads if options else None,
             "inter_op_threads": options.inter_op_num_threads if options else None,
-            "uncertainty": "uncertainty" in self._sessions,
+            "uncertainty": UNCERTAINTY_GRAPH in self._sessions,
             "temperature_input": self.takes_temperature,
             "ready": self.ready(),
         }

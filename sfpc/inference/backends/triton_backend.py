@@ -17,35 +17,37 @@ import numpy as np
 
 from sfpc.errors import BackendError, BackendUnavailable
 from sfpc.inference.backends.base import (
-    INPUT_NAME,
-    TEMPERATURE_NAME,
     check_batch,
     check_temperature,
     output_names,
     temperature_input,
     untempered_graph_error,
 )
+from sfpc.inference.contract import (
+    INPUT_NAME,
+    METADATA_PARAMETER,
+    TEMPERATURE_NAME,
+    UNCERTAINTY_SUFFIX,
+)
 
 PROTOCOLS = ("grpc", "http")
-METADATA_PARAMETER = "sfpc_model_json"
-UNCERTAINTY_SUFFIX = "_uncertainty"
 # Statuses meaning "the server cannot be reached" and "the model is not being served" (gRPC codes,
 # HTTP statuses): both are BackendUnavailable, as opposed to a request the model rejected.
 _UNREACHABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "503", "504"}
 _NOT_SERVED_STATUSES = {"StatusCode.NOT_FOUND", "404"}
 
 
-def _import_client(protocol: str) -> tuple[Any, type[Exception]]:
-    try:
-        if protocol == "grpc":
-            import tritonclient.grpc as client_module
-        else:
-            import tritonclient.http as client_module
-        from tritonclient.utils import InferenceServerException
-    except ImportError as exc:
-        raise BackendUnavailable(
-            f"tritonclient for {protocol} is not installed: pip install 'tritonclient[grpc,http]'"
-        ) from exc
+def _import_client(protocol: str) -> tuple[Any, Any]:
+    """The tritonclient module of ``protocol`` and its InferenceServerException (whose
+    ``status()`` is the gRPC code or HTTP status)."""
+    # Imported on first use (tritonclient is a dependency): gRPC and gevent are heavy imports
+    # that a gateway running ONNX Runtime never needs.
+    if protocol == "grpc":
+        import tritonclient.grpc as client_module
+    else:
+        import tritonclient.http as client_module
+    from tritonclient.utils import InferenceServerException
+
     return client_module, InferenceServerException
 
 
