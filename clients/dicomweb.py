@@ -110,6 +110,11 @@ def _text(entry: Mapping[str, Any], tag: str) -> str | None:
     return None if value is None else str(value)
 
 
+def _or_any(values: list[str]) -> list[str | None]:
+    """The values to query one by one, or [None] (no constraint) when none is given."""
+    return list(values) if values else [None]
+
+
 def find_series(dw: Any, *, studies: Sequence[str] = (), series: Sequence[str] = (),
                 modalities: Sequence[str] = (), filters: Mapping[str, str] | None = None,
                 limit: int | None = None) -> list[SeriesRef]:
@@ -117,9 +122,10 @@ def find_series(dw: Any, *, studies: Sequence[str] = (), series: Sequence[str] =
     modality asked for), in study then series order. ``filters``: further QIDO attribute
     matches, e.g. ``{"StudyDate": "20240101-"}``."""
     found: dict[str, SeriesRef] = {}
-    queries = [(study, modality, uid) for study in list(studies) or [None]
-               for modality in [m.upper() for m in modalities] or [None]
-               for uid in list(series) or [None]]
+    queries = [(study, modality, uid)
+               for study in _or_any(list(studies))
+               for modality in _or_any([m.upper() for m in modalities])
+               for uid in _or_any(list(series))]
     for study, modality, uid in queries:
         query = dict(filters or {})
         if modality:
@@ -208,6 +214,8 @@ def uncertainty_map(files: Sequence[Path], entropy_nifti: Path, series_uid: str 
 
     volume = decode_upload([(p.name, p) for p in files], series_uid=series_uid)
     image = nib.load(str(entropy_nifti))
+    if not isinstance(image, nib.Nifti1Image):  # Nifti2Image derives from it
+        raise ValueError(f"{entropy_nifti} is not a NIfTI image")
     values = np.asarray(image.dataobj, dtype=np.float32)
     if values.shape != tuple(volume.spatial_shape):
         raise ValueError(f"entropy map shape {values.shape} != series shape "
@@ -269,10 +277,13 @@ class PacsHooks(ItemHooks):
                 raise PacsError(f"the gateway returned no {ENTROPY_FILE} for series "
                                 f"{item.series_uid} (run with uncertainty)")
             fetched_here = uploads is None
-            sources = self.fetch(item) if fetched_here else uploads
+            sources = self.fetch(item) if uploads is None else uploads
             try:
-                data = uncertainty_map([Path(p) for p in sources],  # type: ignore[arg-type]
-                                       folder / ENTROPY_FILE, item.series_uid)
+                # The series is re-read from its files: in-memory uploads have none.
+                paths = [Path(p) for p in sources if not isinstance(p, tuple)]
+                if len(paths) != len(sources):
+                    raise PacsError("the parametric map needs the series as files on disk")
+                data = uncertainty_map(paths, folder / ENTROPY_FILE, item.series_uid)
             finally:
                 if fetched_here:
                     self.release(item, sources)

@@ -2,9 +2,9 @@
 augmentation, and the two-stream (labelled + unlabelled) batch loader.
 
 Pipeline: ``discover_cases`` (training/layouts.py) -> ``make_split`` / ``load_or_make_split`` ->
-``load_volumes`` (RAS, optional spacing, normalisation: sfpc/inference/preprocess.py, the same code the
-server runs) -> ``PatchDataset3D`` or ``SliceDataset2D`` -> ``TwoStreamLoader``; evaluation reads
-whole volumes with ``load_eval_cases``.
+``load_volumes`` (RAS, optional spacing, normalisation: sfpc/inference/preprocess.py, the same
+code the server runs) -> ``PatchDataset3D`` or ``SliceDataset2D`` -> ``TwoStreamLoader``;
+evaluation reads whole volumes with ``load_eval_cases``.
 
 Randomness: samplers draw from an explicit ``numpy.random.Generator``. ``TwoStreamLoader`` seeds
 one per batch from ``(seed, DDP rank, batch index)``, so its stream does not depend on the number

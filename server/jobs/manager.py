@@ -60,9 +60,15 @@ MAX_RETRY_AFTER_S = 600
 class Upload(Protocol):
     """What the router hands over for each uploaded file (FastAPI's UploadFile fits)."""
 
-    filename: str | None
-    content_type: str | None
-    file: BinaryIO
+    # Read-only, so that FastAPI's UploadFile (whose attributes are typed more narrowly) fits.
+    @property
+    def filename(self) -> str | None: ...
+
+    @property
+    def content_type(self) -> str | None: ...
+
+    @property
+    def file(self) -> BinaryIO: ...
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -140,7 +141,9 @@ def _blend(
         ids = range(first, min(first + sw_batch_size, total))
         chunk = batch[: len(ids)]
         for i, idx in enumerate(ids):
-            chunk[i] = images[(idx // len(windows), slice(None), *windows[idx % len(windows)])]
+            where: tuple[Any, ...] = (idx // len(windows), slice(None),
+                                      *windows[idx % len(windows)])
+            chunk[i] = images[where]
         outputs = _as_output_dict(predict(chunk))
         if not acc:
             for name, out in outputs.items():
@@ -154,7 +157,8 @@ def _blend(
                     f"predict output {name!r} has shape {out.shape}, expected {expected}"
                 )
             for i, idx in enumerate(ids):
-                target = (slice(None), idx // len(windows), *windows[idx % len(windows)])
+                target: tuple[Any, ...] = (slice(None), idx // len(windows),
+                                           *windows[idx % len(windows)])
                 acc[name][target] += out[i] * importance
         if progress is not None:
             progress(ids.stop, total)
@@ -163,7 +167,8 @@ def _blend(
     result = {}
     for name, summed in acc.items():
         summed /= weight
-        result[name] = summed[(slice(None), slice(None), *crop)]
+        inner: tuple[slice, ...] = (slice(None), slice(None), *crop)
+        result[name] = summed[inner]
     return result
 
 

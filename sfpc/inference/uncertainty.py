@@ -206,7 +206,8 @@ def region_statistics(
     counts = class_sums(labels, None, num_classes)
     sums = {name: class_sums(labels, values, num_classes) for name, values in maps.items()}
     classes: dict[str, Any] = {}
-    union = np.zeros(labels.shape, dtype=bool) if maps else None
+    # The foreground bands' union; only filled (and read) when there are maps.
+    union = np.zeros(labels.shape if maps else (), dtype=bool)
     for k, cname in enumerate(class_names):
         n = int(counts[k])
         entry: dict[str, Any] = {"label": k, "voxels": n, "volume_ml": n * float(voxel_volume_ml)}
