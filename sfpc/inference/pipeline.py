@@ -235,11 +235,11 @@ class SegmentationService:
                 data = files.nifti_bytes(result.mask, result.affine, header,
                                          description=f"sfpc {model.name} mask")
             elif name == "entropy_nifti":
-                data = files.nifti_bytes(maps["entropy"], result.affine, header,
-                                         description="sfpc predictive entropy / ln K")
+                data = files.map_nifti_bytes(maps["entropy"], result.affine, header,
+                                             description="sfpc entropy / ln K")
             elif name == "mi_nifti":
-                data = files.nifti_bytes(maps["mutual_information"], result.affine, header,
-                                         description="sfpc mutual information / ln K")
+                data = files.map_nifti_bytes(maps["mutual_information"], result.affine,
+                                             header, description="sfpc MI / ln K")
             elif name == "seg_dicom":
                 data = files.dicom_seg_bytes(result.mask, volume, result.class_names,
                                              model.metadata)

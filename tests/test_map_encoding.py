@@ -1,0 +1,83 @@
+"""Uncertainty maps travel as uint16 NIfTI with scl_slope: what every reader decodes (nibabel
+applies the slope, as ITK and the viewers do) is within the stated error of the float map, and
+nothing else about the file changes (shape, affine, header reuse; masks stay uint8)."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sfpc.io.artefacts import MAP_MAX_ERROR, map_nifti_bytes, nifti_bytes, quantise_map
+
+# float32-exact, so that a reused upload header gives back this affine bit for bit.
+AFFINE = np.array([[-0.75, 0, 0, 120.0], [0, 0.75, 0, -90.5], [0, 0, 2.5, 33.0], [0, 0, 0, 1]])
+
+
+def decode(data: bytes) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(data))
+
+
+def test_the_stated_error_is_half_a_step_of_65535():
+    assert MAP_MAX_ERROR == pytest.approx(0.5 / 65535, abs=2e-7)
+
+
+def test_decoded_map_is_within_the_stated_error_everywhere():
+    rng = np.random.default_rng(3)
+    values = rng.random((40, 31, 9), dtype=np.float32)
+    values[0, 0, :3] = [0.0, 1.0, 0.5 / 65535]  # the ends and a value on a rounding edge
+    image = decode(map_nifti_bytes(values, AFFINE, description="entropy"))
+    assert image.get_data_dtype() == np.uint16
+    decoded = image.get_fdata(dtype=np.float64)
+    assert decoded.shape == values.shape
+    assert np.abs(decoded - values).max() <= MAP_MAX_ERROR
+    # 1 decodes to 65535 x float32(1/65535), a hair below 1.
+    assert decoded[0, 0, 0] == 0.0 and decoded[0, 0, 1] == pytest.approx(1.0, abs=1e-8)
+    np.testing.assert_allclose(image.affine, AFFINE, atol=1e-6)
+
+
+def test_quantisation_rounds_to_nearest_and_clips_by_hand():
+    # 65535 steps: 0.25 -> 16383.75 -> 16384; 0.1 -> 6553.5 -> 6554 (half rounds up);
+    # out-of-range values (none should occur: maps are normalised) are clipped, NaN-free input.
+    q = quantise_map(np.array([0.25, 0.1, -0.2, 1.7, 1.0, 0.0], dtype=np.float32))
+    assert q.tolist() == [16384, 6554, 0, 65535, 65535, 0]
+
+
+def test_slabs_give_the_same_result_as_one_pass(monkeypatch):
+    import sfpc.io.artefacts as artefacts
+
+    values = np.random.default_rng(5).random((17, 13, 11), dtype=np.float32)
+    whole = artefacts.quantise_map(values)
+    monkeypatch.setattr(artefacts, "_QUANTISE_VOXELS", 100)  # many small slabs
+    np.testing.assert_array_equal(artefacts.quantise_map(values), whole)
+    expected = np.floor(values.astype(np.float64) * 65535 + 0.5).astype(np.uint16)
+    assert np.abs(whole.astype(int) - expected.astype(int)).max() <= 1  # float32 products
+
+
+def test_upload_header_is_kept_and_slope_applies():
+    upload = nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), AFFINE)
+    upload.header.set_qform(AFFINE, code=1)
+    upload.header.set_sform(AFFINE, code=4)  # MNI: the reused header keeps it
+    upload.header.set_slope_inter(2.0, -1024.0)  # the CT's own scaling must not leak through
+    values = np.linspace(0, 1, 120, dtype=np.float32).reshape(6, 5, 4)
+    image = decode(map_nifti_bytes(values, AFFINE, upload.header))
+    assert int(image.header["sform_code"]) == 4
+    np.testing.assert_allclose(image.affine, AFFINE, atol=1e-6)
+    assert np.abs(image.get_fdata() - values).max() <= MAP_MAX_ERROR
+
+
+def test_masks_are_unchanged_uint8_without_slope():
+    mask = np.random.default_rng(7).integers(0, 4, (8, 9, 10)).astype(np.uint8)
+    image = decode(nifti_bytes(mask, AFFINE))
+    assert image.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(image.dataobj), mask)
+    assert image.dataobj.slope == 1.0 and image.dataobj.inter == 0.0
+
+
+def test_the_map_file_is_smaller_than_float32():
+    values = np.zeros((64, 64, 32), np.float32)
+    values[16:48, 16:48, 8:24] = np.random.default_rng(9).random((32, 32, 16))
+    as_float = nifti_bytes(values, AFFINE)
+    assert len(map_nifti_bytes(values, AFFINE)) < 0.75 * len(as_float)
