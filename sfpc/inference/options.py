@@ -38,6 +38,9 @@ OUTPUT_FILES: dict[str, tuple[str, str]] = {
 OUTPUTS: tuple[str, ...] = typing.get_args(OutputName)
 FORMATS: tuple[str, ...] = typing.get_args(ResponseFormat)
 UNCERTAINTY_OUTPUTS = frozenset({"entropy_nifti", "mi_nifti"})
+# DICOM objects derived from the source series: only for DICOM uploads, and only when the series
+# has the identifiers they must reference (checked before inference, sfpc.io.dicom_seg).
+DICOM_OUTPUTS = frozenset({"seg_dicom"})
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -312,7 +315,8 @@ def options_from_args(args: argparse.Namespace, **overrides: Any) -> dict[str, A
 
 
 __all__ = [
-    "FORMATS", "OUTPUTS", "OUTPUT_FILES", "OptionField", "OutputName", "ResponseFormat",
+    "DICOM_OUTPUTS", "FORMATS", "OUTPUTS", "OUTPUT_FILES", "OptionField", "OutputName",
+    "ResponseFormat",
     "SegmentOptions", "UNCERTAINTY_OUTPUTS", "add_option_arguments", "option_field",
     "option_fields", "option_names", "option_params", "options_from_args", "parse_bool",
     "parse_options", "split_list",

@@ -34,7 +34,7 @@ import numpy as np
 from sfpc.errors import Cancelled, OptionError
 from sfpc.inference.engine import SegmentationResult, flip_unavailable
 from sfpc.inference.grid import check_model_grid, first_slice, model_transform, single_slice_axis
-from sfpc.inference.options import FORMATS, OUTPUT_FILES, SegmentOptions
+from sfpc.inference.options import DICOM_OUTPUTS, FORMATS, OUTPUT_FILES, SegmentOptions
 from sfpc.inference.registry import LoadedModel, ModelRegistry, RuntimeConfig, RuntimeSettings
 from sfpc.inference.report import STAGES, build_report
 from sfpc.io import Limits, Volume, decode_upload
@@ -174,6 +174,13 @@ class SegmentationService:
              progress: Progress | None) -> ArtefactSet:
         t_start = time.perf_counter()
         outputs = options.resolve_outputs(volume.source)
+        derived = [name for name in outputs if name in DICOM_OUTPUTS]
+        if derived:
+            # A series that cannot be referenced (blank UIDs) is refused now, not after the
+            # inference its derived objects would have been written from.
+            from sfpc.io.dicom_seg import check_derivable
+
+            check_derivable(volume, derived)
         uncertainty = options.wants_uncertainty()
         if "overlay_png" in outputs and model.metadata.has_uncertainty:
             uncertainty = True  # the overlay's heat map is the reason to look at it

@@ -96,12 +96,14 @@ def decode_dicom(files: Sequence[tuple[str, bytes]], limits: Limits, *,
 def _parse_all(files: Sequence[tuple[str, bytes]], warnings: list[str]) -> list[Instance]:
     instances: list[Instance] = []
     seen: dict[str, str] = {}
+    filled: dict[str, int] = {}
     for name, data in files:
         ds = read_dataset(name, data)
         sop_class = _guard(name, _sop_class, ds)
         if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
             warnings.append(f"skipped {name}: DICOMDIR index (the image files themselves are read)")
             continue
+        _guard(name, _identity_from_meta, ds, filled)
         inst = Instance(name, ds)
         uid = _guard(name, inst.text, "SOPInstanceUID")
         if uid is not None and uid in seen:
@@ -110,7 +112,25 @@ def _parse_all(files: Sequence[tuple[str, bytes]], warnings: list[str]) -> list[
         if uid is not None:
             seen[uid] = name
         instances.append(inst)
+    for keyword, count in filled.items():
+        warnings.append(f"{keyword} taken from the file meta information of {count} file"
+                        f"{'s' if count > 1 else ''} whose data set left it empty")
     return instances
+
+
+def _identity_from_meta(ds: Dataset, filled: dict[str, int]) -> None:
+    """SOPInstanceUID and SOPClassUID from the file meta when the data set has them empty or
+    absent (anonymisers leave files like that): the meta's MediaStorage UIDs are the same
+    instance's identity (PS3.10 7.1), and a derived object must reference it."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        return
+    for keyword, meta_keyword in (("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+                                  ("SOPClassUID", "MediaStorageSOPClassUID")):
+        value = str(meta.get(meta_keyword) or "").strip()
+        if value and not str(ds.get(keyword) or "").strip():
+            setattr(ds, keyword, value)
+            filled[keyword] = filled.get(keyword, 0) + 1
 
 
 def read_dataset(name: str, data: bytes) -> Dataset:

@@ -212,6 +212,56 @@ def write_parametric_map(
 
 
 # ----------------------------------------------------------------------------------------------
+# What a derived object needs from its source
+# ----------------------------------------------------------------------------------------------
+
+# Attributes of the source every derived object (SEG, parametric map, SR, secondary capture,
+# RTSTRUCT) copies or references: it joins the source's study, points at its series and at
+# each source instance (by class and instance UID), and places frames in its frame of reference.
+# None is generated when missing: a made-up UID references nothing a PACS holds, so the object
+# would land in a study of its own, detached from the images (docs/hospital-pipeline.md).
+REFERENCED_ATTRIBUTES = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                         "SOPClassUID")
+
+
+def missing_references(volume: Volume) -> dict[str, int]:
+    """The attributes a derived object must reference that ``volume``'s source data sets lack,
+    with how many data sets have them empty or absent, e.g. ``{"StudyInstanceUID": 20}``;
+    FrameOfReferenceUID counts when the series has patient geometry."""
+    wanted = list(REFERENCED_ATTRIBUTES)
+    if volume.series is not None and volume.series.geometry == "patient":
+        wanted.append("FrameOfReferenceUID")
+    missing = {}
+    for keyword in wanted:
+        count = sum(not str(ds.get(keyword) or "").strip() for ds in volume.dicom_datasets)
+        if count:
+            missing[keyword] = count
+    return missing
+
+
+def check_derivable(volume: Volume, outputs: Sequence[str]) -> None:
+    """422 ``dicom_source_incomplete`` (before any inference) when DICOM ``outputs`` (their
+    names, for the message) cannot reference ``volume``'s source series, naming the missing
+    attributes; also the source kinds no derived object is written for."""
+    if not outputs:
+        return
+    _source_datasets(volume)
+    missing = missing_references(volume)
+    if missing:
+        n = len(volume.dicom_datasets)
+        where = ", ".join(f"{keyword} ({'all' if count == n else count} of {n} data sets)"
+                          for keyword, count in missing.items())
+        raise UploadError(
+            UNPROCESSABLE, "dicom_source_incomplete",
+            f"the DICOM series lacks {', '.join(missing)}, which {', '.join(outputs)} must "
+            f"reference (empty or absent: {where}): a derived object joins the source's study "
+            "and points at its series and instances. Ask for mask_nifti / entropy_nifti "
+            "instead, or send the series with its UIDs (an anonymiser should replace UIDs "
+            "consistently, not blank them)",
+        )
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def _source_datasets(volume: Volume) -> list[Dataset]:
