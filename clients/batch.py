@@ -43,7 +43,7 @@ from sfpc.clients.models import (
     safe_name,
 )
 from sfpc.errors import OptionError
-from sfpc.inference.options import OUTPUTS, SegmentOptions, parse_options
+from sfpc.inference.options import DICOM_OUTPUTS, OUTPUTS, SegmentOptions, parse_options
 
 log = logging.getLogger("sfpc.clients.batch")
 
@@ -90,7 +90,9 @@ class BatchOptions:
         """The artefacts asked for ``item``, in the gateway's order."""
         outputs = list(self.outputs) if self.outputs else None
         if outputs is not None and item.kind != "dicom":
-            outputs = ["mask_nifti" if o == "seg_dicom" else o for o in outputs]
+            # DICOM objects reference a source series: a NIfTI input gets the mask instead.
+            outputs = list(dict.fromkeys("mask_nifti" if o in DICOM_OUTPUTS else o
+                                         for o in outputs))
         chosen = self.segment_options(outputs).resolve_outputs(item.kind)
         if outputs is None:
             chosen.append("report_json")  # a batch keeps every input's report by default

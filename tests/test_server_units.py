@@ -245,7 +245,8 @@ def test_upload_endpoints_document_exactly_the_segment_options():
         assert body["required"] == ["file"] and body["additionalProperties"] is False
         properties = body["properties"]
         assert properties["outputs"]["items"]["enum"] == [
-            "mask_nifti", "seg_dicom", "entropy_nifti", "mi_nifti", "overlay_png", "report_json"]
+            "mask_nifti", "seg_dicom", "entropy_nifti", "mi_nifti", "overlay_png", "report_json",
+            "pmap_dicom", "sr_dicom", "sc_dicom", "rtstruct_dicom"]
         assert properties["format"]["enum"] == ["auto", "nifti", "dicom-seg", "zip"]
         assert properties["model"]["maxLength"] == 200
         assert properties["series_uid"]["maxLength"] == 64

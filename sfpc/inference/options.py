@@ -24,7 +24,7 @@ from sfpc.errors import OptionError
 from sfpc.io import artefacts as files
 
 OutputName = Literal["mask_nifti", "seg_dicom", "entropy_nifti", "mi_nifti", "overlay_png",
-                     "report_json"]
+                     "report_json", "pmap_dicom", "sr_dicom", "sc_dicom", "rtstruct_dicom"]
 ResponseFormat = Literal["auto", "nifti", "dicom-seg", "zip"]
 
 OUTPUT_FILES: dict[str, tuple[str, str]] = {
@@ -34,13 +34,23 @@ OUTPUT_FILES: dict[str, tuple[str, str]] = {
     "mi_nifti": ("mutual_information.nii.gz", files.NIFTI_MEDIA_TYPE),
     "overlay_png": ("overlay.png", files.PNG_MEDIA_TYPE),
     "report_json": ("report.json", files.JSON_MEDIA_TYPE),
+    # DICOM objects beside the SEG (sfpc.io.dicom_results): the entropy as a Parametric Map,
+    # a TID 1500 measurement report (Comprehensive 3D SR), the overlay as a Secondary Capture,
+    # the mask as an RT Structure Set.
+    "pmap_dicom": ("uncertainty.dcm", files.DICOM_MEDIA_TYPE),
+    "sr_dicom": ("measurements.dcm", files.DICOM_MEDIA_TYPE),
+    "sc_dicom": ("overlay.dcm", files.DICOM_MEDIA_TYPE),
+    "rtstruct_dicom": ("rtstruct.dcm", files.DICOM_MEDIA_TYPE),
 }
 OUTPUTS: tuple[str, ...] = typing.get_args(OutputName)
 FORMATS: tuple[str, ...] = typing.get_args(ResponseFormat)
-UNCERTAINTY_OUTPUTS = frozenset({"entropy_nifti", "mi_nifti"})
+UNCERTAINTY_OUTPUTS = frozenset({"entropy_nifti", "mi_nifti", "pmap_dicom"})
 # DICOM objects derived from the source series: only for DICOM uploads, and only when the series
 # has the identifiers they must reference (checked before inference, sfpc.io.dicom_seg).
-DICOM_OUTPUTS = frozenset({"seg_dicom"})
+DICOM_OUTPUTS = frozenset({"seg_dicom", "pmap_dicom", "sr_dicom", "sc_dicom", "rtstruct_dicom"})
+# Outputs that show uncertainty when the model has it (it is turned on for them), without
+# needing it: the overlay's heat map, the report's uncertainty measurements.
+SHOWS_UNCERTAINTY = frozenset({"overlay_png", "sc_dicom", "sr_dicom"})
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -62,7 +72,9 @@ class SegmentOptions(BaseModel):
     outputs: list[OutputName] | None = Field(
         None, description="Artefacts to produce, repeated or comma-separated: "
         + ", ".join(OUTPUTS) + ". Default: the mask (mask_nifti for NIfTI, seg_dicom for "
-        "DICOM), with uncertainty also entropy_nifti, mi_nifti and report_json.")
+        "DICOM), with uncertainty also entropy_nifti, mi_nifti and report_json. The DICOM "
+        "objects (seg_dicom, pmap_dicom, sr_dicom, sc_dicom, rtstruct_dicom) need a DICOM "
+        "upload.")
     uncertainty: bool = Field(False, description="Run the FLPM multi-sample graph (entropy and "
                               "mutual information maps, uncertainty statistics).")
     flip: bool = Field(False, description="Also run every window mirrored along the model grid's "
@@ -102,10 +114,13 @@ class SegmentOptions(BaseModel):
         wanted = {"nifti": "mask_nifti", "dicom-seg": "seg_dicom"}.get(self.format)
         if wanted and wanted not in chosen:
             chosen.insert(0, wanted)
-        if "seg_dicom" in chosen and source != "dicom":
+        derived = [name for name in OUTPUTS if name in chosen and name in DICOM_OUTPUTS]
+        if derived and source != "dicom":
+            what = ("a DICOM SEG (outputs=seg_dicom or format=dicom-seg)"
+                    if derived == ["seg_dicom"] else f"DICOM objects ({', '.join(derived)})")
             raise OptionError(
-                "a DICOM SEG (outputs=seg_dicom or format=dicom-seg) references the source DICOM "
-                f"series, but this upload is {source}; ask for mask_nifti instead",
+                f"{what} reference the source DICOM series, but this upload is {source}; ask "
+                "for mask_nifti (and entropy_nifti, overlay_png, report_json) instead",
                 code="seg_needs_dicom",
             )
         return [name for name in OUTPUTS if name in chosen]
@@ -316,7 +331,7 @@ def options_from_args(args: argparse.Namespace, **overrides: Any) -> dict[str, A
 
 __all__ = [
     "DICOM_OUTPUTS", "FORMATS", "OUTPUTS", "OUTPUT_FILES", "OptionField", "OutputName",
-    "ResponseFormat",
+    "ResponseFormat", "SHOWS_UNCERTAINTY",
     "SegmentOptions", "UNCERTAINTY_OUTPUTS", "add_option_arguments", "option_field",
     "option_fields", "option_names", "option_params", "options_from_args", "parse_bool",
     "parse_options", "split_list",

@@ -34,7 +34,13 @@ import numpy as np
 from sfpc.errors import Cancelled, OptionError
 from sfpc.inference.engine import SegmentationResult, flip_unavailable
 from sfpc.inference.grid import check_model_grid, first_slice, model_transform, single_slice_axis
-from sfpc.inference.options import DICOM_OUTPUTS, FORMATS, OUTPUT_FILES, SegmentOptions
+from sfpc.inference.options import (
+    DICOM_OUTPUTS,
+    FORMATS,
+    OUTPUT_FILES,
+    SHOWS_UNCERTAINTY,
+    SegmentOptions,
+)
 from sfpc.inference.registry import LoadedModel, ModelRegistry, RuntimeConfig, RuntimeSettings
 from sfpc.inference.report import STAGES, build_report
 from sfpc.io import Limits, Volume, decode_upload
@@ -182,7 +188,7 @@ class SegmentationService:
 
             check_derivable(volume, derived)
         uncertainty = options.wants_uncertainty()
-        if "overlay_png" in outputs and model.metadata.has_uncertainty:
+        if SHOWS_UNCERTAINTY.intersection(outputs) and model.metadata.has_uncertainty:
             uncertainty = True  # the overlay's heat map is the reason to look at it
         if uncertainty and not model.metadata.has_uncertainty:
             raise OptionError(
@@ -236,6 +242,8 @@ class SegmentationService:
         header = volume.nifti_header
         maps = result.maps()  # both present in uncertainty mode, which these outputs imply
         produced: list[Artefact] = []
+        seg: bytes | None = None  # the SR references the SEG's segments when there is one
+        overlay: list[bytes] = []  # rendered once for overlay_png and sc_dicom
         for name in outputs:
             filename, media = OUTPUT_FILES[name]
             if name == "mask_nifti":
@@ -248,15 +256,33 @@ class SegmentationService:
                 data = files.map_nifti_bytes(maps["mutual_information"], result.affine,
                                              header, description="sfpc MI / ln K")
             elif name == "seg_dicom":
-                data = files.dicom_seg_bytes(result.mask, volume, result.class_names,
-                                             model.metadata)
-            elif name == "overlay_png":
-                volumes = {name: entry["volume_ml"]
-                           for name, entry in report["classes"].items()}
-                data = render_overlay(volume.array, result.affine, result.mask,
-                                      result.class_names, uncertainty=result.entropy,
-                                      volumes_ml=volumes,
-                                      title=f"{model.name} {model.metadata.version}")
+                data = seg = files.dicom_seg_bytes(result.mask, volume, result.class_names,
+                                                   model.metadata)
+            elif name in ("overlay_png", "sc_dicom"):
+                if not overlay:
+                    volumes = {name: entry["volume_ml"]
+                               for name, entry in report["classes"].items()}
+                    overlay.append(render_overlay(
+                        volume.array, result.affine, result.mask, result.class_names,
+                        uncertainty=result.entropy, volumes_ml=volumes,
+                        title=f"{model.name} {model.metadata.version}"))
+                data = overlay[0]
+                if name == "sc_dicom":
+                    from sfpc.io import dicom_results
+
+                    data = dicom_results.secondary_capture_bytes(data, volume, model.metadata)
+            elif name in ("pmap_dicom", "sr_dicom", "rtstruct_dicom"):
+                from sfpc.io import dicom_results
+
+                if name == "pmap_dicom":
+                    data = dicom_results.parametric_map_bytes(maps["entropy"], volume,
+                                                              model.metadata)
+                elif name == "sr_dicom":
+                    data = dicom_results.measurement_report_bytes(report, volume,
+                                                                  model.metadata, seg)
+                else:
+                    data = dicom_results.rtstruct_bytes(result.mask, volume,
+                                                        result.class_names, model.metadata)
             else:  # report_json is written last, once the report holds every artefact
                 continue
             produced.append(Artefact(filename, media, data))
