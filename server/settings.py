@@ -56,6 +56,10 @@ class Settings(BaseSettings):
                                 "picks TensorRT > CUDA > CPU) or one provider name.")
     onnx_intra_op_threads: int | None = Field(None, ge=1, description="Threads per ONNX "
                                               "Runtime session (None: ONNX Runtime's default).")
+    onnx_trt_cache_dir: str | None = Field(None, description="TensorRT execution provider: "
+                                           "keep built engines here (a start then skips the "
+                                           "minutes of engine building). onnxruntime-gpu only.")
+    onnx_trt_fp16: bool = Field(False, description="TensorRT execution provider: FP16 engines.")
     triton_url: str | None = Field(None, description="Triton address, e.g. localhost:8001 "
                                    "(gRPC) or localhost:8000 (HTTP).")
     triton_protocol: Literal["grpc", "http"] = Field("grpc", description="Triton protocol.")

@@ -259,3 +259,41 @@ def test_triton_backend_with_no_server_is_unavailable(protocol) -> None:
     message = str(caught.value)
     assert url in message and "'seg'" in message and "tritonserver is running" in message
     backend.close()
+
+
+def test_tensorrt_gets_an_engine_cache_and_fp16(tmp_path) -> None:
+    from sfpc.inference.backends.onnxruntime_backend import gpu_provider_options
+
+    chosen = resolve_providers("auto", ["CPUExecutionProvider", "CUDAExecutionProvider",
+                                        "TensorrtExecutionProvider"])
+    cache = tmp_path / "trt"
+    configured = gpu_provider_options(chosen, trt_cache_dir=str(cache), trt_fp16=True)
+    assert configured[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    name, options = configured[0]
+    assert name == "TensorrtExecutionProvider" and cache.is_dir()
+    # ONNX Runtime's documented option names (TensorRT execution provider).
+    assert options == {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                       "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True}
+    # Nothing changes on a CPU-only build or without options.
+    assert gpu_provider_options(["CPUExecutionProvider"], trt_cache_dir=str(cache)) == [
+        "CPUExecutionProvider"]
+    assert gpu_provider_options(chosen) == chosen
+
+
+def test_cpu_and_gpu_builds_side_by_side_are_refused() -> None:
+    import importlib.metadata as md
+
+    from sfpc.inference.backends.onnxruntime_backend import check_single_build
+
+    def both(name: str) -> str:
+        return {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.32.0"}[name]
+
+    def cpu_only(name: str) -> str:
+        if name != "onnxruntime":
+            raise md.PackageNotFoundError(name)
+        return "1.32.0"
+
+    with pytest.raises(BackendUnavailable, match="onnxruntime 1.32.0 and onnxruntime-gpu"):
+        check_single_build(both)
+    check_single_build(cpu_only)
+    check_single_build()  # this environment: one build

@@ -43,6 +43,12 @@ class RuntimeSettings(Protocol):
     def onnx_intra_op_threads(self) -> int | None: ...
 
     @property
+    def onnx_trt_cache_dir(self) -> str | None: ...
+
+    @property
+    def onnx_trt_fp16(self) -> bool: ...
+
+    @property
     def triton_url(self) -> str | None: ...
 
     @property
@@ -82,6 +88,8 @@ class RuntimeConfig:
     backend: str = "onnxruntime"
     onnx_providers: str = "auto"
     onnx_intra_op_threads: int | None = None
+    onnx_trt_cache_dir: str | None = None
+    onnx_trt_fp16: bool = False
     triton_url: str | None = None
     triton_protocol: str = "grpc"
     triton_timeout_s: float = 60.0
@@ -102,7 +110,9 @@ def build_backend(settings: RuntimeSettings, export_dir: Path,
     if settings.backend == "onnxruntime":
         return make_backend("onnxruntime", export_dir=export_dir, metadata=metadata,
                             providers=settings.onnx_providers,
-                            intra_op_threads=settings.onnx_intra_op_threads)
+                            intra_op_threads=settings.onnx_intra_op_threads,
+                            trt_cache_dir=settings.onnx_trt_cache_dir,
+                            trt_fp16=settings.onnx_trt_fp16)
     if not settings.triton_url:
         raise ValueError("backend 'triton' needs triton_url (SFPC_TRITON_URL=host:port)")
     return make_backend("triton", url=settings.triton_url, protocol=settings.triton_protocol,

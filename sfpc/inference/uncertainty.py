@@ -40,7 +40,7 @@ def entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
     plogp = np.maximum(p, np.float32(ENTROPY_FLOOR))
     np.log(plogp, out=plogp)
     plogp *= p
-    h = np.sum(plogp, axis=axis, dtype=np.float32)
+    h = np.asarray(np.sum(plogp, axis=axis, dtype=np.float32))
     return np.negative(h, out=h)
 
 

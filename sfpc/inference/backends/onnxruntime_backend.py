@@ -35,6 +35,49 @@ PROVIDER_PREFERENCE = (
 )
 
 ProviderSpec = str | tuple[str, dict[str, Any]]
+# The CPU and GPU builds install the same `onnxruntime` module: with both distributions in one
+# environment, whichever was installed last silently wins (often the CPU one).
+_ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def check_single_build(version_of: Any = None) -> None:
+    """Refuse an environment holding both the CPU and the GPU build of ONNX Runtime.
+
+    ``version_of(name)`` returns an installed distribution's version or raises
+    PackageNotFoundError (importlib.metadata.version by default)."""
+    import importlib.metadata as md
+
+    lookup = version_of or md.version
+    found = []
+    for name in _ORT_DISTRIBUTIONS:
+        try:
+            found.append(f"{name} {lookup(name)}")
+        except md.PackageNotFoundError:
+            continue
+    if len(found) > 1:
+        raise BackendUnavailable(
+            f"both {' and '.join(found)} are installed; they share one module and the last one "
+            "installed wins. Keep one: `pip uninstall -y onnxruntime onnxruntime-gpu` then "
+            "`pip install onnxruntime-gpu` (GPU) or `pip install onnxruntime` (CPU)")
+
+
+def gpu_provider_options(providers: Sequence[ProviderSpec], *, trt_cache_dir: str | None = None,
+                         trt_fp16: bool = False) -> list[ProviderSpec]:
+    """``providers`` with TensorRT's engine cache (and FP16) configured: building TensorRT
+    engines takes minutes, and without a cache every start of the gateway pays it again."""
+    out: list[ProviderSpec] = []
+    for spec in providers:
+        if spec == "TensorrtExecutionProvider" and (trt_cache_dir or trt_fp16):
+            options: dict[str, Any] = {"trt_fp16_enable": bool(trt_fp16)}
+            if trt_cache_dir:
+                Path(trt_cache_dir).mkdir(parents=True, exist_ok=True)
+                options.update(trt_engine_cache_enable=True,
+                               trt_engine_cache_path=str(trt_cache_dir),
+                               trt_timing_cache_enable=True)
+            out.append((spec, options))
+        else:
+            out.append(spec)
+    return out
 
 
 def resolve_providers(
@@ -84,10 +127,15 @@ class OnnxRuntimeBackend:
         inter_op_threads: int | None = None,
         *,
         metadata: ModelMetadata | None = None,
+        trt_cache_dir: str | None = None,
+        trt_fp16: bool = False,
     ) -> None:
+        check_single_build()
         self.export_dir = Path(export_dir)
         self.metadata = metadata if metadata is not None else load_metadata(self.export_dir)
-        self.providers = resolve_providers(providers, onnxruntime.get_available_providers())
+        self.providers = gpu_provider_options(
+            resolve_providers(providers, onnxruntime.get_available_providers()),
+            trt_cache_dir=trt_cache_dir, trt_fp16=trt_fp16)
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
         self._closed = False
