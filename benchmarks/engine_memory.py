@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 
-def export(out_dir: Path, args: argparse.Namespace) -> None:
-    """Export an untrained 2D SFPCNet with the project's exporter (runs in a child process)."""
+def build_net(args: argparse.Namespace):
+    """The benchmark's 2D SFPCNet (seeded, untrained) and its metadata: the same weights in the
+    export's child process and in the MONAI comparison's."""
     import torch
 
     from sfpc.inference.contract import ModelMetadata
-    from sfpc.model.export import export_model
     from sfpc.model.networks import NetConfig, SFPCNet
 
     torch.manual_seed(0)
@@ -47,7 +47,61 @@ def export(out_dir: Path, args: argparse.Namespace) -> None:
         spacing=list(args.spacing) if args.spacing else None,
         normalisation={"kind": "ct_window", "window": [-1000.0, 1000.0]},
     )
+    return net, meta
+
+
+def export(out_dir: Path, args: argparse.Namespace) -> None:
+    """Export the benchmark network with the project's exporter (runs in a child process)."""
+    from sfpc.model.export import export_model
+
+    net, meta = build_net(args)
     export_model(net, meta, out_dir)
+
+
+def run_monai(args: argparse.Namespace) -> dict:
+    """The anchor a MONAI user would pick: MONAI's own transforms (orientation, in-plane
+    spacing, intensity window), ``SliceInferer`` (MONAI's sliding window over 2D slices: same
+    window, overlap 0.5, Gaussian weighting, batch) on the eager PyTorch network, softmax,
+    linear resampling back to the input grid and argmax; same volume, same threads."""
+    import resource
+
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+    from monai.inferers import SliceInferer
+    from monai.transforms import Orientation, Resize, ScaleIntensityRange, Spacing
+
+    if args.input_mode != "spacing" or not args.spacing:
+        raise SystemExit("the MONAI comparison needs --input-mode spacing --spacing SX SY")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    net, meta = build_net(args)
+    volume = ct_volume(tuple(args.shape))
+    affine = np.diag([*args.voxel, 1.0])
+    sw = args.sw_batch_size or int(meta.inference.get("sw_batch_size", 4))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        image = MetaTensor(torch.from_numpy(volume.astype(np.float32))[None],
+                           affine=torch.from_numpy(affine))
+        image = Orientation(axcodes="RAS")(image)
+        image = Spacing(pixdim=(*args.spacing, args.voxel[2]), mode="bilinear")(image)
+        image = ScaleIntensityRange(-1000.0, 1000.0, 0.0, 1.0, clip=True)(image)
+        timings["preprocess"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        inferer = SliceInferer(roi_size=tuple(args.patch), sw_batch_size=sw, overlap=0.5,
+                               mode="gaussian", sigma_scale=0.125, spatial_dim=2,
+                               padding_mode="constant", progress=False)
+        logits = inferer(image.as_tensor()[None], net)
+        timings["inference"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        probs = torch.softmax(logits, dim=1)[0]
+        probs = Resize(spatial_size=tuple(args.shape), mode="trilinear")(probs)
+        mask = torch.argmax(torch.as_tensor(probs), dim=0).to(torch.uint8).numpy()
+        timings["postprocess"] = time.perf_counter() - t2
+    wall = time.perf_counter() - t0
+    return {"mode": "monai", "wall_s": wall, "timings": timings,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "mask_shape": list(mask.shape), "torch_threads": torch.get_num_threads()}
 
 
 def ct_volume(shape: tuple[int, int, int], seed: int = 0):
@@ -138,8 +192,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op")
     parser.add_argument("--sw-batch-size", type=int, default=None,
                         help="windows per backend call (default: the metadata's, >= 16 in 2D)")
-    parser.add_argument("--modes", nargs="+", choices=["plain", "uncertainty"],
-                        default=["plain", "uncertainty"])
+    parser.add_argument("--modes", nargs="+", choices=["plain", "uncertainty", "monai"],
+                        default=["plain", "uncertainty"],
+                        help="monai: MONAI's transforms + SliceInferer + eager PyTorch on the "
+                             "same network and volume (needs --input-mode spacing)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--_export", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--_run", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,7 +206,9 @@ def main() -> None:
         return
     if args._run:
         mode, export_dir = args._run
-        print(json.dumps(run_mode(Path(export_dir), mode == "uncertainty", args)))
+        result = (run_monai(args) if mode == "monai"
+                  else run_mode(Path(export_dir), mode == "uncertainty", args))
+        print(json.dumps(result))
         return
 
     passthrough = list(sys.argv[1:])
@@ -159,12 +218,20 @@ def main() -> None:
                        check=True)
         print(f"volume {args.shape} int16, voxel {args.voxel} mm; 2D model K={args.classes}, "
               f"patch {args.patch}, input_mode {args.input_mode}, channels {args.channels}")
+        results = {}
         for mode in args.modes:
             done = subprocess.run(
                 [sys.executable, __file__, *passthrough, "--_run", mode, str(export_dir)],
                 check=True, capture_output=True, text=True)
             r = json.loads(done.stdout.strip().splitlines()[-1])
+            results[mode] = r
             t = r["timings"]
+            if mode == "monai":
+                print(f"{'monai':>11}: peak RSS {r['peak_rss_mib']:.0f} MiB; wall "
+                      f"{r['wall_s']:.1f} s (preprocess {t['preprocess']:.1f}, inference "
+                      f"{t['inference']:.1f}, postprocess {t['postprocess']:.1f}); torch threads "
+                      f"{r['torch_threads']}")
+                continue
             print(
                 f"{r['mode']:>11}: peak RSS {r['peak_rss_mib']:.0f} MiB (before segment "
                 f"{r['rss_before_segment_mib']:.0f} MiB: input {r['input_mib']:.0f} MiB + "
@@ -175,6 +242,13 @@ def main() -> None:
                 f"{r['sw_batch_size']}, model grid "
                 f"{r['model_shape']}"
             )
+        if "monai" in results and "plain" in results:
+            ratio = results["monai"]["wall_s"] / results["plain"]["wall_s"]
+            print(f"MONAI SliceInferer + eager PyTorch / engine (plain): {ratio:.2f}x "
+                  f"(goal >= 1.5x)")
+        if args.json:
+            args.json.write_text(json.dumps({"command": " ".join(sys.argv), "results": results},
+                                            indent=1) + "\n")
 
 
 if __name__ == "__main__":
