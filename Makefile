@@ -33,8 +33,9 @@ lint: setup
 	$(BIN)/mypy
 
 # dciodvfy (Debian's dicom3tools), the DICOM standard's validator, checks the SEG we write;
-# Orthanc with its DICOMweb plugin is the real PACS of the client tests.
-SYSTEM_PACKAGES := dicom3tools orthanc orthanc-dicomweb
+# Orthanc with its DICOMweb plugin is the real PACS of the client tests; dcmtk's storescu plays
+# the modality of the push tests (tests/test_listen.py).
+SYSTEM_PACKAGES := dicom3tools orthanc orthanc-dicomweb dcmtk
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         net = SFPCNet(net_config_for(name, NetConfig(spatial_dims=a.spatial_dims,
                                                      num_classes=a.classes), lc))
         method = Method(name, TrainStep(net), lc)
-        if name == "uamt":
+        if method.uses_teacher:
             method.init_teacher(net)
         runners[name] = (net, method, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9))
     times: dict[str, list[float]] = {n: [] for n in runners}

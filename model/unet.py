@@ -80,20 +80,34 @@ class Encoder(nn.Module):
         return feats
 
 
+# Up-sampling of a decoder stage. "transpose" is a 2x2(x2) transposed convolution; the others are
+# a 1x1 convolution to the skip's channels followed by interpolation, as SSL4MIS's and MC-Net's
+# UNet UpBlock. "linear-aligned" and "nearest" are MC-Net+'s second and third decoders
+# (align_corners=True as there); "linear" (align_corners=False) is the project's earlier MC-Net
+# decoder, kept so that its checkpoints and the committed benchmark rows stay reproducible.
+UP_MODES = ("transpose", "linear", "linear-aligned", "nearest")
+
+
 class UpBlock(nn.Module):
     def __init__(self, spatial_dims: int, in_ch: int, skip_ch: int, out_ch: int, up_mode: str):
         super().__init__()
+        linear = "bilinear" if spatial_dims == 2 else "trilinear"
         if up_mode == "transpose":
             tconv = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
-            self.up = tconv(in_ch, skip_ch, kernel_size=2, stride=2)
-        elif up_mode == "linear":
-            mode = "bilinear" if spatial_dims == 2 else "trilinear"
+            self.up: nn.Module = tconv(in_ch, skip_ch, kernel_size=2, stride=2)
+        elif up_mode in ("linear", "linear-aligned"):
             self.up = nn.Sequential(
                 conv_nd(spatial_dims)(in_ch, skip_ch, 1),
-                nn.Upsample(scale_factor=2, mode=mode, align_corners=False),
+                nn.Upsample(scale_factor=2, mode=linear,
+                            align_corners=up_mode == "linear-aligned"),
+            )
+        elif up_mode == "nearest":
+            self.up = nn.Sequential(
+                conv_nd(spatial_dims)(in_ch, skip_ch, 1),
+                nn.Upsample(scale_factor=2, mode="nearest"),
             )
         else:
-            raise ValueError(f"unknown up_mode {up_mode!r}: use 'transpose' or 'linear'")
+            raise ValueError(f"unknown up_mode {up_mode!r}: use one of {', '.join(UP_MODES)}")
         self.conv = ConvBlock(spatial_dims, 2 * skip_ch, out_ch)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -105,6 +119,9 @@ class Decoder(nn.Module):
 
     The last element is the feature map f that the perturbation module acts on; the classifier
     (a 1x1 conv) is kept outside so that M perturbed copies of f share one classifier call.
+    `stage_dropout` (coarsest stage first) puts channel dropout after each stage, on the decoder
+    path itself, as SSL4MIS's 3D URPC network (unet_3D_dv_semi: Dropout3d 0.5/0.3/0.2/0.1); it is
+    active in train() only, so the exported graph is unchanged.
     """
 
     def __init__(
@@ -112,6 +129,7 @@ class Decoder(nn.Module):
         spatial_dims: int,
         channels: Sequence[int] = DEFAULT_CHANNELS,
         up_mode: str = "transpose",
+        stage_dropout: Sequence[float] = (),
     ):
         super().__init__()
         rev = list(channels)[::-1]
@@ -119,11 +137,21 @@ class Decoder(nn.Module):
             UpBlock(spatial_dims, rev[i], rev[i + 1], rev[i + 1], up_mode)
             for i in range(len(rev) - 1)
         )
+        if stage_dropout and len(stage_dropout) != len(self.ups):
+            raise ValueError(f"stage_dropout needs {len(self.ups)} values (one per decoder stage), "
+                             f"got {len(stage_dropout)}")
+        drop = {2: nn.Dropout2d, 3: nn.Dropout3d}[spatial_dims]
+        # No parameters, so the state-dict keys are those of a decoder without dropout.
+        self.stage_dropout = nn.ModuleList(
+            drop(p) if p > 0 else nn.Identity() for p in stage_dropout
+        )
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         x = feats[-1]
         outs = []
         for i, up in enumerate(self.ups):
             x = up(x, feats[-2 - i])
+            if len(self.stage_dropout):
+                x = self.stage_dropout[i](x)
             outs.append(x)
         return outs

@@ -23,6 +23,7 @@ from sfpc.server.observability import (
     RequestContextMiddleware,
     observe_stage,
 )
+from sfpc.server.routers import dicomweb as dicomweb_router
 from sfpc.server.routers import jobs as jobs_router
 from sfpc.server.routers import models as models_router
 from sfpc.server.routers import ops as ops_router
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None, *,
     app.include_router(models_router.router)
     app.include_router(segment_router.router)
     app.include_router(jobs_router.router, dependencies=[Depends(require_api_key)])
+    app.include_router(dicomweb_router.router, dependencies=[Depends(require_api_key)])
 
     # Added innermost first: CORS (only when configured), body limit, request context.
     if settings.cors_origins:

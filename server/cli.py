@@ -100,6 +100,11 @@ def serve(argv: Sequence[str] | None = None) -> int:
     # Worker processes rebuild the app from this JSON: flags must reach them too.
     resolved = settings.model_dump(mode="json")
     resolved["api_keys"] = settings.key_values()  # model_dump masks secrets
+    for name, destination in settings.destinations.items():  # the PACS credentials too
+        for key in ("password", "token"):
+            secret = getattr(destination, key)
+            if secret is not None:
+                resolved["destinations"][name][key] = secret.get_secret_value()
     os.environ[_ENV_SETTINGS] = json.dumps(resolved)
     from sfpc.server.observability import configure_logging
 

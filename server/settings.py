@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -25,6 +25,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
     YamlConfigSettingsSource,
 )
+
+from sfpc.inference.options import parse_options
+from sfpc.io.dicom_net import Destination, Route, check_routes
 
 CONFIG_FILE_ENV = "SFPC_CONFIG_FILE"
 LOOPBACK_NAMES = ("localhost",)
@@ -108,6 +111,26 @@ class Settings(BaseSettings):
     job_retention_s: float = Field(24 * 3600.0, gt=0, description="Seconds results are kept.")
     job_max_attempts: int = Field(3, ge=1, description="Starts of a job before it is failed "
                                   "(a job that kills its worker is not retried forever).")
+
+    # -- DICOM push in (STOW-RS) and results out (server/routers/dicomweb.py) ---------------
+    dicomweb_options: dict[str, Any] = Field(
+        default_factory=dict, description="Segmentation options of the jobs POST /dicomweb/"
+        "studies makes (as query parameters would give them, e.g. {\"outputs\": "
+        "[\"seg_dicom\", \"sr_dicom\"]}); the request's query parameters win.")
+    destinations: dict[str, Destination] = Field(
+        default_factory=dict, description="Named places results go: {\"pacs\": {\"kind\": "
+        "\"dicomweb\", \"url\": ..., \"username\": ...}} or {\"kind\": \"dimse\", "
+        "\"host\", \"port\", \"ae_title\"}.")
+    routes: list[Route] = Field(
+        default_factory=list, description="Which destinations receive the DICOM results of "
+        "STOW-RS jobs: [{\"model\": \"ct\" or \"*\", \"destinations\": [\"pacs\"]}], "
+        "first match wins.")
+
+    @model_validator(mode="after")
+    def _known_destinations(self) -> Settings:
+        check_routes(self.routes, self.destinations)
+        parse_options(self.dicomweb_options)  # refused at start, not on the first push
+        return self
 
     @field_validator("log_level")
     @classmethod

@@ -106,6 +106,12 @@ def _cmd_client(argv: Sequence[str]) -> int:
     return client_main(argv)
 
 
+def _cmd_listen(argv: Sequence[str]) -> int:
+    from sfpc.clients.listen import main as listen_main
+
+    return listen_main(list(argv))
+
+
 COMMANDS = {
     "predict": (_cmd_predict, "segment a NIfTI file, DICOM series or folder locally (no server)"),
     "sample-data": (_cmd_sample_data, "download the public sample scans the README uses"),
@@ -122,6 +128,8 @@ COMMANDS = {
                                                       "from shared/data/organs"),
     "serve": (_cmd_serve, "serve exported models over HTTP (FastAPI gateway)"),
     "client": (_cmd_client, "batch-segment folders or PACS series through a gateway"),
+    "listen": (_cmd_listen, "receive DICOM series (C-STORE), segment them through a gateway, "
+                            "send the results back"),
 }
 
 

@@ -101,6 +101,15 @@ def urpc_loss(pyramid_probs: list[torch.Tensor]) -> torch.Tensor:
     return total / probs_sum
 
 
+def uamt_threshold(t: float, t_max: float, num_classes: int = 2, log_k: bool = False) -> float:
+    """UAMT's uncertainty threshold, (0.75 + 0.25 * sigmoid_rampup(t, t_max)) * ln 2 as SSL4MIS
+    has it (train_uncertainty_aware_mean_teacher_2D/3D.py) whatever the number of classes.
+    `log_k` scales by ln K instead (the project's earlier variant, method "uamt-lnk"), under
+    which a K = 4 task keeps almost every pixel late in training."""
+    scale = math.log(num_classes) if log_k else math.log(2)
+    return (0.75 + 0.25 * sigmoid_rampup(t, t_max)) * scale
+
+
 def uamt_loss(
     student_probs: torch.Tensor, teacher_probs: torch.Tensor, uncertainty: torch.Tensor,
     threshold: float,
@@ -111,7 +120,85 @@ def uamt_loss(
     return (mask * mse).sum() / (2 * mask.sum() + 1e-16)
 
 
+# -- MC-Net+ (Wu et al. 2022; ycwu1997/MC-Net code/train_mcnet_2d.py, train_mcnet_3d.py) ------
+
+
+def sharpen_per_class(p: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """MC-Net+'s sharpening: p^(1/T) / (p^(1/T) + (1 - p)^(1/T)) for every class on its own,
+    not renormalised over the classes (the 'sharpening' function of the reference)."""
+    a = p ** (1.0 / temperature)
+    return a / (a + (1 - p) ** (1.0 / temperature))
+
+
+def mcnet_pairwise_loss(probs: list[torch.Tensor], temperature: float = 0.1) -> torch.Tensor:
+    """Mutual consistency: sum over every ordered pair i != j of mean((p_i - sharpen(p_j))^2).
+
+    The sharpened targets are not detached: in the reference they are copied into a tensor that
+    autograd tracks (y_pseudo_label[idx] = sharpening(...)), so each decoder is also pulled
+    towards making its sharpened output match the others'.
+    """
+    sharp = [sharpen_per_class(p, temperature) for p in probs]
+    total = probs[0].new_zeros(())
+    for i, p in enumerate(probs):
+        for j, q in enumerate(sharp):
+            if i != j:
+                total = total + torch.mean((p - q) ** 2)
+    return total
+
+
+def mcnet_dice_loss_2d(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The 2D reference's DiceLoss (utils/losses.py), mean over classes of
+    1 - sum(p t) / (sum p^2 + sum t^2 + 1e-10). It has no factor 2 in the numerator, so it is
+    0.5 + 0.5 x the usual soft Dice loss (half the gradient); kept as the reference has it."""
+    target = one_hot(y, probs.shape[1])
+    losses = []
+    for k in range(probs.shape[1]):
+        p, t = probs[:, k], target[:, k]
+        losses.append(1 - (p * t).sum() / ((p * p).sum() + (t * t).sum() + 1e-10))
+    return torch.stack(losses).mean()
+
+
+def binary_dice_loss(p: torch.Tensor, t: torch.Tensor, ep: float = 1e-8) -> torch.Tensor:
+    """The 3D reference's Binary_dice_loss: 1 - (2 sum(p t) + ep) / (sum p + sum t + ep)."""
+    return 1 - (2 * (p * t).sum() + ep) / (p.sum() + t.sum() + ep)
+
+
+def mcnet_supervised_loss(probs: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """Dice-only supervision summed over the decoders (the cross-entropy the reference computes
+    is only logged there). 2D: lambda = 1 x the 2D DiceLoss. 3D: lambda = 0.5 x the binary Dice
+    of the foreground channel; with more than two classes, the mean of each foreground class's
+    binary Dice (the reference's 3D tasks are binary)."""
+    if probs[0].dim() == 4:
+        return sum((mcnet_dice_loss_2d(p, y) for p in probs), probs[0].new_zeros(()))
+    total = probs[0].new_zeros(())
+    for p in probs:
+        fg = [binary_dice_loss(p[:, k], (y == k).to(p.dtype)) for k in range(1, p.shape[1])]
+        total = total + torch.stack(fg).mean()
+    return 0.5 * total
+
+
+def mcnet_consistency_weight(t: int, t_max: int, spatial_dims: int) -> float:
+    """The reference's weight at iteration t (1-based, as its iter_num when the weight is read):
+    consistency * sigmoid_rampup(iter_num // 150, rampup) with 3D: 1.0, rampup 40 over 15000
+    iterations (1.0 reached at 6000, 0.4 of the run); 2D: 0.1, rampup 200 over 30000 (0.1 reached
+    at the end). 150 iterations are 1/100 (3D) or 1/200 (2D) of the reference's run, and the
+    staircase is scaled to the run length t_max."""
+    if spatial_dims == 3:
+        weight, epochs, ramp = 1.0, 100, 40.0
+    elif spatial_dims == 2:
+        weight, epochs, ramp = 0.1, 200, 200.0
+    else:
+        raise ValueError(f"spatial_dims must be 2 or 3, not {spatial_dims}")
+    if t_max <= 0:
+        return weight
+    return weight * sigmoid_rampup((int(t) * epochs) // int(t_max), ramp)
+
+
+# -- the project's earlier MC-Net (method "mcnet-legacy", kept for the committed tables) -------
+
+
 def sharpen(p: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Sharpening renormalised over the classes (the earlier project variant, not MC-Net's)."""
     q = p ** (1.0 / temperature)
     return q / q.sum(dim=1, keepdim=True)
 
@@ -119,6 +206,6 @@ def sharpen(p: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
 def mcnet_loss(
     probs_a: torch.Tensor, probs_b: torch.Tensor, temperature: float = 0.1
 ) -> torch.Tensor:
-    """MC-Net mutual consistency: each decoder matches the other's sharpened, detached output."""
+    """Earlier project MC-Net: each decoder matches the other's sharpened, detached output."""
     pa, pb = sharpen(probs_a, temperature).detach(), sharpen(probs_b, temperature).detach()
     return 0.5 * (F.mse_loss(probs_a, pb) + F.mse_loss(probs_b, pa))

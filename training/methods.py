@@ -1,14 +1,16 @@
 """Every training method behind one interface: build the network, compute one step's losses.
 
 `--method` picks one. The SFPC ablation rows of the paper's Table II are switch combinations of
-the same method; the baselines (supervised-only, URPC, UAMT, MC-Net) share the trainer, the data
-and the schedule so that every comparison is side by side.
+the same method; the baselines (supervised-only, URPC, UAMT, MC-Net+) share the trainer, the data
+and the optimiser schedule so that every comparison is side by side. The baselines follow their
+reference code (SSL4MIS for URPC and UAMT, ycwu1997/MC-Net for MC-Net+); docs/method-notes.md
+lists what still differs and why. The "-legacy" / "-lnk" variants are the project's earlier
+baselines, kept so that the benchmark tables trained with them can be reproduced.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +21,14 @@ from sfpc.training.losses import (
     entropy,
     fpc_loss,
     lambda1,
+    mcnet_consistency_weight,
     mcnet_loss,
+    mcnet_pairwise_loss,
+    mcnet_supervised_loss,
     reconstruction_loss,
-    sigmoid_rampup,
     supervised_loss,
     uamt_loss,
+    uamt_threshold,
     urpc_loss,
 )
 
@@ -45,7 +50,12 @@ SFPC_VARIANTS: dict[str, Switches] = {
     "sfpc": Switches(rec=True, flpm=True, fpc=True),
 }
 BASELINES = ("urpc", "uamt", "mcnet")
-METHODS = tuple(SFPC_VARIANTS) + BASELINES
+# The project's earlier baselines: URPC without SSL4MIS's decoder perturbations (1x1 heads,
+# bilinear up-sampling), UAMT with a ln K threshold, MC-Net with two decoders and its own loss.
+LEGACY_BASELINES = ("urpc-legacy", "uamt-lnk", "mcnet-legacy")
+METHODS = tuple(SFPC_VARIANTS) + BASELINES + LEGACY_BASELINES
+URPC_METHODS = ("urpc", "urpc-legacy")
+UAMT_METHODS = ("uamt", "uamt-lnk")
 
 
 @dataclass
@@ -72,8 +82,19 @@ def net_config_for(method: str, base: NetConfig, lc: LossConfig) -> NetConfig:
     # Every SFPC variant keeps an FLPM (its buffers cost nothing) so any model can export the
     # uncertainty graph; only variants with the switch on train through it.
     cfg.perturbation = lc.perturbation if sw is not None else None
-    cfg.deep_supervision = method == "urpc"
-    cfg.aux_decoder = method == "mcnet"
+    cfg.deep_supervision = method in URPC_METHODS
+    cfg.pyramid_style = "reference" if method == "urpc" else "plain"
+    cfg.seg_up_mode, cfg.aux_decoders, cfg.head_dropout = "transpose", (), 0.0
+    if method == "mcnet":
+        # MC-Net+ (MCNet2d_v2 / MCNet3d_v2): transposed, (bi/tri)linear and nearest decoders.
+        # G1 is the decoder the reference evaluates and the one exported: its decoder1, bilinear
+        # in 2D, transposed in 3D.
+        if cfg.spatial_dims == 2:
+            cfg.seg_up_mode, cfg.aux_decoders = "linear-aligned", ("transpose", "nearest")
+        else:
+            cfg.aux_decoders, cfg.head_dropout = ("linear-aligned", "nearest"), 0.5
+    elif method == "mcnet-legacy":
+        cfg.aux_decoders = ("linear",)
     return cfg
 
 
@@ -88,6 +109,10 @@ class Method:
     @property
     def uses_unlabelled(self) -> bool:
         return self.name != "supervised"
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.name in UAMT_METHODS
 
     def m_samples(self) -> int:
         sw = SFPC_VARIANTS.get(self.name)
@@ -114,19 +139,30 @@ class Method:
                 lu = fpc_loss(probs, self.lc.norm, weighted=sw.fpc, detach_mean=self.lc.detach_mean)
                 loss = loss + w1 * lu
                 logs["lu"] = lu.item()
-        elif self.name == "urpc":
+        elif self.name in URPC_METHODS:
             heads = [out["logits"], *out["pyramid"]]
             ls = sum(supervised_loss(h[:nl], yl) for h in heads) / len(heads)
             lu = urpc_loss([torch.softmax(h[nl:], dim=1) for h in heads])
             loss = ls + w1 * lu
             logs.update(ls=ls.item(), lu=lu.item())
         elif self.name == "mcnet":
-            ls = 0.5 * (ls + supervised_loss(out["aux_logits"][:nl], yl))
-            lu = mcnet_loss(torch.softmax(out["logits"], 1), torch.softmax(out["aux_logits"], 1),
+            # MC-Net+: Dice-only supervision summed over the decoders, mutual consistency over
+            # every ordered pair on the whole batch, the reference's own weight schedule (t + 1:
+            # the reference counts the iteration before reading the weight).
+            probs = [torch.softmax(h, dim=1) for h in (out["logits"], *out["aux_logits"])]
+            ls = mcnet_supervised_loss([p[:nl] for p in probs], yl)
+            lu = mcnet_pairwise_loss(probs, self.lc.mcnet_temperature)
+            w = mcnet_consistency_weight(t + 1, t_max, probs[0].dim() - 2)
+            loss = ls + w * lu
+            logs.update(ls=ls.item(), lu=lu.item(), lambda1=w)
+        elif self.name == "mcnet-legacy":
+            aux = out["aux_logits"][0]
+            ls = 0.5 * (ls + supervised_loss(aux[:nl], yl))
+            lu = mcnet_loss(torch.softmax(out["logits"], 1), torch.softmax(aux, 1),
                             self.lc.mcnet_temperature)
             loss = ls + w1 * lu
             logs.update(ls=ls.item(), lu=lu.item())
-        elif self.name == "uamt":
+        elif self.name in UAMT_METHODS:
             lu = self._uamt(out["logits"][nl:], xu, t, t_max)
             loss = ls + w1 * lu
             logs["lu"] = lu.item()
@@ -164,8 +200,8 @@ class Method:
             preds = torch.softmax(self.teacher(stack), dim=1)
             preds = preds.reshape(reps, xu.shape[0], *preds.shape[1:]).mean(dim=0)
             unc = entropy(preds, dim=1, keepdim=True)
-        k = student_logits.shape[1]
-        threshold = (0.75 + 0.25 * sigmoid_rampup(t, t_max)) * math.log(k)
+        threshold = uamt_threshold(t, t_max, student_logits.shape[1],
+                                   log_k=self.name == "uamt-lnk")
         return uamt_loss(torch.softmax(student_logits, dim=1), target, unc, threshold)
 
 
@@ -179,8 +215,10 @@ class TrainStep(nn.Module):
     def forward(self, x: torch.Tensor, n_unlabelled: int, m: int) -> dict:
         o = self.net.forward_train(x, n_unlabelled, m)
         out = {"logits": o.logits, "pyramid": o.pyramid}
-        for k in ("perturbed", "recon", "aux_logits"):
+        for k in ("perturbed", "recon"):
             v = getattr(o, k)
             if v is not None:
                 out[k] = v
+        if o.aux_logits:
+            out["aux_logits"] = o.aux_logits
         return out

@@ -118,7 +118,7 @@ class Trainer:
             step_module = DDP(step_module, device_ids=[self.device.index] if
                               self.device.type == "cuda" else None, find_unused_parameters=True)
         self.method = Method(cfg.method, step_module, loss_config(cfg))
-        if cfg.method == "uamt":
+        if self.method.uses_teacher:
             self.method.init_teacher(self.net)
         self.opt = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)

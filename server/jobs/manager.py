@@ -7,6 +7,7 @@ the uploaded files with the same :class:`SegmentOptions`), so its results are th
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import json
@@ -36,6 +37,7 @@ from sfpc.server.jobs.files import (
     is_job_id,
     is_safe_name,
     new_job_id,
+    write_durable,
 )
 from sfpc.server.jobs.models import InputFile, JobRecord, JobStatus, ResultBody
 from sfpc.server.jobs.runner import (
@@ -51,6 +53,7 @@ from sfpc.server.observability import IN_FLIGHT, SEGMENTATIONS, set_queue_depth
 log = logging.getLogger("sfpc.server.jobs")
 
 DB_FILE = "jobs.sqlite3"
+DELIVERY_FILE = "delivery.json"  # in a job's folder: where its DICOM results are sent
 JOBS_DIR = "jobs"
 # Retry-After when no job has finished yet to time: a small CPU model's run.
 DEFAULT_JOB_SECONDS = 10.0
@@ -117,6 +120,8 @@ class JobManager:
                        sweep_s=config.sweep_s),
             on_change=on_queue_depth, clock=clock)
         self._started = False
+        # Where jobs with a delivery file send their DICOM results (Settings.destinations).
+        self.destinations: dict[str, Any] = {}
 
     @classmethod
     def from_settings(cls, settings: Any, service: Any, **kwargs: Any) -> JobManager:
@@ -129,7 +134,9 @@ class JobManager:
             max_attempts=int(settings.job_max_attempts),
             max_upload_bytes=int(getattr(settings, "max_upload_bytes", 1 << 30)),
         )
-        return cls(config, service, **kwargs)
+        manager = cls(config, service, **kwargs)
+        manager.destinations = dict(getattr(settings, "destinations", {}) or {})
+        return manager
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,9 +156,12 @@ class JobManager:
         self.store.close()
 
     # -- requests ---------------------------------------------------------------------------
-    def submit(self, uploads: Sequence[Upload], options: Any) -> JobRecord:
+    def submit(self, uploads: Sequence[Upload], options: Any, *,
+               delivery: dict[str, Any] | None = None) -> JobRecord:
         """Write the uploads to disk (fsynced), then queue the job; blocking (call it in a
-        thread). :class:`JobError` 503 with Retry-After when the queue is full."""
+        thread). :class:`JobError` 503 with Retry-After when the queue is full. ``delivery``
+        (``{"destinations": [names]}``, names of ``self.destinations``): where the job sends
+        its DICOM results once it has succeeded (STOW-RS jobs routed by model)."""
         if self.pool.stopping:
             raise JobError(503, "shutting_down", "the server is shutting down; retry shortly",
                            {"Retry-After": "5"})
@@ -176,6 +186,10 @@ class JobManager:
                             content_type=u.content_type, size=size)
                   for i, (u, (name, size)) in enumerate(zip(uploads, stored, strict=True))]
         try:
+            if delivery:
+                # Beside the inputs, durable before the row: a worker that runs the job finds it.
+                write_durable(self.files.job_dir(job_id) / DELIVERY_FILE,
+                              json.dumps(delivery).encode())
             record = self.store.insert(job_id, options=_options_json(options), inputs=inputs,
                                        now=self.clock(), max_queued=self.config.max_queued)
         except QueueFull:
@@ -311,12 +325,50 @@ class JobManager:
             extra.append((body.filename, body.read()))
         self.files.write_results(job.id, produced, artefacts.report, extra)
         report = artefacts.report or {}
+        summary: dict[str, Any] = {"timings": report.get("timings", {}),
+                                   "model": report.get("model")}
+        deliveries = self._deliver(job, [(a.filename, a.media_type, a.content)
+                                         for a in artefacts.artefacts])
+        if deliveries is not None:
+            summary["deliveries"] = deliveries
         return JobOutcome(
             results=names,
             result_body=ResultBody(path=body.filename, media_type=body.media_type,
                                    filename=body.filename),
-            report={"timings": report.get("timings", {}), "model": report.get("model")},
+            report=summary,
         )
+
+    def _deliver(self, job: JobRecord, produced: Sequence[tuple[str, str, bytes | Path]]
+                 ) -> builtins.list[dict[str, Any]] | None:
+        """Send the job's DICOM results where its delivery file says (each destination with
+        its retries); the records of what went where, or None for a job without delivery.
+        A destination that fails is recorded, not raised: the results stay downloadable."""
+        try:
+            delivery = json.loads((self.files.job_dir(job.id) / DELIVERY_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        from sfpc.io import dicom_net
+
+        files = [(name, content if isinstance(content, bytes) else Path(content).read_bytes())
+                 for name, media, content in produced if media == "application/dicom"]
+        records = []
+        for name in delivery.get("destinations", []):
+            destination = self.destinations.get(name)
+            if destination is None:
+                records.append({"destination": name, "status": "failed",
+                                "error": f"destination {name!r} is no longer configured"})
+                continue
+            if not files:
+                records.append({"destination": name, "status": "failed",
+                                "error": "the job produced no DICOM object to send"})
+                continue
+            record = dicom_net.send(name, destination, files)
+            log.info("job results delivered" if record["status"] == "delivered"
+                     else "job results not delivered",
+                     extra={"job_id": job.id, "destination": name, "status": record["status"],
+                            "attempts": record.get("attempts"), "error": record.get("error")})
+            records.append(record)
+        return records
 
 
 def _options_json(options: Any) -> dict[str, Any]:

@@ -133,6 +133,10 @@ class JobView(BaseModel):
     results: list[str] = Field(default_factory=list, description="Result file names, each "
                                "downloadable from results_url + '/' + name.")
     timings: JobTimings = Field(default_factory=JobTimings)
+    deliveries: list[dict[str, Any]] | None = Field(
+        None, description="Jobs with a route (STOW-RS): where the DICOM results were sent, "
+        "each {destination, kind, target, status: delivered | failed, attempts, instances: "
+        "[{file, sop_class_uid, sop_instance_uid}], error?, time}.")
     status_url: str
     results_url: str
 

@@ -83,6 +83,7 @@ def _view(request: Request, record: JobRecord, now: float) -> JobView:
         results=[] if status is JobStatus.EXPIRED else list(record.results),
         timings=JobTimings(queued_s=max(0.0, queued_until - record.created_at), run_s=run_s,
                            stages=stages),
+        deliveries=(record.report or {}).get("deliveries"),
         status_url=status_url, results_url=results_url)
 
 

@@ -1,11 +1,12 @@
 """A real Orthanc PACS for the DICOMweb tests.
 
 :class:`OrthancServer` writes its own configuration into a temporary folder (HTTP on a free
-port, reachable from this machine only; the DICOM listener off; storage and index in the
-folder; a test user; the DICOMweb plugin that the Debian package ``orthanc-dicomweb`` installs,
-found with ``dpkg -L``), starts ``Orthanc config.json`` as a child process, waits a bounded time
-for ``/system`` and stops the process by its pid. Instances are loaded through Orthanc's own REST
-API (``POST /instances``), not through the DICOMweb code under test.
+port, reachable from this machine only; the DICOM listener off unless asked for, AE title
+ORTHANC; storage and index in the folder; a test user; the DICOMweb plugin that the Debian
+package ``orthanc-dicomweb`` installs, found with ``dpkg -L``), starts ``Orthanc config.json``
+as a child process, waits a bounded time for ``/system`` and stops the process by its pid.
+Instances are loaded through Orthanc's own REST API (``POST /instances``), not through the
+DICOMweb code under test.
 
 Install: ``apt-get install -y orthanc orthanc-dicomweb`` (the tests skip, saying so, without).
 """
@@ -76,11 +77,14 @@ def _free_ports(count: int) -> list[int]:
 class OrthancServer:
     """Orthanc in a child process on 127.0.0.1, all its state under ``workdir``."""
 
-    def __init__(self, workdir: Path, *, user: str = USER, password: str = PASSWORD) -> None:
+    def __init__(self, workdir: Path, *, user: str = USER, password: str = PASSWORD,
+                 dicom: bool = False, extra: dict[str, Any] | None = None) -> None:
         self.workdir = Path(workdir)
         self.user = user
         self.password = password
         self.http_port, self.dicom_port = _free_ports(2)
+        self.dicom = dicom  # the DICOM listener (C-STORE SCP) on dicom_port, AE title ORTHANC
+        self.extra = dict(extra or {})  # more configuration (modalities, Lua scripts...)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,7 +104,8 @@ class OrthancServer:
             "Name": "SFPC-TEST",
             "HttpPort": self.http_port,
             "DicomPort": self.dicom_port,
-            "DicomServerEnabled": False,
+            "DicomServerEnabled": self.dicom,
+            "DicomAet": "ORTHANC",
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": True,
             "RegisteredUsers": {self.user: self.password},
@@ -110,6 +115,7 @@ class OrthancServer:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
             "HttpCompressionEnabled": False,
             "ConcurrentJobs": 1,
+            **self.extra,
         }
 
     def start(self, timeout: float = 30.0) -> OrthancServer:
@@ -155,6 +161,11 @@ class OrthancServer:
     def get(self, path: str, timeout: float = 30.0) -> Any:
         """GET on Orthanc's native REST API (JSON)."""
         return self._request(path, timeout=timeout)
+
+    def post(self, path: str, body: Any, method: str = "POST") -> Any:
+        """POST (or PUT) JSON on Orthanc's native REST API."""
+        return self._request(path, data=json.dumps(body).encode(), method=method,
+                             content_type="application/json")
 
     def upload(self, paths: list[Path]) -> list[dict[str, Any]]:
         """Store DICOM files with ``POST /instances``; returns Orthanc's answers."""
