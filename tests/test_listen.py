@@ -398,6 +398,16 @@ def test_unknown_calling_ae_is_rejected(listener, tmp_path) -> None:
                            str(listener.port), str(sources[0])],
                           capture_output=True, text=True, timeout=60)
     assert sent.returncode != 0 and "Rejected" in sent.stdout + sent.stderr
+    # Our own C-STORE sender treats a rejection as final: one attempt, no retry.
+    from sfpc.io.dicom_net import Destination, send
+
+    waits: list[float] = []
+    record = send("listener", Destination(kind="dimse", host="127.0.0.1", port=listener.port,
+                                          ae_title="SFPC", calling_ae_title="STRANGER",
+                                          attempts=3),
+                  [("a.dcm", sources[0].read_bytes())], sleep=waits.append)
+    assert (record["status"], record["attempts"], waits) == ("failed", 1, [])
+    assert "rejected" in record["error"]
     assert listener.states() == before
 
 
