@@ -16,28 +16,96 @@ def _cmd_synth(argv: Sequence[str]) -> int:
     return synth.main(list(argv)) or 0
 
 
-def _cmd_train(argv: Sequence[str]) -> int:
-    from sfpc.training.config import add_config_arguments, config_from_args
+def train_parser() -> argparse.ArgumentParser:
+    """The parser of `sfpc train` (every TrainConfig field is a flag with a help line)."""
+    from sfpc.training.config import add_config_arguments
 
     p = argparse.ArgumentParser(
         prog="sfpc train",
-        description="Train an SFPC model (or a baseline / ablation) on NIfTI data. Every flag "
-                    "defaults to the paper's value; --config takes a YAML/JSON file of the same "
-                    "fields. Multi-GPU: torchrun --nproc_per_node N -m sfpc.cli train ...",
+        # The full usage line lists 50 flags; an error message should not drown in it.
+        usage="sfpc train --data DATA [options]   (sfpc train --help: every option)",
+        description="Train an SFPC model (or a baseline / ablation) on NIfTI data. By default the "
+                    "data set is read once first and every value not given below is planned from "
+                    "it (2D or 3D, spacing, patch, normalisation, augmentation, schedule; "
+                    "<out>/plan.json says why; `sfpc plan` shows the plan without training). "
+                    "--config takes a YAML/JSON file of the same fields. Multi-GPU: torchrun "
+                    "--nproc_per_node N -m sfpc.cli train ...",
     )
-    add_config_arguments(p)
-    cfg = config_from_args(p.parse_args(list(argv)))
-    if not cfg.data:
-        p.error("--data is required (a folder of NIfTI files, a dataset JSON/CSV, BraTS or ACDC)")
-    from sfpc.training.trainer import train
+    p.add_argument("--no-plan", action="store_true",
+                   help="do not plan from the data: every value not given keeps its default (the "
+                        "paper's 3D BraTS recipe)")
+    add_config_arguments(p, planned=True)
+    return p
 
-    result = train(cfg)
-    if os.environ.get("RANK", "0") != "0":
+
+def _cmd_train(argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from sfpc.training.config import (
+        ConfigError,
+        TrainConfig,
+        check_values,
+        explicit_values,
+        resolve,
+    )
+
+    p = train_parser()
+    ns = p.parse_args(list(argv))
+    # Every value a user typed is checked before any data is read.
+    try:
+        given = explicit_values(ns)
+        check_values(given)
+    except ConfigError as e:
+        p.error(str(e))
+    if not given.get("data"):
+        p.error("--data is required (a folder of NIfTI files, a dataset JSON/CSV, BraTS or ACDC)")
+    if not Path(given["data"]).exists():
+        p.error(f"--data: {given['data']} does not exist")
+    main_rank = os.environ.get("RANK", "0") == "0"
+    try:
+        plan = fingerprint = None
+        fields = dict(given)
+        if not ns.no_plan:
+            from sfpc.training.plan import plan_for, summary_lines
+
+            fingerprint, plan = plan_for(given["data"], given, given.get("device", "auto"),
+                                         progress=main_rank)
+            fields = plan.config_fields()
+            if main_rank:
+                print("\n".join(summary_lines(fingerprint, plan)), flush=True)
+        cfg = resolve(TrainConfig(**fields))
+        if plan is not None and fingerprint is not None and main_rank:
+            from sfpc.training.plan import write_plan
+
+            write_plan(Path(cfg.out) / "plan.json", fingerprint, plan)
+        from sfpc.training.trainer import train
+
+        result = train(cfg)
+    except ConfigError as e:
+        p.error(str(e))
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        # The data or a value that only the data shows to be wrong: a message, not a traceback.
+        print(f"sfpc train: error: {e}", file=sys.stderr)
+        return 2
+    if not main_rank:
         return 0  # under torchrun only rank 0 reports
-    print(json.dumps({"best_val_dice": result["best_dice"],
-                      "step_time_median_s": result["step_time_median_s"],
-                      "checkpoint": f"{cfg.out}/best.pt"}, indent=2))
+    report = {"best_val_dice": result["best_dice"], "best_iteration": result["best_iteration"],
+              "step_time_median_s": result["step_time_median_s"],
+              "checkpoint": result["checkpoint"], "last_checkpoint": result["last"],
+              "warnings": len(result["warnings"])}
+    if plan is not None:
+        report["plan"] = str(Path(cfg.out) / "plan.json")
+    if not result["validated"]:
+        report["note"] = ("no validation data (--val-count 0 or too few labelled cases), so no "
+                          "score: the model is last_checkpoint")
+    print(json.dumps(report, indent=2))
     return 0
+
+
+def _cmd_plan(argv: Sequence[str]) -> int:
+    from sfpc.training import plan
+
+    return plan.main(list(argv))
 
 
 def _cmd_evaluate(argv: Sequence[str]) -> int:
@@ -116,7 +184,9 @@ COMMANDS = {
     "predict": (_cmd_predict, "segment a NIfTI file, DICOM series or folder locally (no server)"),
     "sample-data": (_cmd_sample_data, "download the public sample scans the README uses"),
     "synth": (_cmd_synth, "generate synthetic BraTS-like 3D or ACDC-like 2D NIfTI data"),
-    "train": (_cmd_train, "train SFPC, an ablation row or a baseline"),
+    "plan": (_cmd_plan, "read a data set once and show the training configuration planned "
+                        "from it (plan.json)"),
+    "train": (_cmd_train, "train SFPC, an ablation row or a baseline (planned from the data)"),
     "evaluate": (_cmd_evaluate, "evaluate a checkpoint: Dice, HD95, ASD, boundary Dice"),
     "export": (_cmd_export, "export a checkpoint to ONNX (+ uncertainty graph, Triton repo)"),
     "organ-split": (_cmd_organ_split, "write the abdominal CT organ task's slice-block split"),

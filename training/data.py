@@ -633,7 +633,9 @@ class SliceDataset2D(_SampleStream):
     cropped / zero padded to the patch. Augmentation: random flips (each in-plane axis, p=0.5),
     optional quarter turns, rotation by ``U(-rotation, rotation)`` degrees, optional zoom
     ``U(*scale)``, optional intensity jitter. Labelled slices without foreground are drawn with
-    relative weight ``empty_slice_prob`` (1 = uniform over slices, 0 = never).
+    relative weight ``empty_slice_prob`` (1 = uniform over slices, 0 = never). A labelled slice
+    larger than the patch is cropped around one of its foreground pixels with probability
+    ``foreground_fraction`` (else uniformly), so small structures are not cropped away.
     Yields ``(x (C, H, W) float32, y (H, W) int64)`` or ``x`` alone when ``labelled`` is False.
     """
 
@@ -652,8 +654,10 @@ class SliceDataset2D(_SampleStream):
         empty_slice_prob: float = 1.0,
         seed: int = 0,
         rank: int | None = None,
+        foreground_fraction: float = 0.0,
     ) -> None:
         self.volumes = _check_volumes(volumes, labelled, "SliceDataset2D")
+        self.foreground_fraction = float(foreground_fraction)
         if plane not in PLANES:
             raise ValueError(f"plane must be one of {tuple(PLANES)}, got {plane!r}")
         if (size is None) == (patch_size is None):
@@ -708,7 +712,14 @@ class SliceDataset2D(_SampleStream):
             image = resample_to_shape(image, self.spatial_shape, 1)
             label = None if label is None else resample_to_shape(label, self.spatial_shape, 0)
         else:
-            image, label = _crop_or_pad(image, label, self.spatial_shape, rng)
+            centre = None
+            # No draw at fraction 0: the stream of a run without the option stays as it was.
+            if label is not None and self.foreground_fraction > 0 and (
+                    rng.random() < self.foreground_fraction):
+                points = np.argwhere(label > 0)
+                if len(points):
+                    centre = points[int(rng.integers(len(points)))]
+            image, label = _crop_or_pad(image, label, self.spatial_shape, rng, centre)
         image, label = augment_2d(
             image,
             label,

@@ -50,7 +50,7 @@ def _label_map(cfg: TrainConfig) -> Any:
 def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
     cases = discover_cases(cfg.data, cfg.layout, label_map=_label_map(cfg))
     if not cases:
-        raise SystemExit(f"no cases found in {cfg.data} (layout {cfg.layout})")
+        raise ValueError(f"no cases found in {cfg.data} (layout {cfg.layout})")
     split_path = Path(cfg.split_file) if cfg.split_file else Path(cfg.out) / "split.json"
     split_path.parent.mkdir(parents=True, exist_ok=True)
     # An explicit count wins over the default fraction of the same kind.
@@ -60,7 +60,7 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
                                labelled_count=cfg.labelled_count, val_fraction=val_fraction,
                                val_count=cfg.val_count, seed=cfg.seed)
     if not split.labelled:
-        raise SystemExit("the split has no labelled case: raise --labelled-fraction or "
+        raise ValueError("the split has no labelled case: raise --labelled-fraction or "
                          "--labelled-count, or give cases with labels")
     axes = resample_axes(cfg)
     norm = cfg.normalisation
@@ -81,20 +81,26 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
 
     needs_unlabelled = cfg.method != "supervised"
     if needs_unlabelled and not unlabelled:
-        raise SystemExit(f"method {cfg.method!r} needs unlabelled cases but the split has none; "
+        raise ValueError(f"method {cfg.method!r} needs unlabelled cases but the split has none; "
                          "lower --labelled-fraction or add images without labels")
     aug = dict(cfg.augment)
     intensity = IntensityAugment(**aug.pop("intensity")) if aug.get("intensity") else None
 
+    # Unset: half the 3D patches on foreground, uniform 2D crops (the earlier behaviour of each).
+    foreground = cfg.foreground_fraction
+    if foreground is None:
+        foreground = 0.5 if cfg.spatial_dims == 3 else 0.0
+
     def stream(volumes: list, is_labelled: bool, seed: int) -> Any:
         if cfg.spatial_dims == 3:
             return PatchDataset3D(volumes, patch_size=cfg.patch_size, labelled=is_labelled,
-                                  foreground_fraction=cfg.foreground_fraction,
+                                  foreground_fraction=foreground,
                                   intensity=intensity, seed=seed, rank=rank, **aug)
         geometry = ({"size": cfg.patch_size, "patch_size": None} if cfg.input_mode == "resize"
                     else {"size": None, "patch_size": cfg.patch_size})
         return SliceDataset2D(volumes, plane=cfg.plane, labelled=is_labelled, intensity=intensity,
-                              seed=seed, rank=rank, **geometry, **aug)
+                              seed=seed, rank=rank, foreground_fraction=foreground, **geometry,
+                              **aug)
 
     lab_ds = stream(labelled, True, cfg.seed)
     unl_ds = stream(unlabelled, False, cfg.seed + 1) if unlabelled and needs_unlabelled else None

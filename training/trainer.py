@@ -24,7 +24,7 @@ import sfpc
 from sfpc.inference.contract import ModelMetadata, plane_axis
 from sfpc.model.networks import NetConfig, SFPCNet
 from sfpc.model.perturbation import eps_grid
-from sfpc.training.config import TrainConfig
+from sfpc.training.config import PLANES, TrainConfig, resolve_spacing
 from sfpc.training.datamodule import TrainData, build_data
 from sfpc.training.evaluate import evaluate_cases
 from sfpc.training.methods import LossConfig, Method, TrainStep, net_config_for
@@ -100,8 +100,87 @@ def mean_dice(summary: dict) -> float:
     return float(summary["mean"]["dice"]["mean"])
 
 
+def windows_per_case(shape: tuple[int, ...], cfg: TrainConfig) -> tuple[int, int]:
+    """(slices or 1, windows per slice or volume) the validation's sliding window runs over a
+    model-grid volume of spatial ``shape``, as the engine places them (padded to the patch)."""
+    if cfg.spatial_dims == 2:
+        axis = PLANES[cfg.plane]
+        slices = shape[axis]
+        if cfg.input_mode == "resize":
+            return slices, 1
+        spatial = [n for a, n in enumerate(shape) if a != axis]
+    else:
+        slices, spatial = 1, list(shape)
+    windows = 1
+    for n, p in zip(spatial, cfg.patch_size, strict=True):
+        n = max(n, p)
+        step = p if p == n else max(int(p * (1 - cfg.val_overlap)), 1)
+        windows *= int(np.ceil((n - p) / step)) + 1
+    return slices, windows
+
+
+class PredictionWatch:
+    """Which foreground classes the network predicts on the labelled patches of each step.
+
+    A class that the labels of recent batches show but that has not been predicted on any
+    labelled patch for ``window`` iterations gets one warning naming the likely causes; the
+    forward hook reads the clean logits the step computes anyway (the classifier's first call).
+    """
+
+    def __init__(self, class_names: list[str], window: int):
+        self.names, self.window = class_names, int(window)
+        k = len(class_names)
+        self.last_predicted = np.full(k, -1)
+        self.first_present = np.full(k, -1)
+        self.last_present = np.full(k, -1)
+        self.warned: list[str] = []
+        self._n = 0
+        self._counts: torch.Tensor | None = None
+
+    def hook(self, _module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        if self._n and self._counts is None:
+            pred = output[: self._n].detach().argmax(1).flatten()
+            self._counts = torch.bincount(pred, minlength=output.shape[1])
+
+    def arm(self, n_labelled: int) -> None:
+        self._n, self._counts = n_labelled, None
+
+    def update(self, iteration: int, labels: torch.Tensor) -> list[str]:
+        """Record step ``iteration`` (1-based); return the warnings it raises."""
+        counts, self._n = self._counts, 0
+        if counts is None or self.window <= 0:
+            return []
+        k = len(self.names)
+        predicted = (counts[:k] > 0).cpu().numpy()
+        present = (torch.bincount(labels.flatten(), minlength=k)[:k] > 0).cpu().numpy()
+        self.last_predicted[predicted] = iteration
+        self.first_present[present & (self.first_present < 0)] = iteration
+        self.last_present[present] = iteration
+        out = []
+        for c in range(1, k):
+            if self.first_present[c] < 0 or self.names[c] in self.warned:
+                continue
+            since = max(self.last_predicted[c], self.first_present[c] - 1, 0)
+            recent = self.last_present[c] > iteration - self.window
+            if recent and iteration - since >= self.window:
+                self.warned.append(self.names[c])
+                when = ("has never been predicted" if self.last_predicted[c] < 0 else
+                        f"has not been predicted since iteration {self.last_predicted[c]}")
+                out.append(
+                    f"warning: class {self.names[c]!r} is in the labelled patches but {when} on "
+                    f"any of them ({iteration - since} iterations). Likely causes: class balance "
+                    "(it is a small share of the voxels: raise --foreground-fraction, or in 2D "
+                    "lower the augment key empty_slice_prob so that slices showing it are drawn "
+                    "more often), sampling (patches crop it away: a larger --patch-size or a "
+                    "coarser --spacing), or the learning rate (--lr; a supervised loss stuck at "
+                    "the value of predicting background everywhere means it is not learning).")
+        return out
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        # The internal form of the spacing: a 2D model's two in-plane values become [x, y, None].
+        cfg.spacing = resolve_spacing(cfg.spacing, cfg.spatial_dims, cfg.plane)
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -112,6 +191,14 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.data = build_data(cfg, rank=self.dist.rank, world=self.dist.world)
         self.net = build_net(cfg, self.data).to(self.device)
+        self.init_notes: list[str] = []
+        if cfg.init:
+            from sfpc.training.init_model import load_initial_weights
+
+            # The first two batches (fixed by the seed) measure an export's folded BatchNorms.
+            batches = [torch.cat([b[0], b[2]]).to(self.device)
+                       for b in (self.data.loader.batch(i) for i in range(2))]
+            self.init_notes = load_initial_weights(self.net, cfg.init, batches)
         self.meta = make_metadata(cfg, self.data, self.net)
         step_module: torch.nn.Module = TrainStep(self.net)
         if self.dist.world > 1:
@@ -125,7 +212,12 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, cfg.lr_step, cfg.lr_gamma)
         self.iteration = 0
         self.best = -1.0
+        self.best_iteration: int | None = None
         self.history: list[dict] = []
+        # After the teacher's deepcopy: the teacher must not report into the student's watch.
+        self.watch = PredictionWatch(self.data.class_names, cfg.warn_unpredicted)
+        self.net.classifier.register_forward_hook(self.watch.hook)
+        self.warnings: list[str] = []
         if cfg.resume:
             self._resume(cfg.resume)
 
@@ -133,6 +225,7 @@ class Trainer:
     def state(self) -> dict:
         return {
             "iteration": self.iteration, "best": self.best, "history": self.history,
+            "best_iteration": self.best_iteration,
             "model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "teacher": self.method.teacher.state_dict() if self.method.teacher else None,
@@ -162,6 +255,7 @@ class Trainer:
         if ck.get("teacher") and self.method.teacher is not None:
             self.method.teacher.load_state_dict(ck["teacher"])
         self.iteration, self.best = ck["iteration"], ck["best"]
+        self.best_iteration = ck.get("best_iteration")
         self.history = ck.get("history", [])
         torch.set_rng_state(ck["rng"]["torch"])
         np.random.set_state(ck["rng"]["numpy"])  # noqa: NPY002
@@ -180,8 +274,62 @@ class Trainer:
                              device=self.device)
         return res["summary"]
 
+    def describe(self) -> list[str]:
+        """What the run will do: model, grid, patch, batches, cases per role, validation windows,
+        schedule."""
+        cfg, data = self.cfg, self.data
+        if cfg.spatial_dims == 2:
+            grid = f"2D {cfg.plane} slices"
+            if cfg.input_mode == "resize":
+                grid += " resized whole to the patch"
+            elif cfg.spacing:
+                grid += (" on a " + " x ".join(f"{s:g}" for s in cfg.spacing if s is not None)
+                         + " mm grid (slices keep their thickness)")
+        else:
+            grid = "3D patches" + (" on a " + " x ".join(
+                "native" if s is None else f"{s:g}" for s in cfg.spacing) + " mm grid"
+                if cfg.spacing else " on each image's own grid")
+        semi = cfg.method != "supervised" and data.n_unlabelled > 0
+        batch = f"{cfg.batch_labelled} labelled" + (
+            f" + {cfg.batch_unlabelled} unlabelled" if semi else "")
+        threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
+        lines = [
+            f"sfpc train: {cfg.method}, {grid}, patch {' x '.join(map(str, cfg.patch_size))}, "
+            f"batch {batch}; device {self.device}{threads}",
+            f"  cases: {data.n_labelled} labelled, {data.n_unlabelled} unlabelled, "
+            f"{len(data.val_cases)} validation (split {data.split_path}); classes "
+            + ", ".join(data.class_names),
+        ]
+        if data.val_cases:
+            per = [windows_per_case(self._val_shape(c), cfg) for c in data.val_cases]
+            slices, windows = per[0]
+            total = [s * w for s, w in per]
+            shape = (f"{slices} slices x {windows}" if cfg.spatial_dims == 2 else f"{windows}")
+            lines.append(f"  validation: {int(np.median(total))} windows per case (median; first "
+                         f"case {shape}), every {cfg.val_every} iterations; best.pt is the best "
+                         "mean Dice")
+        else:
+            lines.append(f"  validation: none (no validation cases): nothing is measured during "
+                         f"training and last.pt, saved every {cfg.val_every} iterations, is the "
+                         "result")
+        lines.append(f"  schedule: {cfg.iterations} iterations, SGD lr {cfg.lr:g} x{cfg.lr_gamma:g}"
+                     f" every {cfg.lr_step}, seed {cfg.seed}; output {self.out}")
+        lines += [f"  {note}" for note in self.init_notes]
+        return lines
+
+    def _val_shape(self, case: dict) -> tuple[int, ...]:
+        shape = list(case["image"].shape[1:])
+        if case.get("slices") is not None:
+            shape[PLANES[self.cfg.plane] if self.cfg.spatial_dims == 2 else 2] = (
+                case["slices"][1] - case["slices"][0])
+        return tuple(shape)
+
     def train(self) -> dict:
         cfg = self.cfg
+        if self.dist.main:
+            for line in self.describe():
+                tqdm.write(line)
+        t_start = time.perf_counter()
         self.net.train()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not (
             cfg.progress and self.dist.main), dynamic_ncols=True, desc=cfg.method)
@@ -192,6 +340,7 @@ class Trainer:
             xl, yl, xu = next(it)
             xl, yl, xu = xl.to(self.device), yl.to(self.device), xu.to(self.device)
             t0 = time.perf_counter()
+            self.watch.arm(xl.shape[0])
             loss, logs = self.method.step(xl, yl, xu, self.iteration, cfg.iterations)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -201,6 +350,10 @@ class Trainer:
             step_times.append(time.perf_counter() - t0)
             window.append(logs["loss"])
             self.iteration += 1
+            for warning in self.watch.update(self.iteration, yl):
+                self.warnings.append(warning)
+                if self.dist.main:
+                    tqdm.write(f"[{self.iteration}] {warning}")
             flpm = self.net.flpm()
             if flpm is not None and int(flpm.num_batches_tracked) > 0:
                 logs["dmu"] = float(flpm.running_dmu.mean())
@@ -214,8 +367,46 @@ class Trainer:
         bar.close()
         if self.dist.world > 1:
             self._check_ranks_in_sync()
-        return {"best_dice": self.best, "history": self.history,
-                "step_time_median_s": float(np.median(step_times)) if step_times else None}
+        validated = bool(self.data.val_cases)
+        result = {"best_dice": self.best if validated and self.best_iteration else None,
+                  "best_iteration": self.best_iteration, "history": self.history,
+                  "step_time_median_s": float(np.median(step_times)) if step_times else None,
+                  "checkpoint": str(self.out / ("best.pt" if validated and self.best_iteration
+                                                else "last.pt")),
+                  "last": str(self.out / "last.pt"), "warnings": list(self.warnings),
+                  "minutes": (time.perf_counter() - t_start) / 60, "validated": validated}
+        if self.dist.main:
+            for line in self.summary(result):
+                tqdm.write(line)
+        return result
+
+    def summary(self, result: dict) -> list[str]:
+        """The end of a run: time, the result and where it is, what went wrong."""
+        step = result["step_time_median_s"]
+        lines = [f"done: {self.iteration} iterations in {result['minutes']:.1f} min"
+                 + (f" (median step {step:.2f} s)" if step else "")]
+        if result["validated"] and result["best_iteration"]:
+            per_class = ""
+            validation = (self.meta.metrics or {}).get("validation") or {}
+            names = [n for n in self.data.class_names[1:] if n in validation]
+            if names:
+                per_class = " (" + ", ".join(
+                    f"{n} {validation[n]['dice']['mean']:.3f}" for n in names) + ")"
+            lines.append(f"  best validation mean Dice {self.best:.4f} at iteration "
+                         f"{result['best_iteration']}{per_class}: {result['checkpoint']}")
+        else:
+            lines.append("  no validation data, so no score: the model is the last checkpoint, "
+                         f"{result['last']} (score it with sfpc evaluate on labelled cases "
+                         "it did not train on)")
+        lines.append(f"  last checkpoint: {result['last']}; history: {self.out / 'history.jsonl'}")
+        never = [self.data.class_names[c] for c in range(1, len(self.data.class_names))
+                 if self.watch.first_present[c] >= 0 and self.watch.last_predicted[c] < 0]
+        if never:
+            lines.append("  never predicted on a labelled patch: " + ", ".join(never))
+        if self.watch.warned:
+            lines.append("  went unpredicted for " + f"{self.watch.window}+ iterations: "
+                         + ", ".join(self.watch.warned) + " (see the warnings above)")
+        return lines
 
     def _check_ranks_in_sync(self) -> None:
         """DDP keeps replicas identical; a silent divergence would waste a multi-GPU run."""
@@ -230,18 +421,27 @@ class Trainer:
     def _validate_and_checkpoint(self, logs: dict, step_times: list[float]) -> None:
         if self.dist.main:
             summary = self.validate() if self.data.val_cases else None
-            score = mean_dice(summary) if summary else -1.0
+            score = mean_dice(summary) if summary else None
             entry = {"iteration": self.iteration, **logs, "val_dice": score,
                      "step_time_median_s": float(np.median(step_times[-200:]))}
             self.history.append(entry)
-            if summary is not None and score > self.best:
+            if summary is not None and score is not None and score > self.best:
                 self.best = score
+                self.best_iteration = self.iteration
                 self.meta.metrics = {"validation": summary, "iteration": self.iteration}
                 self.save("best.pt")
             self.save("last.pt")
             with open(self.out / "history.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
-            tqdm.write(f"[{self.iteration}] val mean Dice {score:.4f} (best {self.best:.4f})")
+            if summary is None:
+                tqdm.write(f"[{self.iteration}] loss {logs['loss_avg']:.4f}; no validation data, "
+                           f"last.pt saved")
+            else:
+                names = [n for n in self.data.class_names[1:] if n in summary]
+                per_class = ", ".join(f"{n} {summary[n]['dice']['mean']:.3f}" for n in names[:8])
+                tqdm.write(f"[{self.iteration}] loss {logs['loss_avg']:.4f}; val mean Dice "
+                           f"{score:.4f} (best {self.best:.4f})" +
+                           (f"; {per_class}" if per_class else ""))
         if self.dist.world > 1:
             dist.barrier()
 

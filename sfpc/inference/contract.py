@@ -99,7 +99,17 @@ def validate_normalisation(spec: Mapping[str, Any]) -> dict[str, Any]:
         lo, hi = float(window[0]), float(window[1])
         if not hi > lo:
             raise ValueError(f"ct_window needs hi > lo, got window {window!r}")
-        return {"kind": kind, "window": [lo, hi]}
+        out_ct: dict[str, Any] = {"kind": kind, "window": [lo, hi]}
+        # nnU-Net's CT scheme: clip to the window, then z-score with the training set's
+        # foreground mean and std (instead of scaling the window to [0, 1]).
+        if ("mean" in spec) != ("std" in spec):
+            raise ValueError("ct_window takes 'mean' and 'std' together (z-score after clipping)")
+        if "mean" in spec:
+            mean, std = float(spec["mean"]), float(spec["std"])
+            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+                raise ValueError(f"ct_window needs a finite mean and std > 0, got {mean}, {std}")
+            out_ct.update(mean=mean, std=std)
+        return out_ct
     if kind == "zscore":
         foreground = spec.get("foreground", "nonzero")
         if foreground not in ("nonzero", "all"):

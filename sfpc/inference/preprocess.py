@@ -44,7 +44,8 @@ def normalise(
 ) -> np.ndarray:
     """Normalise intensities as described by ``spec``; returns a new float32 array.
 
-    ``{"kind": "ct_window", "window": [lo, hi]}``: clip to the window, scale to [0, 1].
+    ``{"kind": "ct_window", "window": [lo, hi]}``: clip to the window, scale to [0, 1]; with
+    ``"mean"`` and ``"std"``: clip, then subtract the mean and divide by the std (nnU-Net's CT).
     ``{"kind": "zscore", "foreground": "nonzero" | "all"}``: zero mean, unit variance over the
     foreground voxels; with "nonzero" the background stays exactly 0.
     ``{"kind": "minmax", "percentiles": [lo, hi]}`` (percentiles optional): scale to [0, 1],
@@ -72,6 +73,10 @@ def _normalise_one(data: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     if kind == "ct_window":
         lo, hi = spec["window"]
         np.clip(out, lo, hi, out=out)
+        if "mean" in spec:  # z-score with the training set's foreground statistics
+            out -= np.float32(spec["mean"])
+            out *= np.float32(1.0 / spec["std"])
+            return out
         out -= np.float32(lo)
         out *= np.float32(1.0 / (hi - lo))
         return out
