@@ -137,6 +137,8 @@ class Job(_Body):
     error: JobErrorInfo | None = None
     results: list[str] = Field(default_factory=list)
     timings: JobTimings = Field(default_factory=JobTimings)
+    # Jobs the gateway routes (STOW-RS): where their DICOM results were sent.
+    deliveries: list[dict[str, Any]] | None = None
     status_url: str
     results_url: str
 
