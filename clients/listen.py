@@ -424,7 +424,9 @@ class Listener:
     def step(self) -> None:
         """One pass: submit quiet series, poll submitted jobs, deliver results."""
         now = self.clock()
-        for item in list(self.spool.series.values()):
+        with self._lock:  # association threads add series meanwhile
+            items = list(self.spool.series.values())
+        for item in items:
             if self._retry_at.get(item.id, 0.0) > now:
                 continue
             if item.status == RECEIVING and self._quiet(item, now):
