@@ -34,8 +34,9 @@ lint: setup
 
 # dciodvfy (Debian's dicom3tools), the DICOM standard's validator, checks the SEG we write;
 # Orthanc with its DICOMweb plugin is the real PACS of the client tests; dcmtk's storescu plays
-# the modality of the push tests (tests/test_listen.py).
-SYSTEM_PACKAGES := dicom3tools orthanc orthanc-dicomweb dcmtk
+# the modality of the push tests (tests/test_listen.py); PostgreSQL is the database of the
+# distributed jobs tests (tests/test_jobs_distributed.py).
+SYSTEM_PACKAGES := dicom3tools orthanc orthanc-dicomweb dcmtk postgresql
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

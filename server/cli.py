@@ -127,6 +127,72 @@ def _factory() -> FastAPI:
     return create_app(settings)
 
 
+def worker_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sfpc worker",
+        description="Run asynchronous jobs of the distributed mode (procrastinate on "
+                    "PostgreSQL): any number of these, on any host that mounts SFPC_DATA_DIR. "
+                    "Settings as for `sfpc serve` (SFPC_* variables, --config); see "
+                    "docs/deploy.md.")
+    p.add_argument("--model", "-m", action="append", dest="models", metavar="DIR",
+                   help="export directory (with sfpc_model.json); repeat for several")
+    p.add_argument("--default-model", help="model used when a job names none")
+    p.add_argument("--concurrency", type=int, help="jobs at once in this worker "
+                                                   "(default SFPC_JOB_WORKERS)")
+    p.add_argument("--backend", choices=("onnxruntime", "triton"))
+    p.add_argument("--triton-url", help="Triton address, e.g. localhost:8001")
+    p.add_argument("--triton-protocol", choices=("grpc", "http"))
+    p.add_argument("--data-dir", help="the shared folder of uploads and results")
+    p.add_argument("--database-url", help="PostgreSQL URL (prefer SFPC_DATABASE_URL: a "
+                                          "password here shows in the process list)")
+    p.add_argument("--config", help="settings file (.json, .toml, .yaml)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    return p
+
+
+def worker(argv: Sequence[str] | None = None) -> int:
+    """``sfpc worker``: load the models and run queued jobs until SIGTERM."""
+    from pydantic import ValidationError
+
+    from sfpc.inference.pipeline import ModelRegistry, SegmentationService
+    from sfpc.server.jobs.distributed import DistributedJobManager
+    from sfpc.server.observability import configure_logging
+    from sfpc.server.settings import load_settings
+
+    args = worker_parser().parse_args(list(argv or []))
+    given = {"model_dirs": args.models, "default_model": args.default_model,
+             "backend": args.backend, "triton_url": args.triton_url,
+             "triton_protocol": args.triton_protocol, "data_dir": args.data_dir,
+             "database_url": args.database_url, "log_level": args.log_level,
+             "job_workers": args.concurrency, "jobs_backend": "postgres"}
+    try:
+        settings = load_settings(args.config, **{k: v for k, v in given.items()
+                                                 if v is not None})
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        print(f"sfpc worker: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if not settings.model_dirs:
+        embedded = default_model_dir()
+        if embedded is None:
+            print("sfpc worker: no model: pass --model DIR (or set SFPC_MODEL_DIRS)",
+                  file=sys.stderr)
+            return 2
+        settings = settings.model_copy(update={"model_dirs": [embedded]})
+    if not settings.database_url:
+        print("sfpc worker: no database: set SFPC_DATABASE_URL (postgresql://user@host/db)",
+              file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    registry = ModelRegistry(settings)
+    try:
+        service = SegmentationService(registry, settings)
+        manager = DistributedJobManager.from_settings(settings, service, role="worker")
+        manager.run_worker()
+    finally:
+        registry.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return serve(sys.argv[1:] if argv is None else argv)
 

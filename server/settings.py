@@ -111,6 +111,19 @@ class Settings(BaseSettings):
     job_retention_s: float = Field(24 * 3600.0, gt=0, description="Seconds results are kept.")
     job_max_attempts: int = Field(3, ge=1, description="Starts of a job before it is failed "
                                   "(a job that kills its worker is not retried forever).")
+    jobs_backend: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="sqlite: jobs in data_dir, run by this gateway (one host). "
+        "postgres: state in database_url, payloads in a data_dir every host mounts, run by "
+        "`sfpc worker` processes (docs/deploy.md).")
+    database_url: str | None = Field(None, description="postgres backend: libpq URL, e.g. "
+                                     "postgresql://sfpc:secret@db:5432/sfpc.")
+    webhook_secret: SecretStr | None = Field(None, description="Key of the HMAC-SHA256 "
+                                             "signature of job webhooks (postgres backend).")
+    worker_heartbeat_s: float = Field(10.0, gt=0, description="sfpc worker heartbeat period.")
+    worker_stalled_s: float = Field(30.0, gt=0, description="A worker silent this long is "
+                                    "presumed dead and its running jobs are taken over.")
+    worker_poll_s: float = Field(1.0, gt=0, description="Workers' poll period (queue, cancel "
+                                 "checks, maintenance).")
 
     # -- DICOM push in (STOW-RS) and results out (server/routers/dicomweb.py) ---------------
     dicomweb_options: dict[str, Any] = Field(

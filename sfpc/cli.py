@@ -156,6 +156,12 @@ def _cmd_serve(argv: Sequence[str]) -> int:
     return serve(argv)
 
 
+def _cmd_worker(argv: Sequence[str]) -> int:
+    from sfpc.server.cli import worker
+
+    return worker(argv)
+
+
 def _cmd_predict(argv: Sequence[str]) -> int:
     from sfpc.inference import predict
 
@@ -197,6 +203,7 @@ COMMANDS = {
     "build-default-model": (_cmd_build_default_model, "re-create the shipped organ CT model "
                                                       "from shared/data/organs"),
     "serve": (_cmd_serve, "serve exported models over HTTP (FastAPI gateway)"),
+    "worker": (_cmd_worker, "run asynchronous jobs of the distributed mode (PostgreSQL)"),
     "client": (_cmd_client, "batch-segment folders or PACS series through a gateway"),
     "listen": (_cmd_listen, "receive DICOM series (C-STORE), segment them through a gateway, "
                             "send the results back"),

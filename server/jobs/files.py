@@ -14,6 +14,7 @@ the sweep removes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -72,8 +73,11 @@ def write_durable(path: Path, data: bytes) -> None:
 class JobFiles:
     """The folders of all jobs under ``root``."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, first_wins: bool = False) -> None:
         self.root = Path(root)
+        # Distributed mode: two attempts of one job may both finish (a worker presumed dead was
+        # alive); the first published results stay and later ones are discarded.
+        self.first_wins = first_wins
         self.root.mkdir(parents=True, exist_ok=True)
 
     def job_dir(self, job_id: str) -> Path:
@@ -150,8 +154,18 @@ class JobFiles:
             fsync_dir(staging)
             final = job_dir / RESULTS_DIR
             if final.exists():
+                if self.first_wins:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    return final
                 shutil.rmtree(final)
-            os.rename(staging, final)
+            try:
+                os.rename(staging, final)
+            except OSError as exc:
+                # rename() onto a non-empty folder fails: another attempt published meanwhile.
+                if not (self.first_wins and exc.errno in (errno.ENOTEMPTY, errno.EEXIST)):
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
+                return final
             fsync_dir(job_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -58,6 +58,9 @@ JOBS_DIR = "jobs"
 # Retry-After when no job has finished yet to time: a small CPU model's run.
 DEFAULT_JOB_SECONDS = 10.0
 MAX_RETRY_AFTER_S = 600
+# Submit's ``priority`` names and the queue's priorities (procrastinate: higher runs first).
+PRIORITIES = {"routine": 0, "urgent": 10}
+PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
 
 class Upload(Protocol):
@@ -126,6 +129,10 @@ class JobManager:
     @classmethod
     def from_settings(cls, settings: Any, service: Any, **kwargs: Any) -> JobManager:
         """A manager configured from the gateway's :class:`~sfpc.server.settings.Settings`."""
+        if getattr(settings, "jobs_backend", "sqlite") == "postgres" and cls is JobManager:
+            from sfpc.server.jobs.distributed import DistributedJobManager
+
+            return DistributedJobManager.from_settings(settings, service, **kwargs)
         config = JobsConfig(
             data_dir=Path(settings.data_dir),
             workers=int(settings.job_workers),
@@ -157,11 +164,20 @@ class JobManager:
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, uploads: Sequence[Upload], options: Any, *,
-               delivery: dict[str, Any] | None = None) -> JobRecord:
+               delivery: dict[str, Any] | None = None, priority: str | None = None,
+               idempotency_key: str | None = None,
+               webhook_url: str | None = None) -> JobRecord:
         """Write the uploads to disk (fsynced), then queue the job; blocking (call it in a
         thread). :class:`JobError` 503 with Retry-After when the queue is full. ``delivery``
         (``{"destinations": [names]}``, names of ``self.destinations``): where the job sends
         its DICOM results once it has succeeded (STOW-RS jobs routed by model)."""
+        given = [name for name, value in (("priority", priority),
+                                          ("Idempotency-Key", idempotency_key),
+                                          ("webhook_url", webhook_url)) if value is not None]
+        if given:
+            raise JobError(400, "needs_distributed_jobs", f"{', '.join(given)}: only the "
+                           "distributed job backend offers this (SFPC_JOBS_BACKEND=postgres; "
+                           "see docs/deploy.md)")
         if self.pool.stopping:
             raise JobError(503, "shutting_down", "the server is shutting down; retry shortly",
                            {"Retry-After": "5"})
@@ -257,6 +273,12 @@ class JobManager:
                            f"{filename!r}; it has: {names}")
         path = self.files.results_dir(record.id) / filename
         return self._existing(path, job_id), media[filename]
+
+    def stats(self) -> dict[str, Any]:
+        """Jobs by state and this process's worker threads (GET /v1/jobs/stats)."""
+        counts = {s.value: self.store.count(s) for s in JobStatus}
+        return {"backend": "sqlite", "jobs": counts,
+                "workers": {"alive": self.config.workers if self._started else 0, "stale": 0}}
 
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: one typical job over the workers."""

@@ -72,6 +72,11 @@ class JobRecord:
     report: dict[str, Any] | None = None
     owner: str | None = None
     heartbeat_at: float | None = None
+    # Distributed mode only (server/jobs/pg_store.py); the SQLite store leaves the defaults.
+    priority: int = 0
+    idempotency_key: str | None = None
+    webhook: dict[str, Any] | None = None
+    queue_job_id: int | None = None
 
     def is_expired(self, now: float) -> bool:
         """Expired in the database, or past its expiry time though not yet swept."""
@@ -137,6 +142,10 @@ class JobView(BaseModel):
         None, description="Jobs with a route (STOW-RS): where the DICOM results were sent, "
         "each {destination, kind, target, status: delivered | failed, attempts, instances: "
         "[{file, sop_class_uid, sop_instance_uid}], error?, time}.")
+    priority: str | None = Field(None, description="Distributed mode: routine or urgent.")
+    webhook: dict[str, Any] | None = Field(
+        None, description="Jobs submitted with webhook_url: {url, status: pending | delivered "
+        "| retrying | failed, attempts, error}.")
     status_url: str
     results_url: str
 

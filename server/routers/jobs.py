@@ -12,14 +12,15 @@ it as ``app.state.job_manager``, calls ``start()``/``stop()`` in its lifespan an
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from sfpc.errors import JobError
-from sfpc.server.jobs.manager import JobManager
+from sfpc.server.jobs.manager import PRIORITY_NAMES, JobManager
 from sfpc.server.jobs.models import (
     ErrorDetail,
     JobList,
@@ -84,6 +85,9 @@ def _view(request: Request, record: JobRecord, now: float) -> JobView:
         timings=JobTimings(queued_s=max(0.0, queued_until - record.created_at), run_s=run_s,
                            stages=stages),
         deliveries=(record.report or {}).get("deliveries"),
+        priority=(PRIORITY_NAMES.get(record.priority, str(record.priority))
+                  if getattr(request.app.state.job_manager, "distributed", False) else None),
+        webhook=record.webhook,
         status_url=status_url, results_url=results_url)
 
 
@@ -96,8 +100,20 @@ def _view(request: Request, record: JobRecord, now: float) -> JobView:
     openapi_extra={"requestBody": upload_request_body(
         f"As for POST /v1/segment: {UPLOAD_DESCRIPTION[0].lower()}{UPLOAD_DESCRIPTION[1:]}")},
 )
-async def submit_job(request: Request,
-                     query: dict[str, Any] = Depends(option_query())) -> Any:
+async def submit_job(
+        request: Request, query: dict[str, Any] = Depends(option_query()),
+        # Headers, not query parameters: the query and form carry exactly the segmentation
+        # options, the same on /v1/segment and /v1/jobs.
+        priority: Literal["routine", "urgent"] | None = Header(
+            None, alias="X-SFPC-Priority",
+            description="Distributed mode: urgent jobs start before routine ones."),
+        webhook_url: str | None = Header(
+            None, alias="X-SFPC-Webhook-URL", description="Distributed mode: POSTed the job's "
+            "status once it ends (body signed with HMAC-SHA256 of SFPC_WEBHOOK_SECRET in "
+            "X-SFPC-Signature: sha256=<hex>; X-SFPC-Job-Id names the job)."),
+        idempotency_key: str | None = Header(
+            None, alias="Idempotency-Key", description="Distributed mode: a repeated key "
+            "returns the job first submitted with it.")) -> Any:
     """Queue an upload for segmentation; 202 with the job's id, status URL and results URL (also
     in ``Location``). 503 with ``Retry-After`` when the queue is full. The options are those of
     POST /v1/segment; ``format`` packs GET .../results."""
@@ -110,7 +126,11 @@ async def submit_job(request: Request,
         request.app.state.service.registry.get(options.model)  # 404 before queuing
         for upload in uploads:
             upload.file.seek(0)
-        record = await run_in_threadpool(manager.submit, uploads, options)
+        given = (("priority", priority), ("webhook_url", webhook_url),
+                 ("idempotency_key", idempotency_key))
+        extras: dict[str, Any] = {k: v for k, v in given if v is not None}
+        record = await run_in_threadpool(functools.partial(manager.submit, uploads, options,
+                                                           **extras))
     finally:
         await form.close()
     status_url, results_url = _urls(request, record.id)
@@ -135,6 +155,15 @@ async def list_jobs(
     next_offset = offset + len(records) if offset + len(records) < total else None
     return JobList(items=[_view(request, r, now) for r in records], total=total, limit=limit,
                    offset=offset, next_offset=next_offset)
+
+
+@router.get("/v1/jobs/stats", summary="Queue depth, running jobs and workers",
+            responses={**error_responses(401)})
+async def job_stats(request: Request) -> Any:
+    """Jobs by state and the workers taking them: from the shared database in the distributed
+    mode, so every gateway answers the same."""
+    manager = _manager(request)
+    return await run_in_threadpool(manager.stats)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView, summary="Job status",

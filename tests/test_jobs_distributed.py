@@ -1,0 +1,251 @@
+"""Distributed jobs (SFPC_JOBS_BACKEND=postgres): real PostgreSQL, two gateways, two workers.
+
+100 jobs submitted alternately to two ``sfpc serve`` processes are run by two ``sfpc worker``
+processes; one worker is SIGKILLed while it runs a job and one gateway is restarted mid-run.
+Every job must succeed exactly once (one "job succeeded" across the workers' logs, one result
+set on disk), be answered by either gateway, and produce exactly one webhook call whose
+HMAC-SHA256 signature the test recomputes with hashlib. Masks are compared with the synchronous
+endpoint's for the same upload (the oracle), never with the job code's own output.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import json
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.support.distributed import WebhookReceiver, WorkerProcess
+from tests.support.jobs import WAIT_S, nifti_from, start_gateway, submit, volume_upload, wait_status
+from tests.support.models import session_model
+from tests.support.postgres import PostgresServer
+
+pytest.importorskip("torch")  # the tiny model is trained and exported with torch
+pytest.importorskip("procrastinate")
+pytestmark = pytest.mark.integration  # about 30 s
+
+SECRET = "test-webhook-secret"
+STALLED_S = 4.0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return session_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir, postgres, tmp_path_factory):
+    """Two gateways and two workers on one database and one data dir."""
+    root = tmp_path_factory.mktemp("cluster")
+    settings = {"jobs_backend": "postgres", "database_url": postgres.url,
+                "webhook_secret": SECRET,
+                "worker_stalled_s": STALLED_S, "worker_heartbeat_s": 1.0, "worker_poll_s": 0.5,
+                "job_max_queued": 1000, "job_workers": 2, "job_max_attempts": 3}
+    env = {f"SFPC_{k.upper()}": str(v) for k, v in settings.items()}
+    env["SFPC_DATA_DIR"] = str(root / "data")
+    env.update({"SFPC_ONNX_INTRA_OP_THREADS": "1", "SFPC_LOG_LEVEL": "INFO"})
+    workers = [WorkerProcess(model_dir, root / f"worker{i}.log", env).start() for i in range(2)]
+    gateways = [start_gateway(model_dir, root / "data", root / f"gateway{i}.log", **settings)
+                for i in range(2)]
+    state = {"root": root, "settings": settings, "env": env, "workers": workers,
+             "gateways": gateways, "model_dir": model_dir}
+    try:
+        yield state
+    finally:
+        for process in state["gateways"] + state["workers"]:
+            process.stop()
+
+
+def _succeeded_counts(workers: list[WorkerProcess]) -> collections.Counter:
+    return collections.Counter(r["job_id"] for w in workers for r in w.records()
+                               if r.get("message") == "job succeeded")
+
+
+def test_hundred_jobs_worker_killed_gateway_restarted(cluster) -> None:
+    gateways, workers = cluster["gateways"], cluster["workers"]
+    small = {seed: volume_upload(32, seed=seed) for seed in range(4)}
+    big = volume_upload(80, seed=9)  # about a second: long enough to be killed mid-run
+    with WebhookReceiver() as hooks:
+        clients = [httpx.Client(base_url=g.url, timeout=WAIT_S) for g in gateways]
+        ids, payloads = [], {}
+        for i in range(100):
+            payload = big if i % 10 == 0 else small[i % 4]
+            response = clients[i % 2].post(
+                "/v1/jobs", headers={"X-SFPC-Webhook-URL": hooks.url},
+                files={"file": ("volume.nii.gz", payload)})
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["id"])
+            payloads[ids[-1]] = payload
+
+        # SIGKILL the first worker as soon as it runs one of the jobs (its pid is in the owner).
+        victim = workers[0]
+        deadline = time.monotonic() + WAIT_S
+        killed_job = None
+        while killed_job is None and time.monotonic() < deadline:
+            for item in clients[1].get("/v1/jobs", params={"status": "running",
+                                                           "limit": 500}).json()["items"]:
+                started = [r for r in victim.records() if r.get("message") == "job started"
+                           and r.get("job_id") == item["id"]]
+                if started:
+                    killed_job = item["id"]
+                    break
+            time.sleep(0.01)
+        assert killed_job is not None, "the first worker never ran a job"
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        victim.process.wait(timeout=30)
+
+        # Restart a gateway mid-run: it holds no job state, so nothing may be lost.
+        gateways[0].stop()
+        gateways[0] = start_gateway(cluster["model_dir"], cluster["root"] / "data",
+                                    cluster["root"] / "gateway0b.log", **cluster["settings"])
+        clients[0].close()
+        clients[0] = httpx.Client(base_url=gateways[0].url, timeout=WAIT_S)
+
+        finals = [wait_status(clients[i % 2], job_id, timeout=WAIT_S * 2)
+                  for i, job_id in enumerate(ids)]
+        assert [f["status"] for f in finals] == ["succeeded"] * 100, [
+            (f["id"], f["status"], f["error"]) for f in finals if f["status"] != "succeeded"]
+        taken_over = wait_status(clients[0], killed_job)
+        assert taken_over["attempts"] >= 2
+        # Taken over within a bounded time: stalled timeout + heartbeat + poll, with slack for
+        # a shared machine.
+        assert time.monotonic() - killed_at < WAIT_S
+
+        # Exactly once: one recorded success per job across the workers, one result set.
+        counts = _succeeded_counts(workers)
+        assert set(counts) == set(ids) and set(counts.values()) == {1}
+        data = cluster["root"] / "data" / "jobs"
+        for job_id in ids:
+            assert sorted(p.name for p in (data / job_id).iterdir()) == ["results"]
+            assert sorted(p.name for p in (data / job_id / "results").iterdir()) == [
+                "artefacts.json", "mask.nii.gz"]
+
+        # Status and results from either gateway, equal to the synchronous endpoint's mask.
+        sync_masks = {}
+        for job_id in ids[:12]:
+            payload = payloads[job_id]
+            if payload not in sync_masks:
+                sync = clients[1].post("/v1/segment", files={"file": ("v.nii.gz", payload)})
+                assert sync.status_code == 200
+                sync_masks[payload] = np.asanyarray(nifti_from(sync.content).dataobj)
+            for client in clients:
+                body = client.get(f"/v1/jobs/{job_id}").json()
+                assert body["status"] == "succeeded"
+                got = client.get(f"/v1/jobs/{job_id}/results")
+                assert got.status_code == 200
+                np.testing.assert_array_equal(np.asanyarray(nifti_from(got.content).dataobj),
+                                              sync_masks[payload])
+
+        # One signed webhook call per job.
+        deadline = time.monotonic() + 30
+        while len(hooks.calls) < 100 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # a duplicate would arrive now
+        bodies = []
+        for headers, body in hooks.calls:
+            expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(headers["x-sfpc-signature"], expected)
+            bodies.append(json.loads(body))
+        # At least once each; a second call only for a webhook whose worker was killed while
+        # sending it (retried from the dead worker: the POST may have gone out unrecorded).
+        calls = collections.Counter(b["id"] for b in bodies)
+        assert set(calls) == set(ids)
+        resent = {r["job_id"] for w in workers for r in w.records()
+                  if r.get("message") == "queue job of a dead worker retried"
+                  and r.get("task") == "sfpc.webhook"}
+        assert {j for j, n in calls.items() if n > 1} <= resent
+        assert max(calls.values()) <= 2
+        assert {b["status"] for b in bodies} == {"succeeded"}
+        for client in clients:
+            view = client.get(f"/v1/jobs/{ids[0]}").json()
+            assert view["webhook"]["status"] == "delivered" and view["webhook"]["attempts"] == 1
+            stats = client.get("/v1/jobs/stats").json()
+            assert stats["backend"] == "postgres"
+            assert stats["jobs"]["succeeded"] == 100 and stats["jobs"]["running"] == 0
+        for client in clients:
+            client.close()
+
+    # The killed worker is replaced for the next tests.
+    cluster["workers"][0] = WorkerProcess(cluster["model_dir"],
+                                          cluster["root"] / "worker0b.log",
+                                          cluster["env"]).start()
+
+
+def test_cancel_reaches_a_running_job(cluster) -> None:
+    first, second = cluster["gateways"]
+    with httpx.Client(base_url=first.url, timeout=WAIT_S) as a, \
+            httpx.Client(base_url=second.url, timeout=WAIT_S) as b:
+        job_id = submit(a, volume_upload(112, seed=3)).json()["id"]
+        wait_status(b, job_id, ("running",))
+        response = b.delete(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200 and response.json()["status"] == "cancelled"
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            stopped = [r for w in cluster["workers"] for r in w.records()
+                       if r.get("job_id") == job_id
+                       and r.get("message") == "job cancelled, results discarded"]
+            if stopped:
+                break
+            time.sleep(0.1)
+        assert stopped, "the worker never stopped the cancelled job"
+        assert a.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+        assert a.get(f"/v1/jobs/{job_id}/results").status_code == 409
+        job_dir = cluster["root"] / "data" / "jobs" / job_id
+        assert not (job_dir / "results").exists() and not (job_dir / "input").exists()
+        # The worker is free again.
+        after = submit(b, volume_upload(32, seed=1)).json()["id"]
+        assert wait_status(a, after)["status"] == "succeeded"
+
+
+def test_idempotency_key_gives_one_job(cluster) -> None:
+    first, second = cluster["gateways"]
+    payload = volume_upload(32, seed=5)
+    with httpx.Client(base_url=first.url, timeout=WAIT_S) as a, \
+            httpx.Client(base_url=second.url, timeout=WAIT_S) as b:
+        total_before = a.get("/v1/jobs").json()["total"]
+        headers = {"Idempotency-Key": "batch-7/study-42"}
+        one = a.post("/v1/jobs", headers=headers, files={"file": ("v.nii.gz", payload)})
+        two = b.post("/v1/jobs", headers=headers, files={"file": ("v.nii.gz", payload)})
+        assert one.status_code == 202 and two.status_code == 202
+        assert one.json()["id"] == two.json()["id"]
+        assert a.get("/v1/jobs").json()["total"] == total_before + 1
+        assert wait_status(b, one.json()["id"])["status"] == "succeeded"
+
+
+def test_priority_reaches_the_queue(cluster) -> None:
+    """An urgent job is queued with a higher procrastinate priority than a routine one (the
+    engine fetches by priority, then age); read back from the queue table itself."""
+    import psycopg
+
+    first, _ = cluster["gateways"]
+    with httpx.Client(base_url=first.url, timeout=WAIT_S) as client:
+        routine = submit(client, volume_upload(32, seed=2)).json()["id"]
+        urgent = client.post("/v1/jobs", headers={"X-SFPC-Priority": "urgent"},
+                             files={"file": ("v.nii.gz", volume_upload(32, seed=3))}).json()["id"]
+        bad = client.post("/v1/jobs", headers={"X-SFPC-Priority": "asap"},
+                          files={"file": ("v.nii.gz", volume_upload(32, seed=3))})
+        assert bad.status_code == 422
+        views = {j: wait_status(client, j) for j in (routine, urgent)}
+    assert views[urgent]["priority"] == "urgent" and views[routine]["priority"] == "routine"
+    with psycopg.connect(cluster["settings"]["database_url"]) as conn:
+        rows = dict(conn.execute(
+            "SELECT args->>'job_id', priority FROM procrastinate_jobs WHERE task_name = "
+            "'sfpc.run_job' AND args->>'job_id' = ANY(%s)", ([routine, urgent],)).fetchall())
+    assert rows[urgent] > rows[routine]
