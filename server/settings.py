@@ -119,6 +119,9 @@ class Settings(BaseSettings):
                                      "postgresql://sfpc:secret@db:5432/sfpc.")
     webhook_secret: SecretStr | None = Field(None, description="Key of the HMAC-SHA256 "
                                              "signature of job webhooks (postgres backend).")
+    webhook_retries: int = Field(5, ge=0, description="Webhook retries after a failed call.")
+    webhook_backoff_s: int = Field(2, ge=1, description="Webhook retry n waits this to the "
+                                   "power n seconds (2: 2, 4, 8, ...).")
     worker_heartbeat_s: float = Field(10.0, gt=0, description="sfpc worker heartbeat period.")
     worker_stalled_s: float = Field(30.0, gt=0, description="A worker silent this long is "
                                     "presumed dead and its running jobs are taken over.")

@@ -56,7 +56,8 @@ def cluster(model_dir, postgres, tmp_path_factory):
     settings = {"jobs_backend": "postgres", "database_url": postgres.url,
                 "webhook_secret": SECRET,
                 "worker_stalled_s": STALLED_S, "worker_heartbeat_s": 1.0, "worker_poll_s": 0.5,
-                "job_max_queued": 1000, "job_workers": 2, "job_max_attempts": 3}
+                "job_max_queued": 1000, "job_workers": 2, "job_max_attempts": 3,
+                "webhook_retries": 2, "webhook_backoff_s": 1}
     env = {f"SFPC_{k.upper()}": str(v) for k, v in settings.items()}
     env["SFPC_DATA_DIR"] = str(root / "data")
     env.update({"SFPC_ONNX_INTRA_OP_THREADS": "1", "SFPC_LOG_LEVEL": "INFO"})
@@ -249,3 +250,45 @@ def test_priority_reaches_the_queue(cluster) -> None:
             "SELECT args->>'job_id', priority FROM procrastinate_jobs WHERE task_name = "
             "'sfpc.run_job' AND args->>'job_id' = ANY(%s)", ([routine, urgent],)).fetchall())
     assert rows[urgent] > rows[routine]
+
+
+def test_webhook_failures_are_retried_and_visible(cluster) -> None:
+    """A receiver that answers 500: the first call and each retry are recorded in the job, and
+    after webhook_retries retries its webhook is failed with the last error (the job itself
+    stays succeeded)."""
+    import http.server
+    import threading
+
+    hits: list[float] = []
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            hits.append(time.monotonic())
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        with httpx.Client(base_url=cluster["gateways"][1].url, timeout=WAIT_S) as client:
+            job_id = client.post("/v1/jobs", headers={"X-SFPC-Webhook-URL": url},
+                                 files={"file": ("v.nii.gz", volume_upload(32))}).json()["id"]
+            assert wait_status(client, job_id)["status"] == "succeeded"
+            deadline = time.monotonic() + 60
+            view = client.get(f"/v1/jobs/{job_id}").json()
+            while view["webhook"]["status"] != "failed" and time.monotonic() < deadline:
+                time.sleep(0.2)
+                view = client.get(f"/v1/jobs/{job_id}").json()
+        assert view["status"] == "succeeded"
+        assert view["webhook"] == {"url": url, "status": "failed", "attempts": 3,
+                                   "error": "HTTP 500"}
+        assert len(hits) == 3  # the call and webhook_retries=2 retries
+        assert hits[2] - hits[1] >= 0.9  # backed off (1 s ** attempt with backoff 1)
+    finally:
+        server.shutdown()
+        server.server_close()

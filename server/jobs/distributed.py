@@ -70,7 +70,8 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def build_app(database_url: str, *, sync: bool = False) -> Any:
+def build_app(database_url: str, *, sync: bool = False, webhook_retries: int = WEBHOOK_RETRIES,
+              webhook_backoff_s: int = 2) -> Any:
     """The procrastinate app with the two tasks; they run in the process's worker manager.
 
     ``sync``: an app for synchronous defers and cancels (gateway requests, worker threads);
@@ -86,7 +87,8 @@ def build_app(database_url: str, *, sync: bool = False) -> Any:
         _current().run_one(job_id, queue_job_id=context.job.id)
 
     @app.task(name=WEBHOOK_TASK, queue=QUEUE, pass_context=True,
-              retry=procrastinate.RetryStrategy(max_attempts=WEBHOOK_RETRIES, exponential_wait=2))
+              retry=procrastinate.RetryStrategy(max_attempts=webhook_retries,
+                                                exponential_wait=webhook_backoff_s))
     def webhook(context: Any, job_id: str) -> None:
         _current().send_webhook(job_id, attempt=int(context.job.attempts) + 1)
 
@@ -135,6 +137,7 @@ class DistributedJobManager(JobManager):
     def __init__(self, config: JobsConfig, service: Any, *, database_url: str,
                  webhook_secret: str | None = None, role: str = "gateway",
                  stalled_s: float = 30.0, heartbeat_s: float = 10.0,
+                 webhook_retries: int = WEBHOOK_RETRIES, webhook_backoff_s: int = 2,
                  clock: Any = time.time) -> None:
         self.config = config
         self.service = service
@@ -150,9 +153,12 @@ class DistributedJobManager(JobManager):
         self.store = self.pg  # type: ignore[assignment]  # the same reads and transitions
         self.files = JobFiles(data_dir / JOBS_DIR, first_wins=True)
         self.destinations: dict[str, Any] = {}
-        self.app = build_app(database_url)
+        self.webhook_retries = webhook_retries
+        self.app = build_app(database_url, webhook_retries=webhook_retries,
+                             webhook_backoff_s=webhook_backoff_s)
         # Synchronous defers and cancels (gateway requests, worker threads) use their own pool.
-        self.sync_app = build_app(database_url, sync=True)
+        self.sync_app = build_app(database_url, sync=True, webhook_retries=webhook_retries,
+                                  webhook_backoff_s=webhook_backoff_s)
         self._started = False
         self._collector: _QueueCollector | None = None
         self.host = socket.gethostname()
@@ -172,7 +178,9 @@ class DistributedJobManager(JobManager):
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
         manager = cls(config, service, database_url=settings.database_url,
                       webhook_secret=secret, stalled_s=float(settings.worker_stalled_s),
-                      heartbeat_s=float(settings.worker_heartbeat_s), **kwargs)
+                      heartbeat_s=float(settings.worker_heartbeat_s),
+                      webhook_retries=int(settings.webhook_retries),
+                      webhook_backoff_s=int(settings.webhook_backoff_s), **kwargs)
         manager.destinations = dict(getattr(settings, "destinations", {}) or {})
         return manager
 
@@ -455,7 +463,7 @@ class DistributedJobManager(JobManager):
             store.record_webhook(job_id, status="delivered", attempts=attempt, error=None)
             log.info("webhook delivered", extra={"job_id": job_id, "attempt": attempt})
             return
-        final = attempt > WEBHOOK_RETRIES
+        final = attempt > self.webhook_retries
         store.record_webhook(job_id, status="failed" if final else "retrying",
                              attempts=attempt, error=error)
         log.warning("webhook failed", extra={"job_id": job_id, "attempt": attempt,
