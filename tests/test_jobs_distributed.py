@@ -292,3 +292,79 @@ def test_webhook_failures_are_retried_and_visible(cluster) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_metrics_agree_across_gateways(cluster) -> None:
+    """The job gauges come from the database: both gateways report the same numbers, equal to
+    a count made straight from the table."""
+    import psycopg
+
+    with psycopg.connect(cluster["settings"]["database_url"]) as conn:
+        counted = dict(conn.execute("SELECT status, count(*) FROM sfpc_jobs GROUP BY status")
+                       .fetchall())
+    scraped = []
+    for gateway in cluster["gateways"]:
+        text = httpx.get(f"{gateway.url}/metrics", timeout=WAIT_S).text
+        scraped.append(sorted(line for line in text.splitlines()
+                              if line.startswith(("sfpc_jobs{", "sfpc_job_workers{"))))
+    assert scraped[0] == scraped[1]
+    assert f'sfpc_jobs{{status="succeeded"}} {float(counted["succeeded"])}' in scraped[0]
+    assert 'sfpc_job_workers{state="alive"} 2.0' in scraped[0]
+
+
+class _Upload:
+    def __init__(self, data: bytes) -> None:
+        import io
+
+        self.file = io.BytesIO(data)
+        self.filename = "v.nii.gz"
+        self.content_type = "application/gzip"
+
+
+def test_maintenance_expires_and_enqueues_orphans(postgres, tmp_path) -> None:
+    """A worker's maintenance pass: an ended job past its retention loses its files and answers
+    410; a row whose gateway died before deferring it is put in the queue. Clock injected; the
+    database is the real one (its own tables, so the cluster's workers do not take part)."""
+    import psycopg
+
+    from sfpc.errors import JobError
+    from sfpc.server.jobs.distributed import DistributedJobManager
+    from sfpc.server.jobs.manager import JobsConfig
+
+    with psycopg.connect(postgres.url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as c:
+        c.execute("CREATE DATABASE maint")
+    url = postgres.url.rsplit("/", 1)[0] + "/maint"
+    now = [1_000_000.0]
+    manager = DistributedJobManager(JobsConfig(data_dir=tmp_path, retention_s=60.0), None,
+                                    database_url=url, clock=lambda: now[0])
+    manager.start()
+    try:
+        done = manager.submit([_Upload(b"x" * 10)], {}).id
+        claimed = manager.pg.claim(done, "w", now=now[0], max_attempts=3,
+                                   expires_at=now[0] + 60)
+        assert claimed is not None
+        from sfpc.server.jobs.models import ResultBody
+
+        manager.files.write_results(done, [("mask.nii.gz", "application/gzip", b"m")], {})
+        assert manager.pg.succeed(done, "w", now=now[0], expires_at=now[0] + 60,
+                                  results=["mask.nii.gz"], report=None,
+                                  result_body=ResultBody("mask.nii.gz", "application/gzip",
+                                                         "mask.nii.gz"))
+        # An orphan: the row exists, the queue job does not.
+        orphan = manager.submit([_Upload(b"y" * 10)], {}).id
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DELETE FROM procrastinate_jobs")
+            conn.execute("UPDATE sfpc_jobs SET queue_job_id = NULL WHERE id = %s", (orphan,))
+        now[0] += 61.0
+        manager.maintain()
+        assert not (tmp_path / "jobs" / done).exists()
+        with pytest.raises(JobError) as gone:
+            manager.get(done)
+        assert gone.value.status == 410
+        with psycopg.connect(url) as conn:
+            queued = conn.execute("SELECT args->>'job_id' FROM procrastinate_jobs WHERE "
+                                  "status = 'todo'").fetchall()
+        assert queued == [(orphan,)]
+        assert manager.get(orphan).queue_job_id is not None
+    finally:
+        manager.stop()
