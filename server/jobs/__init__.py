@@ -6,6 +6,8 @@ recovered after a crash, expired after a retention period.
 - :mod:`.runner` - worker threads, crash recovery, heartbeats, retention sweep;
 - :mod:`.manager` - :class:`JobManager`, which binds them to the segmentation service;
 - :mod:`.models` - job states and the JSON bodies of ``/v1/jobs``.
+- :mod:`.pg_store`, :mod:`.distributed` - the distributed mode (``SFPC_JOBS_BACKEND=postgres``):
+  the job table in PostgreSQL, procrastinate's queue, ``sfpc worker``.
 
 The HTTP endpoints are in :mod:`sfpc.server.routers.jobs`.
 """
