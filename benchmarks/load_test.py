@@ -13,6 +13,14 @@ reported). Only loopback addresses are accepted as targets.
     .venv/bin/python benchmarks/load_test.py --model runs/export/ct --requests 20 \\
         --concurrency 4 --mode both
     .venv/bin/python benchmarks/load_test.py --url http://127.0.0.1:8000 --server-pid 1234
+
+Distributed jobs (SFPC_JOBS_BACKEND=postgres): ``--distributed-workers 1,2`` starts a throw-away
+PostgreSQL (Debian's postgresql, as the tests do), one gateway and N ``sfpc worker`` processes per
+run and reports jobs/s and p95 latency per N; ``--kill-worker`` adds a run with two workers in
+which one is SIGKILLed once it runs a job (lost must be 0):
+
+    .venv/bin/python benchmarks/load_test.py --model runs/export/ct --mode jobs \
+        --requests 40 --concurrency 8 --distributed-workers 1,2 --kill-worker
 """
 
 from __future__ import annotations
@@ -371,7 +379,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="segmentation option, e.g. uncertainty=true (repeatable)")
     p.add_argument("--api-key", default=os.environ.get("SFPC_LOAD_API_KEY"))
     p.add_argument("--json", type=Path, help="also write the report here")
+    p.add_argument("--distributed-workers", default="", metavar="N,N,...",
+                   help="distributed mode: one run per worker count (PostgreSQL started here)")
+    p.add_argument("--kill-worker", action="store_true",
+                   help="distributed mode: also a 2-worker run with one worker SIGKILLed")
     args = p.parse_args(argv)
+    args.worker_counts = [int(n) for n in args.distributed_workers.split(",") if n.strip()]
     if args.requests < 1 or args.concurrency < 1:
         p.error("--requests and --concurrency must be >= 1")
     args.params = dict(opt.split("=", 1) for opt in args.option)
@@ -387,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         payload = ("synthetic.nii.gz", synthetic_volume(args.synthetic_size))
 
+    if args.worker_counts or args.kill_worker:
+        return run_distributed(payload, args)
     server: LocalServer | None = None
     workdir = None
     if args.url:
@@ -426,6 +441,97 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
         if workdir is not None:
+            workdir.cleanup()
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    failed = any(m["errors"] or m.get("lost") for m in report["modes"])
+    return 1 if failed else 0
+
+
+def _start_worker(models: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "sfpc.cli", "worker"]
+    for model in models:
+        command += ["--model", model]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "SFPC_LOG_JSON": "true", **env})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"a worker exited:\n{log_path.read_text()[-3000:]}")
+        if '"worker started"' in log_path.read_text(errors="replace"):
+            return process
+        time.sleep(0.1)
+    raise RuntimeError("a worker did not start in time")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def _kill_when_running(url: str, args: argparse.Namespace, victim: subprocess.Popen,
+                       log_path: Path, done: threading.Event) -> None:
+    """SIGKILL ``victim`` as soon as its log says it started a job."""
+    while not done.is_set() and victim.poll() is None:
+        if '"job started"' in log_path.read_text(errors="replace"):
+            os.kill(victim.pid, signal.SIGKILL)
+            return
+        time.sleep(0.02)
+
+
+def run_distributed(payload: tuple[str, bytes], args: argparse.Namespace) -> int:
+    """One run per worker count (and the kill run), each on a fresh database and data dir."""
+    sys.path.insert(0, str(REPO))
+    from tests.support.postgres import PostgresServer
+
+    plans = [(n, False) for n in args.worker_counts] + ([(2, True)] if args.kill_worker else [])
+    report: dict[str, Any] = {"url": "distributed (1 gateway)", "input": payload[0],
+                              "input_bytes": len(payload[1]),
+                              "requests_per_mode": args.requests,
+                              "concurrency": args.concurrency, "options": args.params,
+                              "modes": []}
+    for count, kill in plans:
+        postgres = PostgresServer().start()
+        workdir = tempfile.TemporaryDirectory(prefix="sfpc-load-")
+        root = Path(workdir.name)
+        env = {"SFPC_JOBS_BACKEND": "postgres", "SFPC_DATABASE_URL": postgres.url,
+               "SFPC_DATA_DIR": str(root / "data"), "SFPC_WORKER_STALLED_S": "5",
+               "SFPC_WORKER_HEARTBEAT_S": "1", "SFPC_WORKER_POLL_S": "0.5",
+               "SFPC_JOB_MAX_QUEUED": str(max(100, args.requests * 2)),
+               **dict(item.split("=", 1) for item in args.server_env)}
+        workers: list[subprocess.Popen] = []
+        server = None
+        try:
+            workers = [_start_worker(args.models or [], env, root / f"worker{i}.log")
+                       for i in range(count)]
+            server = LocalServer(args.models or [], env, root)
+            url = server.wait_ready()
+            done = threading.Event()
+            killer = None
+            if kill:
+                killer = threading.Thread(target=_kill_when_running, daemon=True, args=(
+                    url, args, workers[0], root / "worker0.log", done))
+                killer.start()
+            result = run_jobs(url, payload, args)
+            done.set()
+            entry = result.summary()
+            entry["mode"] = f"jobs/{count}w" + ("+kill" if kill else "")
+            if kill:
+                entry["killed_worker"] = workers[0].poll() == -signal.SIGKILL
+            report["modes"].append(entry)
+        finally:
+            if server is not None:
+                server.stop()
+            for worker in workers:
+                _stop(worker)
+            postgres.stop()
             workdir.cleanup()
     print(format_report(report))
     if args.json:
