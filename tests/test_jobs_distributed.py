@@ -16,10 +16,12 @@ import hmac
 import json
 import os
 import signal
+import threading
 import time
 
 import httpx
 import numpy as np
+import psycopg
 import pytest
 
 from tests.support.distributed import WebhookReceiver, WorkerProcess
@@ -78,6 +80,26 @@ def _succeeded_counts(workers: list[WorkerProcess]) -> collections.Counter:
                                if r.get("message") == "job succeeded")
 
 
+def _kill_while_holding_a_job(victim: WorkerProcess, url: str, state: dict) -> None:
+    """SIGKILL ``victim`` as soon as it holds a running job. It is frozen (SIGSTOP) while the
+    table is read, so the jobs it holds cannot finish between the look and the kill; they are
+    recorded in ``state["orphaned"]``."""
+    deadline = time.monotonic() + WAIT_S
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            os.kill(victim.pid, signal.SIGSTOP)
+            held = [r[0] for r in conn.execute(
+                "SELECT id FROM sfpc_jobs WHERE status = 'running' AND owner LIKE %s",
+                (f"%|{victim.pid}|%",)).fetchall()]
+            if held:
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.process.wait(timeout=30)
+                state.update(orphaned=held, killed_at=time.monotonic())
+                return
+            os.kill(victim.pid, signal.SIGCONT)
+            time.sleep(0.005)
+
+
 def test_hundred_jobs_worker_killed_gateway_restarted(cluster) -> None:
     gateways, workers = cluster["gateways"], cluster["workers"]
     small = {seed: volume_upload(32, seed=seed) for seed in range(4)}
@@ -85,6 +107,11 @@ def test_hundred_jobs_worker_killed_gateway_restarted(cluster) -> None:
     with WebhookReceiver() as hooks:
         clients = [httpx.Client(base_url=g.url, timeout=WAIT_S) for g in gateways]
         ids, payloads = [], {}
+        victim = workers[0]
+        state: dict = {}
+        killer = threading.Thread(target=_kill_while_holding_a_job, daemon=True,
+                                  args=(victim, cluster["settings"]["database_url"], state))
+        killer.start()  # from the first submission on: the kill lands mid-run
         for i in range(100):
             payload = big if i % 10 == 0 else small[i % 4]
             response = clients[i % 2].post(
@@ -94,23 +121,9 @@ def test_hundred_jobs_worker_killed_gateway_restarted(cluster) -> None:
             ids.append(response.json()["id"])
             payloads[ids[-1]] = payload
 
-        # SIGKILL the first worker as soon as it runs one of the jobs (its pid is in the owner).
-        victim = workers[0]
-        deadline = time.monotonic() + WAIT_S
-        killed_job = None
-        while killed_job is None and time.monotonic() < deadline:
-            for item in clients[1].get("/v1/jobs", params={"status": "running",
-                                                           "limit": 500}).json()["items"]:
-                started = [r for r in victim.records() if r.get("message") == "job started"
-                           and r.get("job_id") == item["id"]]
-                if started:
-                    killed_job = item["id"]
-                    break
-            time.sleep(0.01)
-        assert killed_job is not None, "the first worker never ran a job"
-        os.kill(victim.pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        victim.process.wait(timeout=30)
+        killer.join(WAIT_S)
+        assert state.get("orphaned"), "the first worker never held a job"
+        orphaned, killed_at = state["orphaned"], state["killed_at"]
 
         # Restart a gateway mid-run: it holds no job state, so nothing may be lost.
         gateways[0].stop()
@@ -123,8 +136,8 @@ def test_hundred_jobs_worker_killed_gateway_restarted(cluster) -> None:
                   for i, job_id in enumerate(ids)]
         assert [f["status"] for f in finals] == ["succeeded"] * 100, [
             (f["id"], f["status"], f["error"]) for f in finals if f["status"] != "succeeded"]
-        taken_over = wait_status(clients[0], killed_job)
-        assert taken_over["attempts"] >= 2
+        for job_id in orphaned:
+            assert wait_status(clients[0], job_id)["attempts"] >= 2  # taken over
         # Taken over within a bounded time: stalled timeout + heartbeat + poll, with slack for
         # a shared machine.
         assert time.monotonic() - killed_at < WAIT_S
@@ -233,8 +246,6 @@ def test_idempotency_key_gives_one_job(cluster) -> None:
 def test_priority_reaches_the_queue(cluster) -> None:
     """An urgent job is queued with a higher procrastinate priority than a routine one (the
     engine fetches by priority, then age); read back from the queue table itself."""
-    import psycopg
-
     first, _ = cluster["gateways"]
     with httpx.Client(base_url=first.url, timeout=WAIT_S) as client:
         routine = submit(client, volume_upload(32, seed=2)).json()["id"]
@@ -257,7 +268,6 @@ def test_webhook_failures_are_retried_and_visible(cluster) -> None:
     after webhook_retries retries its webhook is failed with the last error (the job itself
     stays succeeded)."""
     import http.server
-    import threading
 
     hits: list[float] = []
 
@@ -297,8 +307,6 @@ def test_webhook_failures_are_retried_and_visible(cluster) -> None:
 def test_metrics_agree_across_gateways(cluster) -> None:
     """The job gauges come from the database: both gateways report the same numbers, equal to
     a count made straight from the table."""
-    import psycopg
-
     with psycopg.connect(cluster["settings"]["database_url"]) as conn:
         counted = dict(conn.execute("SELECT status, count(*) FROM sfpc_jobs GROUP BY status")
                        .fetchall())
@@ -325,8 +333,6 @@ def test_maintenance_expires_and_enqueues_orphans(postgres, tmp_path) -> None:
     """A worker's maintenance pass: an ended job past its retention loses its files and answers
     410; a row whose gateway died before deferring it is put in the queue. Clock injected; the
     database is the real one (its own tables, so the cluster's workers do not take part)."""
-    import psycopg
-
     from sfpc.errors import JobError
     from sfpc.server.jobs.distributed import DistributedJobManager
     from sfpc.server.jobs.manager import JobsConfig
