@@ -374,3 +374,57 @@ def test_maintenance_expires_and_enqueues_orphans(postgres, tmp_path) -> None:
         assert manager.get(orphan).queue_job_id is not None
     finally:
         manager.stop()
+
+
+def test_a_job_that_kills_every_worker_is_failed_after_max_attempts(postgres, tmp_path) -> None:
+    """The queue hands a job whose worker died to the next worker; after job_max_attempts
+    starts (each owner presumed dead) the next hand-over fails it as worker_lost instead of
+    running it again. Driven through the store's claim, the step each hand-over takes."""
+    from sfpc.server.jobs.distributed import DistributedJobManager
+    from sfpc.server.jobs.manager import JobsConfig
+    from sfpc.server.jobs.models import JobStatus
+
+    with psycopg.connect(postgres.url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as c:
+        c.execute("CREATE DATABASE poison")
+    manager = DistributedJobManager(JobsConfig(data_dir=tmp_path, max_attempts=2), None,
+                                    database_url=postgres.url.rsplit("/", 1)[0] + "/poison")
+    manager.start()
+    try:
+        job_id = manager.submit([_Upload(b"z" * 10)], {}).id
+        for attempt, owner in enumerate(("dead-1", "dead-2"), start=1):
+            state, record = manager.pg.claim(job_id, owner, now=1.0, max_attempts=2,
+                                             expires_at=100.0)
+            assert state is JobStatus.RUNNING and record.attempts == attempt
+        state, record = manager.pg.claim(job_id, "third", now=2.0, max_attempts=2,
+                                         expires_at=100.0)
+        assert state is JobStatus.FAILED and record.error_code == "worker_lost"
+        assert manager.pg.claim(job_id, "fourth", now=3.0, max_attempts=2,
+                                expires_at=100.0) is None
+        from sfpc.server.jobs.models import ResultBody
+
+        late = ResultBody("mask.nii.gz", "application/gzip", "mask.nii.gz")
+        assert not manager.pg.succeed(job_id, "dead-2", now=3.0, expires_at=100.0, results=[],
+                                      result_body=late, report=None)  # a late owner: no effect
+        assert manager.pg.get(job_id).status is JobStatus.FAILED
+    finally:
+        manager.stop()
+
+
+def test_sqlite_backend_refuses_what_it_cannot_honour(model_dir, tmp_path) -> None:
+    """Without the distributed backend, urgent priority, idempotency keys and webhooks answer
+    400 needs_distributed_jobs (routine, what its FIFO queue does, is accepted)."""
+    server = start_gateway(model_dir, tmp_path / "data", tmp_path / "gw.log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=WAIT_S) as client:
+            for headers in ({"X-SFPC-Priority": "urgent"}, {"Idempotency-Key": "k"},
+                            {"X-SFPC-Webhook-URL": "http://127.0.0.1:9/x"}):
+                response = client.post("/v1/jobs", headers=headers,
+                                       files={"file": ("v.nii.gz", volume_upload(32))})
+                assert response.status_code == 400, response.text
+                assert response.json()["error"]["code"] == "needs_distributed_jobs"
+            routine = client.post("/v1/jobs", headers={"X-SFPC-Priority": "routine"},
+                                  files={"file": ("v.nii.gz", volume_upload(32))})
+            assert routine.status_code == 202
+            assert wait_status(client, routine.json()["id"])["status"] == "succeeded"
+    finally:
+        server.stop()

@@ -171,7 +171,8 @@ class JobManager:
         thread). :class:`JobError` 503 with Retry-After when the queue is full. ``delivery``
         (``{"destinations": [names]}``, names of ``self.destinations``): where the job sends
         its DICOM results once it has succeeded (STOW-RS jobs routed by model)."""
-        given = [name for name, value in (("priority", priority),
+        # "routine" is what this FIFO queue does anyway; "urgent" it cannot honour.
+        given = [name for name, value in (("priority", None if priority == "routine" else priority),
                                           ("Idempotency-Key", idempotency_key),
                                           ("webhook_url", webhook_url)) if value is not None]
         if given:
