@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -187,6 +188,13 @@ def worker(argv: Sequence[str] | None = None) -> int:
     try:
         service = SegmentationService(registry, settings)
         manager = DistributedJobManager.from_settings(settings, service, role="worker")
+        if settings.worker_metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            # Each worker counts its own segmentations; Prometheus sums the instances.
+            httpd, _ = start_http_server(settings.worker_metrics_port, addr=settings.host)
+            logging.getLogger("sfpc.server.jobs").info(
+                "worker metrics", extra={"host": settings.host, "port": httpd.server_port})
         manager.run_worker()
     finally:
         registry.close()

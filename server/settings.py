@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(10.0, gt=0, description="sfpc worker heartbeat period.")
     worker_stalled_s: float = Field(30.0, gt=0, description="A worker silent this long is "
                                     "presumed dead and its running jobs are taken over.")
+    worker_metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="sfpc worker: serve Prometheus metrics (its "
+        "segmentation counters) on host:port; 0 picks a free port (logged). None: off.")
     worker_poll_s: float = Field(1.0, gt=0, description="Workers' poll period (queue, cancel "
                                  "checks, maintenance).")
 

@@ -62,7 +62,8 @@ def cluster(model_dir, postgres, tmp_path_factory):
                 "webhook_retries": 2, "webhook_backoff_s": 1}
     env = {f"SFPC_{k.upper()}": str(v) for k, v in settings.items()}
     env["SFPC_DATA_DIR"] = str(root / "data")
-    env.update({"SFPC_ONNX_INTRA_OP_THREADS": "1", "SFPC_LOG_LEVEL": "INFO"})
+    env.update({"SFPC_ONNX_INTRA_OP_THREADS": "1", "SFPC_LOG_LEVEL": "INFO",
+                "SFPC_WORKER_METRICS_PORT": "0"})
     workers = [WorkerProcess(model_dir, root / f"worker{i}.log", env).start() for i in range(2)]
     gateways = [start_gateway(model_dir, root / "data", root / f"gateway{i}.log", **settings)
                 for i in range(2)]
@@ -318,6 +319,15 @@ def test_metrics_agree_across_gateways(cluster) -> None:
     assert scraped[0] == scraped[1]
     assert f'sfpc_jobs{{status="succeeded"}} {float(counted["succeeded"])}' in scraped[0]
     assert 'sfpc_job_workers{state="alive"} 2.0' in scraped[0]
+    # Each worker serves its own counters (Prometheus sums the instances): a worker's count of
+    # successful segmentations equals the successes its log records.
+    for worker in cluster["workers"]:
+        port = next(r["port"] for r in worker.records() if r.get("message") == "worker metrics")
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=WAIT_S).text
+        ok = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("sfpc_segmentations_total{") and 'outcome="ok"' in line)
+        logged = sum(1 for r in worker.records() if r.get("message") == "job succeeded")
+        assert ok == logged
 
 
 class _Upload:
