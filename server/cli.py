@@ -187,7 +187,11 @@ def worker(argv: Sequence[str] | None = None) -> int:
     registry = ModelRegistry(settings)
     try:
         service = SegmentationService(registry, settings)
-        manager = DistributedJobManager.from_settings(settings, service, role="worker")
+        try:
+            manager = DistributedJobManager.from_settings(settings, service, role="worker")
+        except ConnectionError as exc:
+            print(f"sfpc worker: {exc}", file=sys.stderr)
+            return 1
         if settings.worker_metrics_port is not None:
             from prometheus_client import start_http_server
 

@@ -443,3 +443,15 @@ def test_sqlite_backend_refuses_what_it_cannot_honour(model_dir, tmp_path) -> No
             assert wait_status(client, routine.json()["id"])["status"] == "succeeded"
     finally:
         server.stop()
+
+
+def test_unreachable_database_is_named_without_its_password() -> None:
+    from sfpc.server.jobs.pg_store import PgJobStore
+    from tests.support.postgres import free_port
+
+    port = free_port()  # nothing listens there
+    with pytest.raises(ConnectionError) as info:
+        PgJobStore(f"postgresql://bob:s3cret@127.0.0.1:{port}/jobs", connect_timeout_s=1.0)
+    message = str(info.value)
+    assert f"127.0.0.1:{port}" in message and "'jobs'" in message and "'bob'" in message
+    assert "s3cret" not in message

@@ -71,13 +71,25 @@ def _pg_record(row: dict[str, Any]) -> JobRecord:
 class PgJobStore:
     """``sfpc_jobs`` in the database at ``url`` (a libpq connection string or URL)."""
 
-    def __init__(self, url: str, *, max_size: int = 8) -> None:
+    def __init__(self, url: str, *, max_size: int = 8, connect_timeout_s: float = 15.0) -> None:
+        from psycopg.conninfo import conninfo_to_dict
         from psycopg.rows import dict_row
-        from psycopg_pool import ConnectionPool
+        from psycopg_pool import ConnectionPool, PoolTimeout
 
         self.url = url
         self._pool = ConnectionPool(url, min_size=1, max_size=max_size, open=True,
                                     kwargs={"autocommit": True, "row_factory": dict_row})
+        try:
+            self._pool.wait(timeout=connect_timeout_s)
+        except PoolTimeout:
+            self._pool.close()
+            # Named without the password: the URL may carry one.
+            where = conninfo_to_dict(url)
+            raise ConnectionError(
+                f"cannot connect to PostgreSQL at {where.get('host', 'localhost')}:"
+                f"{where.get('port', 5432)} (database {where.get('dbname', '?')!r}, user "
+                f"{where.get('user', '?')!r}) within {connect_timeout_s:g} s; check "
+                "SFPC_DATABASE_URL and that the server is up") from None
         with self._tx() as conn:
             # Two processes creating the table at once would collide on the catalog: serialise.
             conn.execute("SELECT pg_advisory_xact_lock(7212001)")
