@@ -276,7 +276,9 @@ def test_uncertainty_artefacts_in_one_zip(server):
     assert_same_grid(mask_img, upload)
     for image in maps.values():
         assert_same_grid(image, upload)
-        assert image.get_data_dtype() == np.float32
+        # Maps travel as uint16 with scl_slope 1/65535 (issue 13): readers get floats.
+        assert image.get_data_dtype() == np.uint16
+        assert image.dataobj.slope == pytest.approx(1 / 65535)
     mask = np.asarray(mask_img.dataobj)
     entropy = np.asarray(maps["entropy"].dataobj)
     mi = np.asarray(maps["mutual_information"].dataobj)
