@@ -71,8 +71,8 @@ def _cmd_train(argv: Sequence[str]) -> int:
             fingerprint, plan = plan_for(given["data"], given, given.get("device", "auto"),
                                          progress=main_rank)
             fields = plan.config_fields()
-            if main_rank:
-                print("\n".join(summary_lines(fingerprint, plan)), flush=True)
+            if main_rank:  # stderr: stdout ends with the run's JSON report, for scripts
+                print("\n".join(summary_lines(fingerprint, plan)), file=sys.stderr, flush=True)
         cfg = resolve(TrainConfig(**fields))
         if plan is not None and fingerprint is not None and main_rank:
             from sfpc.training.plan import write_plan

@@ -140,8 +140,9 @@ def test_a_run_says_what_it_will_do_and_sums_up(tmp_path, capsys, one_torch_thre
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(out), "--iterations", "6",
                  "--val-every", "3", *SMALL]) == 0
-    text = capsys.readouterr().out
-    assert "plan for cpu" in text  # the plan, value by value
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "plan for cpu" in captured.err  # the plan, value by value
     assert "cases: 3 labelled, 0 unlabelled, 1 validation" in text  # 4 labelled: one held out
     assert "windows per case" in text and "schedule: 6 iterations" in text
     assert "done: 6 iterations" in text and "best validation mean Dice" in text

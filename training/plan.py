@@ -614,6 +614,8 @@ def make_plan(fp: Mapping[str, Any], given: Mapping[str, Any] | None = None,
                           f"{fp['spacing']['max']} mm); every case is resampled to the plan's "
                           "spacing")
     target = [None if t is None else round(float(t), 4) for t in target]
+    if plan.given.get("input_mode") == "resize":
+        target, why = None, "--input-mode resize scales each whole slice to the patch instead"
     target = plan.set("spacing", target, why)
     plan.set("input_mode", "spacing", "resample to a fixed spacing so that a millimetre is the "
                                       "same number of voxels in every case")
