@@ -116,10 +116,11 @@ class SegmentOptions(BaseModel):
             chosen.insert(0, wanted)
         derived = [name for name in OUTPUTS if name in chosen and name in DICOM_OUTPUTS]
         if derived and source != "dicom":
-            what = ("a DICOM SEG (outputs=seg_dicom or format=dicom-seg)"
-                    if derived == ["seg_dicom"] else f"DICOM objects ({', '.join(derived)})")
+            what = ("a DICOM SEG (outputs=seg_dicom or format=dicom-seg) references"
+                    if derived == ["seg_dicom"]
+                    else f"DICOM objects ({', '.join(derived)}) reference")
             raise OptionError(
-                f"{what} reference the source DICOM series, but this upload is {source}; ask "
+                f"{what} the source DICOM series, but this upload is {source}; ask "
                 "for mask_nifti (and entropy_nifti, overlay_png, report_json) instead",
                 code="seg_needs_dicom",
             )
