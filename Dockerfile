@@ -21,7 +21,11 @@ WORKDIR /src
 # The dependencies come from pyproject.toml alone, in their own layer, so that a source change
 # does not download them again. Only [project].dependencies: the extras (torch) stay out.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
+# A site whose package index sits behind a TLS-inspecting proxy passes its CA bundle as the build
+# secret pip_cert (scripts/build_image.sh does when PIP_CERT is set); it never enters a layer.
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+ && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
  && /opt/sfpc/bin/pip install --requirement /tmp/requirements.txt
 
 # sfpc/ links to model/, server/, training/ and clients/ (setuptools follows the links), so all
@@ -33,7 +37,9 @@ COPY server ./server
 COPY training ./training
 COPY clients ./clients
 # The checks run isolated (-I): from /src, the source folder sfpc/ would shadow the installed one.
-RUN /opt/sfpc/bin/pip install --no-deps . \
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+ && /opt/sfpc/bin/pip install --no-deps . \
  && /opt/sfpc/bin/python -I -c "import importlib.util as u, sys; sys.exit('torch is in the serving image' if u.find_spec('torch') else 0)" \
  && /opt/sfpc/bin/python -I -c "import sfpc.server.app, sfpc.inference.backends.triton_backend, tritonclient.grpc, tritonclient.http"
 

@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps test test-fast lint demo serve default-model clean
+.PHONY: setup system-deps test test-fast lint demo serve default-model clean image image-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,15 @@ default-model: setup
 # (sfpc/default_model/), or another export with: make serve MODEL=runs/demo/export
 serve: setup
 	$(BIN)/sfpc serve $(if $(MODEL),--model $(MODEL))
+
+# The gateway/worker image from this checkout (podman or docker): the base is made locally with
+# debootstrap when no registry is reachable (PYTHON_IMAGE=python:3.12-slim to use one instead).
+image:
+	bash scripts/build_image.sh
+
+# The image against a real PostgreSQL: a gateway and a worker container segment one CT as a job.
+image-test: image setup
+	$(BIN)/python scripts/image_test.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
