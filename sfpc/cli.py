@@ -44,23 +44,13 @@ def _cmd_train(argv: Sequence[str]) -> int:
     from sfpc.training.config import (
         ConfigError,
         TrainConfig,
-        check_values,
-        explicit_values,
+        checked_values,
         resolve,
     )
 
     p = train_parser()
     ns = p.parse_args(list(argv))
-    # Every value a user typed is checked before any data is read.
-    try:
-        given = explicit_values(ns)
-        check_values(given)
-    except ConfigError as e:
-        p.error(str(e))
-    if not given.get("data"):
-        p.error("--data is required (a folder of NIfTI files, a dataset JSON/CSV, BraTS or ACDC)")
-    if not Path(given["data"]).exists():
-        p.error(f"--data: {given['data']} does not exist")
+    given = checked_values(p, ns)  # every value typed is checked before any data is read
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         plan = fingerprint = None

@@ -288,6 +288,22 @@ def _metavar(name: str) -> str:
             "encoder_dropout": "P,P,...", "class_names": "NAME,NAME,..."}.get(name, name.upper())
 
 
+def checked_values(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> dict[str, Any]:
+    """The values a user gave to `sfpc train` or `sfpc plan`, each checked before any data is
+    read; a bad one, or a missing or absent --data, exits 2 through ``parser.error``."""
+    try:
+        given = explicit_values(ns)
+        check_values(given)
+    except ConfigError as e:
+        parser.error(str(e))
+    if not given.get("data"):
+        parser.error("--data is required (a folder of NIfTI files, a dataset JSON/CSV, BraTS "
+                     "or ACDC)")
+    if not Path(given["data"]).exists():
+        parser.error(f"--data: {given['data']} does not exist")
+    return given
+
+
 def explicit_values(ns: argparse.Namespace) -> dict[str, Any]:
     """The fields a user gave: the --config file's, then the flags (which win)."""
     values: dict[str, Any] = {}

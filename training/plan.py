@@ -882,12 +882,7 @@ def plan_for(source: str, given: Mapping[str, Any], device_preference: str = "au
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`sfpc plan --data DIR [--out plan.json] [any sfpc train flag to fix]`."""
-    from sfpc.training.config import (
-        ConfigError,
-        add_config_arguments,
-        check_values,
-        explicit_values,
-    )
+    from sfpc.training.config import add_config_arguments, checked_values
 
     p = argparse.ArgumentParser(
         prog="sfpc plan",
@@ -900,15 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="print only the plan file's path")
     add_config_arguments(p, planned=True)
     ns = p.parse_args(list(argv) if argv is not None else None)
-    try:
-        given = explicit_values(ns)
-        check_values(given)
-    except ConfigError as e:
-        p.error(str(e))
-    if not given.get("data"):
-        p.error("--data is required: a folder of NIfTI cases, a dataset JSON/CSV, BraTS or ACDC")
-    if not Path(given["data"]).exists():
-        p.error(f"--data: {given['data']} does not exist")
+    given = checked_values(p, ns)
     try:
         fp, plan = plan_for(given["data"], given, given.get("device", "auto"),
                             progress=not ns.quiet)
