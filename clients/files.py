@@ -10,8 +10,18 @@ from pathlib import Path
 PARTIAL_SUFFIX = ".part"
 
 
-def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (same-folder temporary file, fsync, rename)."""
+def fsync_dir(path: str | Path) -> None:
+    """Make a folder's entries (new files, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: bytes, *, sync_folder: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (same-folder temporary file, fsync, rename); with
+    ``sync_folder`` the rename itself is on disk when this returns (the folder is fsynced)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
@@ -24,6 +34,8 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    if sync_folder:
+        fsync_dir(target.parent)
     return target
 
 

@@ -73,6 +73,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sfpc.clients.config import ENV_VARIABLES, GatewayConfig, _env_value, read_config_file
+from sfpc.clients.files import fsync_dir, write_atomic
 from sfpc.errors import OptionError
 from sfpc.inference.options import OutputName, parse_options
 from sfpc.io import dicom_net
@@ -193,26 +194,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """``data`` at ``path``, all or nothing, on disk when this returns: a temporary file in the
-    same folder, fsynced, renamed over ``path``, then the folder fsynced."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-    with open(temporary, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(temporary, path)
-    fsync_dir(path.parent)
-
-
 @dataclass
 class Series:
     """One received series (or the part of it that arrived before it went quiet)."""
@@ -238,8 +219,9 @@ class Series:
 
     def save(self) -> None:
         self.state["updated"] = _now()
-        write_durable(self.folder / STATE_FILE,
-                      (json.dumps(self.state, indent=1, sort_keys=True) + "\n").encode())
+        write_atomic(self.folder / STATE_FILE,
+                     (json.dumps(self.state, indent=1, sort_keys=True) + "\n").encode(),
+                     sync_folder=True)
 
 
 @dataclass
@@ -397,7 +379,7 @@ class Listener:
         name = (_UID_CHARS.sub("", instance) or uuid.uuid4().hex)[:96] + ".dcm"
         item = self._receiving(calling, study, series_uid)
         try:
-            write_durable(item.folder / INSTANCES / name, data)
+            write_atomic(item.folder / INSTANCES / name, data, sync_folder=True)
         except OSError as exc:
             log.error("instance refused: cannot write the spool", extra={"error": str(exc)})
             return dicom_net.OUT_OF_RESOURCES
