@@ -37,7 +37,7 @@ from typing import Any
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 
 from sfpc.errors import JobError
-from sfpc.server.jobs.files import JobFiles, UploadTooLarge, is_job_id, new_job_id, write_durable
+from sfpc.server.jobs.files import JobFiles, is_job_id, new_job_id, write_durable
 from sfpc.server.jobs.manager import (
     DELIVERY_FILE,
     JOBS_DIR,
@@ -46,9 +46,8 @@ from sfpc.server.jobs.manager import (
     JobsConfig,
     Upload,
     _options_json,
-    client_name,
 )
-from sfpc.server.jobs.models import InputFile, JobRecord, JobStatus
+from sfpc.server.jobs.models import JobRecord, JobStatus
 from sfpc.server.jobs.pg_store import PgJobStore
 from sfpc.server.jobs.runner import JobCancelled, JobFailure
 from sfpc.server.jobs.store import QueueFull
@@ -248,14 +247,7 @@ class DistributedJobManager(JobManager):
         if self.store.count(JobStatus.QUEUED) >= self.config.max_queued:
             raise self._queue_full()
         job_id = new_job_id()
-        try:
-            stored = self.files.write_inputs(job_id, [u.file for u in uploads],
-                                             max_bytes=self.config.max_upload_bytes)
-        except UploadTooLarge as exc:
-            raise JobError(413, "upload_too_large", str(exc)) from exc
-        inputs = [InputFile(name=client_name(u.filename, i), path=name,
-                            content_type=u.content_type, size=size)
-                  for i, (u, (name, size)) in enumerate(zip(uploads, stored, strict=True))]
+        inputs = self._store_inputs(job_id, uploads)
         try:
             if delivery:
                 write_durable(self.files.job_dir(job_id) / DELIVERY_FILE,

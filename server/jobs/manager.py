@@ -189,19 +189,7 @@ class JobManager:
         if self.store.count(JobStatus.QUEUED) >= self.config.max_queued:
             raise self._queue_full()
         job_id = new_job_id()
-        try:
-            stored = self.files.write_inputs(job_id, [u.file for u in uploads],
-                                             max_bytes=self.config.max_upload_bytes)
-        except UploadTooLarge as exc:
-            raise JobError(413, "upload_too_large", str(exc)) from exc
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise JobError(507, "insufficient_storage", "the server's data dir is full; "
-                               "retry later", {"Retry-After": "60"}) from exc
-            raise
-        inputs = [InputFile(name=client_name(u.filename, i), path=name,
-                            content_type=u.content_type, size=size)
-                  for i, (u, (name, size)) in enumerate(zip(uploads, stored, strict=True))]
+        inputs = self._store_inputs(job_id, uploads)
         try:
             if delivery:
                 # Beside the inputs, durable before the row: a worker that runs the job finds it.
@@ -220,6 +208,23 @@ class JobManager:
         self.pool.wake()
         self.pool.publish()
         return record
+
+    def _store_inputs(self, job_id: str, uploads: Sequence[Upload]) -> list[InputFile]:
+        """The uploads on disk in the job's folder (fsynced), described as the job's inputs;
+        413 over the size limit, 507 when the data dir is full."""
+        try:
+            stored = self.files.write_inputs(job_id, [u.file for u in uploads],
+                                             max_bytes=self.config.max_upload_bytes)
+        except UploadTooLarge as exc:
+            raise JobError(413, "upload_too_large", str(exc)) from exc
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise JobError(507, "insufficient_storage", "the server's data dir is full; "
+                               "retry later", {"Retry-After": "60"}) from exc
+            raise
+        return [InputFile(name=client_name(u.filename, i), path=name,
+                          content_type=u.content_type, size=size)
+                for i, (u, (name, size)) in enumerate(zip(uploads, stored, strict=True))]
 
     def get(self, job_id: str) -> JobRecord:
         """The job; 404 unknown, 410 expired."""
