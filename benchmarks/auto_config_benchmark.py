@@ -20,6 +20,9 @@ split the plan makes (one validation case, the other three labelled, so supervis
 
     python benchmarks/auto_config_benchmark.py --iterations 400 --seeds 1337 7 --jobs 2 \\
         --threads 1 --out runs/auto_config_benchmark
+    # train only the auto rows again, the hand rows from an earlier run of the same split:
+    python benchmarks/auto_config_benchmark.py --iterations 1000 --seeds 1337 7 --configs auto \
+        --merge-from benchmarks/auto_config_results_1000it.json --out runs/auto_config_v2
     python benchmarks/auto_config_benchmark.py --task lesions --iterations 300 --seeds 1337 \\
         --jobs 2 --threads 1 --out runs/auto_config_benchmark_lesions
 """
@@ -117,8 +120,8 @@ def _history(path: Path) -> list[dict]:
 
 
 def _classes(results: list[dict]) -> list[str]:
-    """Class columns: the hand run's names (the auto run names the same classes class1, ...:
-    the dataset JSON carries no names)."""
+    """Class columns: the hand run's names (auto runs on dataset JSONs written before
+    `sfpc organ-split` named its labels call the same classes class1, ...)."""
     summary = next((r for r in results if r["config"] == "hand"), results[0])["summary"]
     return [k for k in summary if isinstance(summary[k], dict) and "dice" in summary[k]
             and k != "mean"]
@@ -167,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1337])
     p.add_argument("--jobs", type=int, default=2, help="trainings side by side")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    p.add_argument("--configs", nargs="+", choices=["hand", "auto"], default=["hand", "auto"],
+                   help="which configurations to train (default both)")
+    p.add_argument("--merge-from", metavar="RESULTS_JSON",
+                   help="take the rows of the configurations not trained from this earlier "
+                        "results file (same split, seeds and iterations; checked)")
     p.add_argument("--table-from", metavar="RESULTS_JSON", help="print the table of a results "
                                                                 "file, train nothing")
     a = p.parse_args(argv)
@@ -193,8 +201,16 @@ def main(argv: list[str] | None = None) -> int:
             cases = discover_cases(datasets[s])
         split = load_or_make_split(out / f"split_seed{s}.json", cases, **params)
         splits.setdefault(s, {})["val"] = [c.id for c in split.val]
-    runs = [(kind, s) for s in a.seeds for kind in ("hand", "auto")]
+    runs = [(kind, s) for s in a.seeds for kind in ("hand", "auto") if kind in a.configs]
     results: list[dict] = []
+    if a.merge_from:
+        earlier = json.loads(Path(a.merge_from).read_text())
+        for key in ("iterations", "task"):
+            if earlier["args"].get(key, "organs") != getattr(a, key):
+                p.error(f"--merge-from {a.merge_from} was run with {key} "
+                        f"{earlier['args'].get(key)}, not {getattr(a, key)}")
+        results = [{**r, "from": a.merge_from} for r in earlier["results"]
+                   if r["config"] not in a.configs and r["seed"] in a.seeds]
     t0 = time.perf_counter()
 
     def save() -> None:

@@ -14,7 +14,9 @@ import pytest
 from sfpc.inference.preprocess import normalise, to_orientation
 from sfpc.training import plan as planmod
 from sfpc.training.config import ConfigError, resolve_spacing
+from sfpc.training.organ_task import make_organ_dataset
 from sfpc.training.plan import fingerprint_dataset, make_plan
+from tests.support.paths import ORGANS
 
 GPU = {"kind": "cuda", "name": "test GPU", "memory_bytes": 80 * 2**30}
 CPU = {"kind": "cpu", "name": "cpu"}
@@ -91,8 +93,12 @@ def test_ct_anisotropic_fingerprint_and_plan(ct_folder: Path) -> None:
     assert v["spacing"] == [0.8, 0.8, None]
     assert v["patch_size"] == [64, 64]  # the median 64 x 64 slice, a multiple of 16
     assert v["normalisation"]["kind"] == "ct_window"
+    # The organ's percentiles span ~80 HU: widened to a 400 HU window around its median.
+    p_lo, med, p_hi = np.percentile(values, [0.5, 50, 99.5])
+    assert p_hi - p_lo < 400
     assert v["normalisation"]["window"] == pytest.approx(
-        [np.percentile(values, 0.5), np.percentile(values, 99.5)], abs=0.1)
+        [min(p_lo, med - 200), max(p_hi, med + 200)], abs=0.1)
+    assert "soft-tissue window" in plan.why["normalisation"]
     assert v["normalisation"]["mean"] == pytest.approx(values.mean(), abs=0.01)
     assert v["normalisation"]["std"] == pytest.approx(values.std(), abs=0.01)
     assert v["method"] == "sfpc"  # one case without a label
@@ -100,6 +106,30 @@ def test_ct_anisotropic_fingerprint_and_plan(ct_folder: Path) -> None:
     assert v["augment"]["flip"] is True  # one central class
     assert v["iterations"] == 6000 and v["lr_step"] == 2500
     assert set(plan.why) == set(plan.values) and all(plan.why.values())
+
+
+def test_ct_window_rules(ct_folder: Path) -> None:
+    """nnU-Net's rule (the labelled voxels' percentiles) behind --ct-window-rule foreground;
+    a window already wider than 400 HU is left as the percentiles give it."""
+    fp = fingerprint_dataset(ct_folder)
+    fg = fp["foreground_intensity"][0]
+    plan = make_plan(fp, {"ct_window_rule": "foreground"}, GPU)
+    assert plan.values["normalisation"]["window"] == pytest.approx(
+        [fg["p00_5"], fg["p99_5"]], abs=0.1)
+    assert "as nnU-Net" in plan.why["normalisation"]
+    wide = json.loads(json.dumps(fp))
+    wide["foreground_intensity"][0].update(p00_5=-900.0, median=-500.0, p99_5=100.0)
+    plan = make_plan(wide, {}, GPU)
+    assert plan.values["normalisation"]["window"] == [-900.0, 100.0]
+
+
+def test_organ_split_names_its_classes(tmp_path: Path) -> None:
+    """`sfpc organ-split`'s dataset JSON carries the label names the plan reads."""
+    if not (ORGANS / "ct_a_label.nii.gz").is_file():
+        pytest.skip("../shared/data/organs is not beside the project")
+    make_organ_dataset(ORGANS, tmp_path / "dataset.json", 0.1, 1337, selection="even")
+    assert planmod._class_names_from(tmp_path / "dataset.json") == [
+        "background", "spleen", "liver", "stomach"]
 
 
 def test_given_values_win_and_the_rest_follows(ct_folder: Path) -> None:

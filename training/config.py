@@ -17,6 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+CT_WINDOW_RULES = ("soft-tissue", "foreground")
 PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}  # axis of a RAS volume each plane is normal to
 
 
@@ -39,6 +40,9 @@ class TrainConfig:
     input_mode: str = "spacing"  # 2D: "resize" scales each slice to patch_size (paper's ACDC)
     normalisation: dict[str, Any] = field(default_factory=lambda: {"kind": "zscore",
                                                                    "foreground": "nonzero"})
+    # How the plan picks a CT window: "soft-tissue" widens the labels' percentiles to at least
+    # a 400 HU soft-tissue window; "foreground" is nnU-Net's rule (the percentiles alone).
+    ct_window_rule: str = "soft-tissue"
     # Share of labelled patches centred on foreground; None: 0.5 in 3D, uniform crops in 2D.
     foreground_fraction: float | None = None
     augment: dict[str, Any] = field(default_factory=dict)  # passed to the data pipeline
@@ -123,6 +127,11 @@ HELP: dict[str, str] = {
                      "(CT: clip to the HU window and scale to [0, 1], or with \"mean\" and "
                      "\"std\" z-score after clipping), {\"kind\": \"zscore\", \"foreground\": "
                      "\"nonzero\" or \"all\"} (per image), or {\"kind\": \"minmax\"}",
+    "ct_window_rule": "how the plan chooses a CT window when --normalisation is not given: "
+                      "soft-tissue (the labelled voxels' 0.5-99.5 percentiles, widened to at "
+                      "least a 400 HU soft-tissue window around their median, so the tissue "
+                      "around the structures keeps its contrast) or foreground (the "
+                      "percentiles alone, nnU-Net's rule)",
     "foreground_fraction": "share of labelled patches centred on a foreground voxel (3D patches, "
                            "and 2D slices larger than the patch), 0 to 1; default 0.5 in 3D and "
                            "uniform crops in 2D",
@@ -418,6 +427,7 @@ def check_values(values: Mapping[str, Any]) -> None:
         "label_map": _check_label_map,
         "class_names": _check_class_names,
         "normalisation": _check_normalisation,
+        "ct_window_rule": lambda x: _choice("ct_window_rule", x, CT_WINDOW_RULES),
         "channels": lambda x: _check_channels(x, v.get("encoder_dropout")),
         "encoder_dropout": _check_dropout,
         "resume": _check_resume,

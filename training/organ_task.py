@@ -99,7 +99,9 @@ def make_organ_dataset(
                         "role": "unlabelled"})
     out = Path(out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(entries, indent=1) + "\n")
+    # The dataset.json form (labels + cases) so that `sfpc plan` reads the class names.
+    labels = {str(i): name for i, name in enumerate(CLASS_NAMES)}
+    out.write_text(json.dumps({"labels": labels, "cases": entries}, indent=1) + "\n")
     return {"labelled_slices": sorted(labelled), "labelled_organ_slices":
             sorted(z for z in labelled if organ[z]), "val_block": [lo, hi], "gap": gap,
             "n_unlabelled_ct_a_slices": len(unlabelled), "ct_b": use_ct_b,
