@@ -171,8 +171,8 @@ def run_mode(export_dir: Path, uncertainty: bool, args: argparse.Namespace) -> d
         "rss_before_segment_mib": before,
         "tracemalloc_peak_mib": traced_peak / 2**20,
         "input_mib": volume.nbytes / 2**20,
-        "outputs_mib": sum(a.nbytes for a in (result.mask, result.entropy,
-                                              result.mutual_information) if a is not None) / 2**20,
+        "outputs_mib": sum(a.nbytes for a in (result.mask, result.entropy_levels,
+                                              result.mi_levels) if a is not None) / 2**20,
         "model_shape": result.geometry["model_shape"],
         "class_voxels": counts,
     }

@@ -36,6 +36,7 @@ from sfpc.inference.uncertainty import (
     region_statistics,
     sample_moments,
 )
+from sfpc.io.artefacts import MAP_MAX_ERROR
 from sfpc.training.metrics import boundary_band
 from tests.support.models import train_tiny_net
 
@@ -458,6 +459,34 @@ def test_geometry_matches_canonical_copy(model_3d, model_2d, name, dims):
     assert (result.mutual_information <= result.entropy + 1e-6).all()
 
 
+@pytest.mark.parametrize("in_shape,out_shape,axis,rows", [
+    ((40, 37, 9), (120, 111, 9), 2, (0, 9)),      # 2D slab: in-plane upsampled
+    ((40, 37, 9), (17, 100, 9), 0, (3, 15)),      # down- and upsampled, a block of rows
+    ((20, 21, 22), (31, 15, 50), 1, (2, 9)),      # 3D, every axis resampled
+    ((30, 30, 5), (30, 30, 5), 2, (1, 3)),        # nothing resampled
+])
+def test_restore_labels_equals_argmax_of_restored_probabilities(in_shape, out_shape, axis, rows):
+    """The mask restore interpolates only where the neighbouring model voxels disagree; the
+    oracle interpolates every class everywhere (resample_linear, itself checked against
+    preprocess.resample_to_shape) and takes the argmax."""
+    from scipy import ndimage
+
+    from sfpc.inference.engine import restore_labels
+
+    rng = np.random.default_rng(sum(in_shape))
+    logits = np.stack([ndimage.gaussian_filter(rng.normal(size=in_shape), 2) * 20
+                       for _ in range(4)])
+    probs = np.exp(logits - logits.max(axis=0))
+    probs = (probs / probs.sum(axis=0)).astype(np.float32)
+    oracle = resample_linear(probs, out_shape, axis=axis, start=rows[0], stop=rows[1])
+    top2 = np.sort(oracle, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 1e-5
+    got = restore_labels(probs, out_shape, axis=axis, start=rows[0], stop=rows[1])
+    assert got.dtype == np.uint8 and got.shape == oracle.shape[1:]
+    assert 0 < (got != got.flat[0]).mean()  # several labels, so boundaries to interpolate
+    np.testing.assert_array_equal(got[clear], oracle.argmax(axis=0)[clear])
+
+
 @pytest.mark.parametrize("dims", [3, 2])
 def test_streamed_restore_equals_whole_grid_restore(model_3d, model_2d, dims):
     _, meta, backend = model_3d if dims == 3 else model_2d
@@ -474,31 +503,73 @@ def test_streamed_restore_equals_whole_grid_restore(model_3d, model_2d, dims):
     np.testing.assert_array_equal(streamed.mask[clear], restored.argmax(axis=0)[clear])
 
 
+@pytest.mark.parametrize("dims", [3, 2])
+def test_streamed_maps_are_the_model_grid_maps_restored(model_3d, model_2d, dims):
+    """Uncertainty maps: computed from the model-grid moments, restored linearly by
+    ``preprocess.restore`` (the oracle), held as uint16 levels within MAP_MAX_ERROR; a
+    Fortran-ordered upload (as NIfTI gives) gets Fortran-ordered outputs."""
+    _, meta, backend = model_3d if dims == 3 else model_2d
+    affine = AFFINES["oblique"]
+    image = np.asfortranarray(_volume((33, 28, 14), None, seed=11)) if dims == 3 else \
+        _volume((33, 28, 14), 2, seed=11)
+    streamed = Engine(backend, meta, slab_bytes=1).segment(image, affine, uncertainty=True)
+    whole_engine = Engine(backend, meta, slab_bytes=1 << 40)
+    model_image, geometry = whole_engine.preprocess(image, affine)
+    moments = whole_engine.infer_model_grid(model_image, uncertainty=True)
+    p_bar, mean_h = moments["mean_probs"], moments["mean_entropy"][0]
+    h_bar = -np.sum(p_bar * np.log(np.clip(p_bar, 1e-12, None)), axis=0)
+    k = p_bar.shape[0]
+    expected = {"entropy": h_bar / math.log(k),
+                "mutual_information": np.maximum(h_bar - mean_h, 0) / math.log(k)}
+    assert streamed.entropy_levels.dtype == np.uint16
+    for name, levels in streamed.map_levels().items():
+        oracle = restore(expected[name].astype(np.float32), geometry, order=1)
+        np.testing.assert_allclose(levels / 65535.0, oracle, rtol=0, atol=MAP_MAX_ERROR + 2e-6)
+    if dims == 3:
+        assert streamed.mask.flags.f_contiguous and streamed.entropy_levels.flags.f_contiguous
+
+
 def test_statistics_and_report(model_3d):
+    """Volumes are counted on the input grid's mask; the map statistics are taken on the model
+    grid (labels, maps and the 10-voxel band there), checked against the model-grid moments
+    worked into maps by hand."""
     _, meta, backend = model_3d
     engine = Engine(backend, meta)
     affine = AFFINES["anisotropic"]
-    result = engine.segment(_volume((40, 36, 12), None, seed=12), affine, uncertainty=True)
+    image = _volume((40, 36, 12), None, seed=12)
+    result = engine.segment(image, affine, uncertainty=True)
     voxel_ml = 0.5 * 0.5 * 4.0 / 1000
     stats = result.statistics
     assert stats["voxel_volume_ml"] == pytest.approx(voxel_ml)
+    assert stats["map_statistics_grid"] == "model"
     assert sum(c["voxels"] for c in stats["classes"].values()) == result.mask.size
-    union = np.zeros(result.mask.shape, dtype=bool)
+    model_image, geometry = engine.preprocess(image, affine)
+    assert tuple(geometry.model_shape) != tuple(result.mask.shape)  # really resampled
+    moments = engine.infer_model_grid(model_image, uncertainty=True)
+    p_bar, mean_h = moments["mean_probs"], moments["mean_entropy"][0]
+    k_classes = p_bar.shape[0]
+    h_bar = -np.sum(p_bar * np.log(np.clip(p_bar, 1e-12, None)), axis=0)
+    maps = {"entropy": h_bar / math.log(k_classes),
+            "mutual_information": np.maximum(h_bar - mean_h, 0) / math.log(k_classes)}
+    labels = p_bar.argmax(axis=0)
+    union = np.zeros(labels.shape, dtype=bool)
     for k, name in enumerate(result.class_names):
-        inside = result.mask == k
         entry = stats["classes"][name]
-        assert entry["voxels"] == int(inside.sum())
-        assert entry["volume_ml"] == pytest.approx(inside.sum() * voxel_ml)
+        inside_input = result.mask == k
+        assert entry["voxels"] == int(inside_input.sum())
+        assert entry["volume_ml"] == pytest.approx(inside_input.sum() * voxel_ml)
+        inside = labels == k
         if inside.any():
-            assert entry["mean_entropy"] == pytest.approx(float(result.entropy[inside].mean()),
-                                                          rel=1e-5)
+            assert entry["mean_entropy"] == pytest.approx(float(maps["entropy"][inside].mean()),
+                                                          rel=1e-4, abs=1e-6)
         if k and inside.any():
             band = boundary_band(inside, 10)
             union |= band
+            assert entry["boundary_voxels"] == int(band.sum())
             assert entry["boundary_mean_mutual_information"] == pytest.approx(
-                float(result.mutual_information[band].mean()), rel=1e-5, abs=1e-9)
+                float(maps["mutual_information"][band].mean()), rel=1e-4, abs=1e-6)
     assert stats["case"]["boundary_mean_entropy"] == pytest.approx(
-        float(result.entropy[union].mean()), rel=1e-5)
+        float(maps["entropy"][union].mean()), rel=1e-4)
     report = result.to_report()
     text = json.dumps(report)  # JSON-able, no arrays
     assert "mask" not in report and report["n_windows"] == result.n_windows

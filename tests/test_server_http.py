@@ -300,10 +300,13 @@ def test_uncertainty_artefacts_in_one_zip(server):
         assert entry["voxels"] == int(inside.sum())
         assert entry["volume_ml"] == pytest.approx(inside.sum() * voxel_ml, rel=1e-9)
         if inside.any():
+            # The map statistics are taken on the model grid (test_engine checks them exactly
+            # there): the same field sampled on another grid, so the means agree closely.
             assert entry["mean_entropy"] == pytest.approx(float(entropy[inside].mean()),
-                                                          abs=1e-5)
+                                                          abs=0.01)
             assert entry["mean_mutual_information"] == pytest.approx(float(mi[inside].mean()),
-                                                                     abs=1e-5)
+                                                                     abs=0.01)
+    assert report["map_statistics_grid"] == "model"
     band = report["classes"]["structure1"]["boundary_mean_entropy"]
     assert band is None or entropy.min() <= band <= entropy.max()
     assert report["model"]["name"] == "tiny3d" and report["model"]["version"] == "0.0.1"

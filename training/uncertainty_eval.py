@@ -273,7 +273,7 @@ def evaluate_export(
             maps = uncertainty_maps(mean_probs, crop_last(grid["mean_entropy"], slab))
             flpm.add_volume(mean_probs, maps, label_model)
             _add_input_grid_case(flpm, case, seg, label, affine, names, engine.band,
-                                 meta.quality)
+                                 meta.quality, (mean_probs, maps))
     out: dict[str, Any] = {
         "model": {"name": meta.name, "version": meta.version, "task": meta.task,
                   "temperature": float(meta.temperature), "uncertainty": uncertainty,
@@ -292,20 +292,22 @@ def evaluate_export(
 
 def _add_input_grid_case(scorer: UncertaintyScorer, case: Case, seg: Any, label: np.ndarray,
                          affine: np.ndarray, class_names: Sequence[str], band: int,
-                         quality: Mapping[str, Any]) -> None:
-    """Dice and boundary uncertainty of a case on the input grid, as the server reports them."""
-    mask, maps = seg.mask, seg.maps()
+                         quality: Mapping[str, Any],
+                         model_grid: tuple[np.ndarray, Mapping[str, np.ndarray]]) -> None:
+    """Dice of a case on the input grid and its boundary uncertainty on the model grid, as the
+    server reports them (``model_grid``: the case's mean probabilities and maps there)."""
+    mask = seg.mask
     if case.slices is None:
         stats = seg.statistics
     else:
-        # RAS slab of the input grid: reorient, crop, and recompute the band statistics there.
+        # RAS slab of the input grid for the Dice; the band statistics of the model-grid slab.
         mask = crop_last(to_orientation(mask, affine, "RAS")[0], case.slices)
         label = crop_last(to_orientation(label, affine, "RAS")[0], case.slices)
-        maps = {k: crop_last(to_orientation(v, affine, "RAS")[0], case.slices)
-                for k, v in maps.items()}
-        voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
-        stats = region_statistics(mask, maps, class_names, voxel_ml, band=band)
-    boundary = {k: stats["case"].get(f"boundary_mean_{k}") for k in maps}
+        mean_probs, model_maps = model_grid
+        stats = region_statistics(mean_probs.argmax(axis=0), model_maps, class_names, 1.0,
+                                  band=band)
+    boundary = {k: stats["case"].get(f"boundary_mean_{k}")
+                for k in ("entropy", "mutual_information")}
     extra: dict[str, Any] = {"errors": int(np.count_nonzero(mask != label)),
                              "voxels": int(mask.size)}
     if quality:

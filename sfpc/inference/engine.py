@@ -17,12 +17,20 @@ anywhere is preprocessed, tiled, stitched and restored the same way:
    all 2M samples;
 4. restore the probabilities to the input grid (linear, voxel edges aligned as in
    ``preprocess.restore``) and take the argmax there, so that masks are smooth at the input's
-   resolution; uncertainty maps are computed on the input grid from the restored moments.
+   resolution. Uncertainty maps are computed where they are cheapest, on the model grid, from
+   the blended moments, and restored linearly beside the probabilities; on the input grid they
+   are held as uint16 levels (``sfpc.io.artefacts.MAP_LEVELS`` steps of [0, 1], within
+   ``MAP_MAX_ERROR``), which is also what the NIfTI files store. Their region statistics (mean
+   per class and in the boundary band) are taken on the model grid too: the band is then
+   ``band`` model voxels whatever the upload's resolution, as when the review threshold was
+   chosen, and costs a ninth of the input grid's filters for a 0.7 mm CT at 2 mm.
 
 Memory is bounded by streaming: 2D models are run, restored and reduced one slab of slices at a
 time (their through-plane axis is never resampled, so slabs are independent), and 3D probabilities
 are restored in slabs of rows. Nothing proportional to K x input voxels is ever held, only the
-model-grid image, the uint8 mask and the two float32 maps. Accumulators are float32 throughout:
+model-grid image and maps, the uint8 mask and the two uint16 maps. The input-grid outputs take
+the memory order of the upload's array (NIfTI arrays are Fortran-ordered), so that writing the
+files is a copy of contiguous slabs, not a transposition. Accumulators are float32 throughout:
 float16's 11-bit mantissa would blend Gaussian weights spanning three orders of magnitude with
 ~1e-3 relative error, enough to flip argmax ties, and streaming already keeps the footprint small.
 
@@ -35,7 +43,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from nibabel.orientations import apply_orientation
@@ -63,11 +71,19 @@ from sfpc.inference.sliding_window import (
     sliding_window_inference,
     window_starts,
 )
-from sfpc.inference.uncertainty import DEFAULT_BAND, region_statistics, uncertainty_maps
+from sfpc.inference.uncertainty import (
+    DEFAULT_BAND,
+    map_statistics,
+    merge_statistics,
+    uncertainty_maps,
+    volume_statistics,
+)
+from sfpc.io.artefacts import decode_map, quantise_map
 
 Progress = Callable[[int, int], None]
 
 PLAIN_KEY = "probs"
+MAPS_KEY = "maps"  # the two normalised maps, restored together
 # The uncertainty graph's two moments are blended and restored under their own names.
 UNCERTAINTY_KEYS = UNCERTAINTY_OUTPUTS
 # Per slab of streamed work, the float32 maps of one slab stay near this size.
@@ -344,8 +360,10 @@ class SegmentationResult:
     """A mask on the input grid, optional uncertainty maps, and what to report about them.
 
     ``mask`` (uint8, the input's spatial shape) is meant to be saved with ``affine`` (the
-    input's). In uncertainty mode ``entropy`` = H(p_bar)/ln K and ``mutual_information`` =
-    (H(p_bar) - mean_m H(p_m))/ln K, both float32 in [0, 1] on the input grid.
+    input's). In uncertainty mode ``entropy_levels`` and ``mi_levels`` hold H(p_bar)/ln K and
+    (H(p_bar) - mean_m H(p_m))/ln K on the input grid as uint16 levels (value x MAP_LEVELS,
+    rounded); the ``entropy`` and ``mutual_information`` properties decode them to float32 in
+    [0, 1] (a float copy each time: slice the levels for part of a large volume).
     """
 
     mask: np.ndarray
@@ -355,15 +373,27 @@ class SegmentationResult:
     statistics: dict[str, Any]
     timings: dict[str, float]
     n_windows: int
-    entropy: np.ndarray | None = None
-    mutual_information: np.ndarray | None = None
+    entropy_levels: np.ndarray | None = None
+    mi_levels: np.ndarray | None = None
     model: dict[str, Any] = field(default_factory=dict)
     geometry: dict[str, Any] = field(default_factory=dict)
 
-    def maps(self) -> dict[str, np.ndarray]:
-        """The uncertainty maps present, by name."""
-        found = {"entropy": self.entropy, "mutual_information": self.mutual_information}
+    @property
+    def entropy(self) -> np.ndarray | None:
+        return None if self.entropy_levels is None else decode_map(self.entropy_levels)
+
+    @property
+    def mutual_information(self) -> np.ndarray | None:
+        return None if self.mi_levels is None else decode_map(self.mi_levels)
+
+    def map_levels(self) -> dict[str, np.ndarray]:
+        """The uncertainty maps present, by name, as uint16 levels (see the class docstring)."""
+        found = {"entropy": self.entropy_levels, "mutual_information": self.mi_levels}
         return {k: v for k, v in found.items() if v is not None}
+
+    def maps(self) -> dict[str, np.ndarray]:
+        """The uncertainty maps present, by name, decoded to float32."""
+        return {k: decode_map(v) for k, v in self.map_levels().items()}
 
     def to_report(self) -> dict[str, Any]:
         """Everything but the arrays, as JSON-able builtins."""
@@ -462,7 +492,7 @@ class Engine:
         model_image, geometry = self._prepare(arr, aff, transform)
         timings["preprocess"] = time.perf_counter() - t_start
 
-        outputs = _Outputs(geometry, uncertainty)
+        outputs = _Outputs(geometry, uncertainty, _order_of(arr))
         counter = _Counter()
         total = self._total(geometry.model_shape) * (2 if flip else 1)
         predict = self._predictor(uncertainty, counter, total, progress or self.progress,
@@ -484,8 +514,7 @@ class Engine:
 
         t0 = time.perf_counter()
         voxel_ml = abs(float(np.linalg.det(aff[:3, :3]))) / 1000.0
-        statistics = region_statistics(outputs.mask, outputs.maps(), self.metadata.class_names,
-                                       voxel_ml, band=self.band)
+        statistics = self._statistics(outputs, geometry, voxel_ml)
         timings["postprocess"] += time.perf_counter() - t0
         timings["backend"] = counter.seconds
         timings["total"] = time.perf_counter() - t_start
@@ -498,8 +527,8 @@ class Engine:
             statistics=statistics,
             timings=timings,
             n_windows=counter.windows,
-            entropy=outputs.entropy,
-            mutual_information=outputs.mutual_information,
+            entropy_levels=outputs.entropy,
+            mi_levels=outputs.mutual_information,
             model={"name": meta.name, "version": meta.version, "spatial_dims": meta.spatial_dims,
                    "temperature": float(meta.temperature or 1.0),
                    "perturbations": int(meta.perturbation.get("M") or 0) if uncertainty else 0,
@@ -514,6 +543,19 @@ class Engine:
         )
 
     # -- internals ---------------------------------------------------------------------------
+    def _statistics(self, outputs: _Outputs, geometry: Geometry,
+                    voxel_ml: float) -> dict[str, Any]:
+        """Volumes from the input-grid mask; map summaries from the model grid (see the module
+        docstring)."""
+        names = self.metadata.class_names
+        volumes = volume_statistics(outputs.mask, names, voxel_ml)
+        if outputs.model_labels is None:
+            return merge_statistics(volumes, None, band_width_voxels=self.band)
+        maps = map_statistics(outputs.model_labels, outputs.model_maps, names, self.band)
+        spacing = spacing_from_affine(np.asarray(geometry.affine))
+        return merge_statistics(volumes, maps, map_statistics_grid="model",
+                                band_width_mm=[round(self.band * float(v), 4) for v in spacing])
+
     def _prepare(self, arr: np.ndarray, aff: np.ndarray,
                  transform: np.ndarray | None = None) -> tuple[np.ndarray, Geometry]:
         return prepare_image(arr, aff, self.metadata.normalisation, self.target_spacing,
@@ -598,7 +640,16 @@ class Engine:
     def _restore_chunk(self, outputs: _Outputs, geometry: Geometry, axis: int, start: int,
                        stop: int, maps: Mapping[str, np.ndarray]) -> None:
         """Resample the model-grid rows ``start:stop`` (along ``axis``) to the oriented input
-        grid in slabs of rows, and write mask and maps into the outputs."""
+        grid in slabs of rows, and write mask and maps into the outputs; in uncertainty mode
+        the maps are computed here, on the model grid, and kept there for the statistics."""
+        if PLAIN_KEY in maps:
+            restored = {PLAIN_KEY: maps[PLAIN_KEY]}
+        else:
+            probs = maps["mean_probs"]
+            found = uncertainty_maps(probs, maps["mean_entropy"])
+            outputs.write_model_grid((slice(None),) * axis + (slice(start, stop),), probs, found)
+            restored = {PLAIN_KEY: probs,
+                        MAPS_KEY: np.stack([found["entropy"], found["mutual_information"]])}
         out_shape = list(geometry.oriented_shape)
         offset = 0
         if stop - start != geometry.model_shape[axis]:
@@ -607,13 +658,26 @@ class Engine:
                 raise RuntimeError(f"partial chunk along axis {axis}, which was resampled")
             out_shape[axis] = stop - start
             offset = start
-        channels = sum(v.shape[0] for v in maps.values())
+        channels = sum(v.shape[0] for v in restored.values())
         row_bytes = channels * 4 * math.prod(n for a, n in enumerate(out_shape) if a != axis)
         rows = max(1, self.slab_bytes // max(1, row_bytes))
+        probs = restored.pop(PLAIN_KEY)
+        blocks = label_blocks(probs, out_shape)
+        # Labels are a byte per voxel, so they take as many more rows per step as fit the
+        # same bytes; few rows per gather would make numpy move a few bytes at a time.
+        row_voxels = math.prod(n for a, n in enumerate(out_shape) if a != axis)
+        label_rows = max(rows, self.slab_bytes // max(1, row_voxels))
+        for first in range(0, out_shape[axis], label_rows):
+            last = min(first + label_rows, out_shape[axis])
+            index = (slice(None),) * axis + (slice(offset + first, offset + last),)
+            outputs.write_labels(index, restore_labels(probs, out_shape, axis=axis, start=first,
+                                                       stop=last, blocks=blocks))
+        if not restored:
+            return
         for first in range(0, out_shape[axis], rows):
             last = min(first + rows, out_shape[axis])
             block = {name: resample_linear(v, out_shape, axis=axis, start=first, stop=last)
-                     for name, v in maps.items()}
+                     for name, v in restored.items()}
             index = (slice(None),) * axis + (slice(offset + first, offset + last),)
             outputs.write(index, block)
 
@@ -644,35 +708,158 @@ class _Counter:
         self.seconds = 0.0
 
 
-class _Outputs:
-    """Input-grid results, written through views in the model's orientation (no final copy)."""
+def argmax_channels(probs: np.ndarray) -> np.ndarray:
+    """``np.argmax(probs, axis=0)`` as uint8 (ties to the lowest class, as argmax): one
+    comparison pass per class, a few times faster than numpy's strided reduction over a leading
+    axis of a handful of classes, and no int64 index array."""
+    best = probs[0].copy()
+    labels = np.zeros(best.shape, dtype=np.uint8)
+    for k in range(1, probs.shape[0]):
+        higher = probs[k] > best
+        labels[higher] = k
+        np.maximum(best, probs[k], out=best)
+    return labels
 
-    def __init__(self, geometry: Geometry, uncertainty: bool) -> None:
+
+def _axis_grid(n_in: int, n_out: int, start: int, stop: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Output rows ``start:stop`` of an axis resampled from ``n_in`` to ``n_out`` voxels: the
+    lower and upper input neighbours and the upper one's weight (the mapping of
+    :func:`_linear_axis`)."""
+    if n_in == n_out:
+        i0 = np.arange(start, stop, dtype=np.intp)
+        return i0, i0, np.zeros(len(i0), dtype=np.float32)
+    x = (np.arange(start, stop, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    np.clip(x, 0.0, n_in - 1, out=x)
+    i0 = np.floor(x).astype(np.intp)
+    return i0, np.minimum(i0 + 1, n_in - 1), (x - i0).astype(np.float32)
+
+
+def label_blocks(probs: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The model-grid labels of ``probs`` and, per voxel, whether it and its upper neighbours
+    along the axes resampled to ``shape`` (the corners of the output voxels it starts) all have
+    that label. Forward max/min over a width-2 window, the edge repeated as the upper neighbour
+    is clamped there."""
+    labels = argmax_channels(probs)
+    high, low = labels, labels
+    for a, (n_in, n_out) in enumerate(zip(labels.shape, shape, strict=True)):
+        if n_in != n_out:
+            index: list[Any] = [slice(None)] * labels.ndim
+            index[a] = np.r_[1:n_in, n_in - 1]
+            high = np.maximum(high, high[tuple(index)])
+            low = np.minimum(low, low[tuple(index)])
+    return labels, high == low
+
+
+def restore_labels(probs: np.ndarray, shape: Sequence[int], *, axis: int = 0, start: int = 0,
+                   stop: int | None = None,
+                   blocks: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """``argmax_channels(resample_linear(probs, shape, axis=axis, start=start, stop=stop))``
+    without resampling every class everywhere.
+
+    Linear interpolation is a convex combination of the 2^d model-grid voxels around an output
+    voxel; where those all have the same argmax k, p_k exceeds every other class at each of them
+    and so in any convex combination: the output's label is k. Only output voxels whose
+    neighbours disagree (along the label boundaries, a few percent of a CT) are interpolated,
+    class by class; the rest is a gather of uint8 labels. ``blocks``: :func:`label_blocks` of
+    ``probs`` for ``shape``, when several row ranges are restored from the same ``probs``.
+    """
+    probs = np.asarray(probs)
+    in_shape = probs.shape[1:]
+    shape = tuple(int(n) for n in shape)
+    stop = shape[axis] if stop is None else stop
+    grids = [_axis_grid(n_in, n_out, start if a == axis else 0, stop if a == axis else n_out)
+             for a, (n_in, n_out) in enumerate(zip(in_shape, shape, strict=True))]
+    labels, uniform = blocks if blocks is not None else label_blocks(probs, shape)
+    resampled = [a for a, (n_in, n_out) in enumerate(zip(in_shape, shape, strict=True))
+                 if n_in != n_out]
+    if probs.shape[0] <= 128:
+        # One uint8 gather for both: the label in the low bits, "neighbours differ" in the top.
+        out = labels | (~uniform).view(np.uint8) << 7
+        for a, (i0, _, _) in enumerate(grids):
+            out = _gather(out, i0, a, in_shape[a] == shape[a])
+        edge = np.nonzero(out >= 128)
+    else:
+        out, differ = labels, ~uniform
+        for a, (i0, _, _) in enumerate(grids):
+            kept = in_shape[a] == shape[a]
+            out, differ = _gather(out, i0, a, kept), _gather(differ, i0, a, kept)
+        edge = np.nonzero(differ)
+    out = np.ascontiguousarray(out)
+    if edge[0].size:
+        corners = [(i0[e], i1[e], w[e]) for (i0, i1, w), e in zip(grids, edge, strict=True)]
+        mixed = np.zeros((probs.shape[0], edge[0].size), dtype=np.float32)
+        for bits in range(1 << len(resampled)):
+            index: list[Any] = [slice(None)]
+            weight = np.ones(edge[0].size, dtype=np.float32)
+            for a, (i0, i1, w) in enumerate(corners):
+                if a in resampled and bits >> resampled.index(a) & 1:
+                    index.append(i1)
+                    weight *= w
+                else:
+                    index.append(i0)
+                    if a in resampled:
+                        weight *= 1 - w
+            mixed += probs[tuple(index)] * weight
+        out[edge] = argmax_channels(mixed)
+    return out
+
+
+def _gather(a: np.ndarray, index: np.ndarray, axis: int, kept: bool) -> np.ndarray:
+    """``np.take(a, index, axis)``; a slice (a view) on an axis that is not resampled, whose
+    index is a run of rows: a take along the last axis moves one byte at a time."""
+    if kept:
+        return a[(slice(None),) * axis + (slice(int(index[0]), int(index[-1]) + 1),)] \
+            if len(index) else np.take(a, index, axis=axis)
+    return np.take(a, index, axis=axis)
+
+
+def _order_of(arr: np.ndarray) -> Literal["C", "F"]:
+    """The memory order of a channel-first image's spatial block: "F" for a Fortran-ordered
+    upload (NIfTI), "C" otherwise."""
+    spatial = arr[0] if arr.ndim == 4 else arr
+    return "F" if spatial.flags.f_contiguous and not spatial.flags.c_contiguous else "C"
+
+
+class _Outputs:
+    """Input-grid results, written through views in the model's orientation (no final copy);
+    in uncertainty mode also the model-grid labels and maps the statistics are taken from."""
+
+    def __init__(self, geometry: Geometry, uncertainty: bool,
+                 order: Literal["C", "F"] = "C") -> None:
         shape = geometry.input_shape
         transform = np.asarray(geometry.transform)
-        self.mask = np.zeros(shape, dtype=np.uint8)
+        self.mask = np.zeros(shape, dtype=np.uint8, order=order)
         self._mask_view = apply_orientation(self.mask, transform)
-        self.entropy = self.mutual_information = None
+        self.entropy: np.ndarray | None = None
+        self.mutual_information: np.ndarray | None = None
+        self.model_labels: np.ndarray | None = None
+        self.model_maps: dict[str, np.ndarray] = {}
         if uncertainty:
-            self.entropy = np.zeros(shape, dtype=np.float32)
-            self.mutual_information = np.zeros(shape, dtype=np.float32)
-            self._entropy_view = apply_orientation(self.entropy, transform)
-            self._mi_view = apply_orientation(self.mutual_information, transform)
+            self.entropy = np.zeros(shape, dtype=np.uint16, order=order)
+            self.mutual_information = np.zeros(shape, dtype=np.uint16, order=order)
+            self._map_views = (apply_orientation(self.entropy, transform),
+                               apply_orientation(self.mutual_information, transform))
+            self.model_labels = np.zeros(geometry.model_shape, dtype=np.uint8)
+            self.model_maps = {name: np.zeros(geometry.model_shape, dtype=np.float32)
+                               for name in ("entropy", "mutual_information")}
         if tuple(self._mask_view.shape) != tuple(geometry.oriented_shape):
             raise RuntimeError(f"oriented view {self._mask_view.shape} != "
                                f"{geometry.oriented_shape}")
 
-    def write(self, index: tuple[slice, ...], block: Mapping[str, np.ndarray]) -> None:
-        probs = block[PLAIN_KEY] if PLAIN_KEY in block else block["mean_probs"]
-        self._mask_view[index] = np.argmax(probs, axis=0)
-        if self.entropy is not None:
-            maps = uncertainty_maps(probs, block["mean_entropy"])
-            self._entropy_view[index] = maps["entropy"]
-            self._mi_view[index] = maps["mutual_information"]
+    def write_model_grid(self, index: tuple[slice, ...], probs: np.ndarray,
+                         maps: Mapping[str, np.ndarray]) -> None:
+        assert self.model_labels is not None
+        self.model_labels[index] = argmax_channels(probs)
+        for name, values in maps.items():
+            self.model_maps[name][index] = values
 
-    def maps(self) -> dict[str, np.ndarray]:
-        found = {"entropy": self.entropy, "mutual_information": self.mutual_information}
-        return {name: values for name, values in found.items() if values is not None}
+    def write_labels(self, index: tuple[slice, ...], labels: np.ndarray) -> None:
+        self._mask_view[index] = labels
+
+    def write(self, index: tuple[slice, ...], block: Mapping[str, np.ndarray]) -> None:
+        for view, values in zip(self._map_views, block[MAPS_KEY], strict=True):
+            view[index] = quantise_map(values)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from sfpc.errors import OptionError
 from sfpc.inference.contract import PLANE_CODES
 from sfpc.inference.engine import Engine, SegmentationResult
 from sfpc.inference.preprocess import orientation_transform, resampled_shape, spacing_from_affine
-from sfpc.inference.uncertainty import region_statistics
+from sfpc.inference.uncertainty import volume_statistics
 
 
 def model_transform(affine: np.ndarray, engine: Engine) -> np.ndarray | None:
@@ -83,14 +83,21 @@ def single_slice_axis(image: np.ndarray, engine: Engine,
 
 def first_slice(result: SegmentationResult, axis: int, engine: Engine) -> SegmentationResult:
     """``result`` of a doubled single-slice upload cut back to its first slice, with the
-    statistics recomputed on that slice."""
+    volumes recounted on that slice. The map statistics are the engine's, taken on the model
+    grid of the two identical slices: every class, band and mean there is that of one slice
+    repeated, so they are the one slice's."""
     index = (slice(None),) * axis + (slice(0, 1),)
     mask = np.ascontiguousarray(result.mask[index])
-    maps = {name: np.ascontiguousarray(values[index]) for name, values in result.maps().items()}
+    levels = {name: np.ascontiguousarray(values[index])
+              for name, values in result.map_levels().items()}
     voxel_ml = abs(float(np.linalg.det(np.asarray(result.affine)[:3, :3]))) / 1000.0
-    statistics = region_statistics(mask, maps, result.class_names, voxel_ml, band=engine.band)
+    volumes = volume_statistics(mask, result.class_names, voxel_ml)
+    statistics = dict(result.statistics)
+    statistics["classes"] = {name: {**entry, **volumes["classes"][name]}
+                             for name, entry in result.statistics["classes"].items()}
+    statistics["case"] = {**result.statistics["case"], **volumes["case"]}
     geometry = dict(result.geometry)
     geometry["input_shape"] = list(mask.shape)
     return dataclasses.replace(result, mask=mask, statistics=statistics, geometry=geometry,
-                               entropy=maps.get("entropy"),
-                               mutual_information=maps.get("mutual_information"))
+                               entropy_levels=levels.get("entropy"),
+                               mi_levels=levels.get("mutual_information"))

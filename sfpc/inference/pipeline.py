@@ -45,6 +45,7 @@ from sfpc.inference.registry import LoadedModel, ModelRegistry, RuntimeConfig, R
 from sfpc.inference.report import STAGES, build_report
 from sfpc.io import Limits, Volume, decode_upload
 from sfpc.io import artefacts as files
+from sfpc.io.artefacts import decode_map
 from sfpc.io.overlay import render_overlay
 
 Progress = Callable[[int, int], None]
@@ -240,7 +241,9 @@ class SegmentationService:
     def _encode(self, volume: Volume, model: LoadedModel, result: SegmentationResult,
                 outputs: Sequence[str], report: Mapping[str, Any]) -> list[Artefact]:
         header = volume.nifti_header
-        maps = result.maps()  # both present in uncertainty mode, which these outputs imply
+        # Both present in uncertainty mode, which these outputs imply; uint16 levels, which the
+        # NIfTI files store as they are.
+        maps = result.map_levels()
         produced: list[Artefact] = []
         seg: bytes | None = None  # the SR references the SEG's segments when there is one
         overlay: list[bytes] = []  # rendered once for overlay_png and sc_dicom
@@ -264,7 +267,7 @@ class SegmentationService:
                                for name, entry in report["classes"].items()}
                     overlay.append(render_overlay(
                         volume.array, result.affine, result.mask, result.class_names,
-                        uncertainty=result.entropy, volumes_ml=volumes,
+                        uncertainty=result.entropy_levels, volumes_ml=volumes,
                         title=f"{model.name} {model.metadata.version}"))
                 data = overlay[0]
                 if name == "sc_dicom":
@@ -275,8 +278,8 @@ class SegmentationService:
                 from sfpc.io import dicom_results
 
                 if name == "pmap_dicom":
-                    data = dicom_results.parametric_map_bytes(maps["entropy"], volume,
-                                                              model.metadata)
+                    data = dicom_results.parametric_map_bytes(decode_map(maps["entropy"]),
+                                                              volume, model.metadata)
                 elif name == "sr_dicom":
                     data = dicom_results.measurement_report_bytes(report, volume,
                                                                   model.metadata, seg)

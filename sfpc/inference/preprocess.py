@@ -156,11 +156,14 @@ def from_orientation(
     return _apply_ornt(array, inverse, channel_first)
 
 
-def _apply_ornt(array: np.ndarray, ornt: np.ndarray, channel_first: bool) -> np.ndarray:
+def _apply_ornt(array: np.ndarray, ornt: np.ndarray, channel_first: bool,
+                contiguous: bool = True) -> np.ndarray:
     if channel_first:
         moved = np.moveaxis(array, 0, -1)
-        return np.ascontiguousarray(np.moveaxis(apply_orientation(moved, ornt), -1, 0))
-    return np.ascontiguousarray(apply_orientation(array, ornt))
+        out = np.moveaxis(apply_orientation(moved, ornt), -1, 0)
+    else:
+        out = apply_orientation(array, ornt)
+    return np.ascontiguousarray(out) if contiguous else out
 
 
 def _spatial_shape(array: np.ndarray, n_spatial: int, channel_first: bool) -> tuple[int, ...]:
@@ -215,26 +218,31 @@ def resample_to_spacing(
     return resample_to_shape(array, resampled_shape(spatial, spacing, target_spacing, axes), order)
 
 
-def resample_to_shape(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+def resample_to_shape(array: np.ndarray, shape: Sequence[int], order: int,
+                      dtype: Any = None) -> np.ndarray:
     """Resample the spatial axes (the last ``len(shape)``) to ``shape``, voxel edges aligned.
 
     Applied to the output of :func:`resample_to_spacing` with the original shape, it brings the
-    array back onto the original grid (exactly that shape).
+    array back onto the original grid (exactly that shape). ``dtype``: of the result (default
+    the input's), computed in it: an int16 CT resampled straight into float32 needs no float
+    copy of the input.
     """
     shape = tuple(int(n) for n in shape)
     if array.ndim == len(shape):
-        return _zoom(array, shape, order)
+        return _zoom(array, shape, order, dtype)
     if array.ndim == len(shape) + 1:
-        return np.stack([_zoom(channel, shape, order) for channel in array])
+        return np.stack([_zoom(channel, shape, order, dtype) for channel in array])
     raise ValueError(f"cannot resample array of shape {array.shape} to spatial shape {shape}")
 
 
-def _zoom(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
+def _zoom(array: np.ndarray, shape: tuple[int, ...], order: int,
+          dtype: Any = None) -> np.ndarray:
     if array.shape == shape:
-        return array.copy()
+        return np.array(array, dtype=dtype, order="C")
     factors = [n_out / n_in for n_out, n_in in zip(shape, array.shape, strict=True)]
     # Edge clamping ("nearest") avoids darkening the border that zero padding would cause.
-    out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
+    out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True,
+                       output=dtype or array.dtype)
     if out.shape != shape:  # zoom rounds its output shape; guard against a float slip
         raise RuntimeError(f"zoom produced {out.shape}, expected {shape}")
     return out
@@ -332,16 +340,24 @@ def prepare_image(
     image = np.asarray(image)
     if image.ndim != 4:
         raise ValueError(f"prepare_image expects a (C, X, Y, Z) array, got shape {image.shape}")
-    oriented, new_affine, transform = to_orientation(
-        image.astype(np.float32, copy=False), affine, orientation, channel_first=True,
-        transform=transform,
-    )
+    # The reoriented image is a view: a CT of 512 x 512 x 400 would otherwise be copied twice
+    # at full size (to float32, then from NIfTI's Fortran order to C order) before the resampling
+    # reads it once into the much smaller model grid, in float32.
+    if image.dtype.kind == "b" or image.dtype == np.float16:
+        image = image.astype(np.float32)  # types scipy.ndimage does not interpolate
+    affine = np.asarray(affine, dtype=np.float64)
+    if transform is None:
+        transform = orientation_transform(affine, orientation)
+    oriented = _apply_ornt(image, transform, channel_first=True, contiguous=False)
+    new_affine = affine @ inv_ornt_aff(transform, image.shape[1:])
     oriented_shape = oriented.shape[1:]
-    model = oriented
     if target_spacing is not None:
         spacing = spacing_from_affine(new_affine)
-        model = resample_to_spacing(oriented, spacing, target_spacing, 1, axes=resample_axes)
+        model_shape = resampled_shape(oriented_shape, spacing, target_spacing, resample_axes)
+        model = resample_to_shape(oriented, model_shape, 1, dtype=np.float32)
         new_affine = resample_affine(new_affine, oriented_shape, model.shape[1:])
+    else:
+        model = np.ascontiguousarray(oriented, dtype=np.float32)
     if normalisation is not None:
         model = normalise(model, normalisation, channel_axis=0)
     geometry = Geometry(

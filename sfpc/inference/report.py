@@ -45,6 +45,10 @@ def build_report(volume: Volume, metadata: ModelMetadata, result: SegmentationRe
         "class_names": engine_report["class_names"],
         "voxel_volume_ml": statistics["voxel_volume_ml"],
         "band_width_voxels": statistics["band_width_voxels"],
+        # Where the map statistics were taken (the model grid) and the band's width there in mm,
+        # so that a reader can compare them with statistics taken on the input grid.
+        **{key: statistics[key] for key in ("map_statistics_grid", "band_width_mm")
+           if key in statistics},
         "classes": statistics["classes"],
         "case": statistics["case"],
         "geometry": engine_report["geometry"],

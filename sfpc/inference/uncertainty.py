@@ -136,6 +136,12 @@ def class_sums(labels: np.ndarray, values: np.ndarray | None, num_classes: int) 
     out = np.zeros(num_classes, dtype=np.float64)
     if lab.size == 0:
         return out
+    if lab.flags.f_contiguous and not lab.flags.c_contiguous and (
+            values is None or np.asarray(values).flags.f_contiguous):
+        # A Fortran-ordered mask (the engine's outputs for a NIfTI upload): its transpose is
+        # C-ordered, so the chunks below are slices of memory, not strided gathers.
+        lab = lab.T
+        values = None if values is None else np.asarray(values).T
     rows = max(1, _CHUNK_VOXELS // max(1, lab[0].size)) if lab.ndim > 1 else lab.shape[0]
     for start in range(0, lab.shape[0], rows):
         chunk = lab[start:start + rows].ravel()
@@ -202,35 +208,36 @@ def cropped_boundary_band(mask: np.ndarray,
     return box, boundary_band(np.asarray(mask, dtype=bool)[box], band)
 
 
-def region_statistics(
-    labels: np.ndarray,
-    maps: Mapping[str, np.ndarray],
-    class_names: Sequence[str],
-    voxel_volume_ml: float,
-    band: int = DEFAULT_BAND,
-) -> dict[str, Any]:
-    """Volumes and uncertainty summaries of a predicted label map.
+def volume_statistics(labels: np.ndarray, class_names: Sequence[str],
+                      voxel_volume_ml: float) -> dict[str, Any]:
+    """Per class the voxel count and volume in mL of a label map; "case" holds the voxel
+    count. The plain-mode statistics, and the volume half of :func:`region_statistics`."""
+    labels = np.asarray(labels)
+    counts = class_sums(labels, None, len(class_names))
+    classes = {str(cname): {"label": k, "voxels": int(counts[k]),
+                            "volume_ml": int(counts[k]) * float(voxel_volume_ml)}
+               for k, cname in enumerate(class_names)}
+    return {"voxel_volume_ml": float(voxel_volume_ml), "classes": classes,
+            "case": {"voxels": int(labels.size)}}
 
-    Per class: voxel count, volume in mL, and for every map in ``maps`` (e.g. "entropy",
-    "mutual_information") its mean inside the class and, for foreground classes (label > 0), its
-    mean inside the ``band``-voxel band around the class boundary (boundary_band, both sides).
-    The background's boundary is the union of the foreground ones, reported once for the case as
-    "boundary": the mean inside the union of the foreground bands. "case" also holds the mean of
-    each map over the whole volume. Means over no voxels are None (JSON null).
-    """
+
+def map_statistics(labels: np.ndarray, maps: Mapping[str, np.ndarray],
+                   class_names: Sequence[str], band: int = DEFAULT_BAND) -> dict[str, Any]:
+    """The uncertainty half of :func:`region_statistics`: per class the mean of every map inside
+    it and, for foreground classes, inside the ``band``-voxel band around its boundary (with the
+    band's voxel count); "case": each map's mean over the volume and over the union of the
+    foreground bands ("boundary"). Means over no voxels are None (JSON null)."""
     labels = np.asarray(labels)
     num_classes = len(class_names)
     counts = class_sums(labels, None, num_classes)
     sums = {name: class_sums(labels, values, num_classes) for name, values in maps.items()}
     classes: dict[str, Any] = {}
-    # The foreground bands' union; only filled (and read) when there are maps.
-    union = np.zeros(labels.shape if maps else (), dtype=bool)
+    union = np.zeros(labels.shape, dtype=bool)
     for k, cname in enumerate(class_names):
         n = int(counts[k])
-        entry: dict[str, Any] = {"label": k, "voxels": n, "volume_ml": n * float(voxel_volume_ml)}
-        for name in maps:
-            entry[f"mean_{name}"] = float(sums[name][k] / n) if n else None
-        if k > 0 and maps:
+        entry: dict[str, Any] = {f"mean_{name}": float(sums[name][k] / n) if n else None
+                                 for name in maps}
+        if k > 0:
             entry["boundary_voxels"] = 0
             for name in maps:
                 entry[f"boundary_mean_{name}"] = None
@@ -242,11 +249,44 @@ def region_statistics(
                     entry[f"boundary_mean_{name}"] = masked_mean(values[box], class_band)
                 union[box] |= class_band
         classes[str(cname)] = entry
-    case: dict[str, Any] = {"voxels": int(labels.size)}
-    if maps:
-        case["boundary_voxels"] = int(np.count_nonzero(union))
-        for name, values in maps.items():
-            case[f"mean_{name}"] = float(sums[name].sum() / labels.size)
-            case[f"boundary_mean_{name}"] = masked_mean(values, union)
-    return {"voxel_volume_ml": float(voxel_volume_ml), "band_width_voxels": int(band),
-            "classes": classes, "case": case}
+    case: dict[str, Any] = {"boundary_voxels": int(np.count_nonzero(union))}
+    for name, values in maps.items():
+        case[f"mean_{name}"] = float(sums[name].sum() / labels.size)
+        case[f"boundary_mean_{name}"] = masked_mean(values, union)
+    return {"band_width_voxels": int(band), "classes": classes, "case": case}
+
+
+def merge_statistics(volumes: Mapping[str, Any], maps: Mapping[str, Any] | None,
+                     **extra: Any) -> dict[str, Any]:
+    """:func:`volume_statistics` with :func:`map_statistics`' entries added class by class
+    (``extra`` goes to the top level, e.g. on which grid the maps were summarised)."""
+    out: dict[str, Any] = {"voxel_volume_ml": volumes["voxel_volume_ml"]}
+    if maps is not None:
+        out["band_width_voxels"] = maps["band_width_voxels"]
+    out.update(extra)
+    out["classes"] = {name: {**entry, **(maps["classes"].get(name, {}) if maps else {})}
+                      for name, entry in volumes["classes"].items()}
+    out["case"] = {**volumes["case"], **(maps["case"] if maps else {})}
+    return out
+
+
+def region_statistics(
+    labels: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    class_names: Sequence[str],
+    voxel_volume_ml: float,
+    band: int = DEFAULT_BAND,
+) -> dict[str, Any]:
+    """Volumes and uncertainty summaries of a predicted label map, both on its grid.
+
+    Per class: voxel count, volume in mL, and for every map in ``maps`` (e.g. "entropy",
+    "mutual_information") its mean inside the class and, for foreground classes (label > 0), its
+    mean inside the ``band``-voxel band around the class boundary (boundary_band, both sides).
+    The background's boundary is the union of the foreground ones, reported once for the case as
+    "boundary": the mean inside the union of the foreground bands. "case" also holds the mean of
+    each map over the whole volume. Means over no voxels are None (JSON null).
+    """
+    volumes = volume_statistics(labels, class_names, voxel_volume_ml)
+    if not maps:
+        return {**volumes, "band_width_voxels": int(band)}
+    return merge_statistics(volumes, map_statistics(labels, maps, class_names, band))

@@ -19,6 +19,8 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
+from isal import isal_zlib
+
 from sfpc.errors import MALFORMED, TOO_LARGE, UNSUPPORTED, UploadError
 from sfpc.io.volume import Limits
 
@@ -160,29 +162,43 @@ def _read_member(archive_name: str, archive: zipfile.ZipFile, info: zipfile.ZipI
 
 def gunzip(name: str, data: bytes, limits: Limits) -> bytes:
     """Inflate a gzip stream (all its members), counting bytes so a gzip bomb stops at the limit."""
-    out = bytearray()
-    remaining = bytes(data)
+    # Input is fed in pieces and output capped per call: feeding it whole would make every
+    # call copy the unconsumed rest of the input (quadratic: minutes for a 200 MB CT). Chunks
+    # are joined once at the end rather than grown in a bytearray and copied out again.
+    parts: list[bytes] = []
+    total = 0
+    remaining = memoryview(data)
     try:
-        while remaining:
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            pending = remaining
+        while len(remaining):
+            # ISA-L's inflate: zlib's API, a fraction of its time.
+            inflater = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
+            fed = 0
+            pending: bytes | memoryview = b""
             while not inflater.eof:
-                room = limits.max_decompressed_bytes - len(out)
-                # Output is capped per call, so a bomb never inflates past the limit in memory.
+                if not len(pending):
+                    if fed >= len(remaining):
+                        raise UploadError(MALFORMED, "truncated_gzip",
+                                          f"{name} is a truncated gzip stream")
+                    pending = remaining[fed:fed + _CHUNK]
+                    fed += len(pending)
+                room = limits.max_decompressed_bytes - total
                 chunk = inflater.decompress(pending, min(_CHUNK, room + 1))
-                out += chunk
-                if len(out) > limits.max_decompressed_bytes:
+                parts.append(chunk)
+                total += len(chunk)
+                if total > limits.max_decompressed_bytes:
                     raise UploadError(
                         TOO_LARGE, "too_large_decompressed",
                         f"{name} expands beyond {limits.max_decompressed_bytes:,} bytes",
                     )
-                if not chunk and len(inflater.unconsumed_tail) == len(pending):
+                tail = inflater.unconsumed_tail
+                if not chunk and len(tail) == len(pending) and fed >= len(remaining):
                     raise UploadError(MALFORMED, "truncated_gzip",
                                       f"{name} is a truncated gzip stream")
-                pending = inflater.unconsumed_tail
+                pending = tail
             # Concatenated gzip members are one stream; trailing zero padding is not a member.
-            remaining = inflater.unused_data.lstrip(b"\x00")
-    except zlib.error as exc:
+            rest = inflater.unused_data + bytes(remaining[fed:])
+            remaining = memoryview(rest.lstrip(b"\x00"))
+    except (zlib.error, isal_zlib.error) as exc:  # type: ignore[misc]
         raise UploadError(MALFORMED, "bad_gzip", f"{name} is a corrupt gzip stream ({exc})"
                           ) from exc
-    return bytes(out)
+    return b"".join(parts)

@@ -143,10 +143,19 @@ def quantise_map(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def decode_map(levels: np.ndarray) -> np.ndarray:
+    """uint16 levels of :func:`quantise_map` back to float32 values in [0, 1] (what a NIfTI
+    reader gets from the file's scl_slope), in the levels' memory order."""
+    out = np.empty_like(levels, dtype=np.float32)
+    np.multiply(levels, np.float32(MAP_STEP), out=out)
+    return out
+
+
 def map_nifti_bytes(values: np.ndarray, affine: np.ndarray, header: Any = None, *,
                     description: str = "") -> bytes:
     """An uncertainty map in [0, 1] as a gzipped uint16 NIfTI whose scl_slope decodes it to
     within MAP_MAX_ERROR of ``values`` (the precision is also written in the description).
+    ``values`` already uint16 are taken as :func:`quantise_map` levels and written as they are.
 
     The file is streamed: slabs of whole slices are quantised, laid out in the file's (Fortran)
     order and deflated one at a time, so that neither a uint16 copy of the whole map nor its
@@ -171,7 +180,8 @@ def map_nifti_bytes(values: np.ndarray, affine: np.ndarray, header: Any = None, 
     out = [compressor.compress(head.getvalue())]
     rows = max(1, _QUANTISE_VOXELS // max(1, values.shape[0] * values.shape[1]))
     for first in range(0, values.shape[2], rows):
-        slab = quantise_map(values[:, :, first:first + rows])
+        part = values[:, :, first:first + rows]
+        slab = part if values.dtype == np.uint16 else quantise_map(part)
         out.append(compressor.compress(slab.tobytes(order="F")))
     out.append(compressor.flush())
     return b"".join(out)

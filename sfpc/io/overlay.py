@@ -112,6 +112,13 @@ def zoom_box(mask_ras: np.ndarray, spacing_xy: Sequence[float], margin_mm: float
     return box[0], box[1]
 
 
+def _unit(values: np.ndarray) -> np.ndarray:
+    """A slice of the uncertainty map as float in [0, 1] (uint16 levels decoded)."""
+    if values.dtype == np.uint16:
+        return values.astype(np.float32) / np.float32(65535)
+    return values
+
+
 def _display(slice_xy: np.ndarray) -> np.ndarray:
     """A RAS (x, y) slice as screen rows/columns: anterior up, patient's right on the left."""
     return slice_xy.T[::-1, ::-1]
@@ -169,7 +176,8 @@ def render_overlay(
     """The montage as PNG bytes.
 
     ``image`` is (X, Y, Z) or channel-first (C, X, Y, Z) (channel 0 is shown), ``mask`` the
-    uint8 labels and ``uncertainty`` the normalised predictive entropy on the same grid;
+    uint8 labels and ``uncertainty`` the normalised predictive entropy on the same grid (float
+    in [0, 1], or uint16 levels of :func:`sfpc.io.artefacts.quantise_map`, decoded per slice);
     ``affine`` maps voxels to RAS+ mm. ``volumes_ml`` (class name -> mL) goes in the legend.
     """
     img = np.asarray(image)
@@ -254,7 +262,7 @@ def render_overlay(
         x0 = gap + col * (size[0] + gap)
         y0 = header + gap + row * (size[1] + gap)
         grey = np.clip((_display(img_ras[:, :, k]).astype(np.float32) - lo) / (hi - lo), 0, 1)
-        heat = None if unc_ras is None else _display(unc_ras[:, :, k])
+        heat = None if unc_ras is None else _display(_unit(unc_ras[:, :, k]))
         tile_img = _render_tile((grey * 255).astype(np.uint8),
                                 np.ascontiguousarray(_display(lab_ras[:, :, k])).astype(np.uint8),
                                 None if heat is None else np.ascontiguousarray(heat),
