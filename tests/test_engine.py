@@ -529,6 +529,24 @@ def test_streamed_maps_are_the_model_grid_maps_restored(model_3d, model_2d, dims
         assert streamed.mask.flags.f_contiguous and streamed.entropy_levels.flags.f_contiguous
 
 
+def test_only_the_maps_asked_for_are_restored(model_3d):
+    """``maps=`` restores the named maps alone, each equal to the full run's, with the same
+    mask and the same model-grid statistics; unknown names are refused."""
+    _, meta, backend = model_3d
+    engine = Engine(backend, meta)
+    image, affine = _volume((30, 26, 12), None, seed=5), AFFINES["anisotropic"]
+    full = engine.segment(image, affine, uncertainty=True)
+    for wanted in ({"entropy"}, {"mutual_information"}, set()):
+        part = engine.segment(image, affine, uncertainty=True, maps=wanted)
+        assert set(part.map_levels()) == wanted
+        for name in wanted:
+            np.testing.assert_array_equal(part.map_levels()[name], full.map_levels()[name])
+        np.testing.assert_array_equal(part.mask, full.mask)
+        assert part.statistics == full.statistics
+    with pytest.raises(ValueError, match="unknown uncertainty maps"):
+        engine.segment(image, affine, uncertainty=True, maps={"variance"})
+
+
 def test_statistics_and_report(model_3d):
     """Volumes are counted on the input grid's mask; the map statistics are taken on the model
     grid (labels, maps and the 10-voxel band there), checked against the model-grid moments

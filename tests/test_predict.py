@@ -189,6 +189,10 @@ def test_python_api_returns_the_arrays_of_the_cli_files(ct_run: Path, tmp_path: 
     assert result.review is not None and result.review["threshold"] > 0
     written = result.save(tmp_path / "api")
     assert sorted(p.name for p in written) == sorted(p.name for p in ct_run.iterdir())
+    # The gateway restores only the maps its files need; the Python API keeps both.
+    report_only = predict(CT, outputs=["report_json"], uncertainty=True, threads=1)
+    np.testing.assert_array_equal(report_only.entropy, result.entropy)
+    np.testing.assert_array_equal(report_only.mutual_information, result.mutual_information)
     # Without uncertainty there are no maps; format=zip packs the files as the gateway does.
     plain = predict(CT, outputs=["mask_nifti", "report_json"], format="zip", threads=1)
     assert plain.entropy is None and plain.mutual_information is None

@@ -276,3 +276,13 @@ def test_option_text_parses_alike_from_query_form_and_command_line():
     with pytest.raises(OptionError) as info:
         parse_options({"format": "tiff", "colour": "red"})
     assert {p["field"] for p in info.value.detail} == {"format", "colour"}
+
+
+def test_an_uncertainty_request_restores_only_the_maps_its_outputs_draw_on() -> None:
+    from sfpc.inference.pipeline import maps_needed
+
+    assert maps_needed(["mask_nifti", "report_json"]) == set()
+    assert maps_needed(["entropy_nifti", "overlay_png", "report_json"]) == {"entropy"}
+    assert maps_needed(["mi_nifti"]) == {"mutual_information"}
+    assert maps_needed(["seg_dicom", "pmap_dicom", "mi_nifti"]) == {"entropy",
+                                                                    "mutual_information"}

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,7 +83,8 @@ from sfpc.io.artefacts import decode_map, quantise_map
 Progress = Callable[[int, int], None]
 
 PLAIN_KEY = "probs"
-MAPS_KEY = "maps"  # the two normalised maps, restored together
+MAPS_KEY = "maps"  # the normalised maps restored, stacked as channels
+MAP_NAMES = ("entropy", "mutual_information")  # the uncertainty maps, in channel order
 # The uncertainty graph's two moments are blended and restored under their own names.
 UNCERTAINTY_KEYS = UNCERTAINTY_OUTPUTS
 # Per slab of streamed work, the float32 maps of one slab stay near this size.
@@ -477,13 +478,17 @@ class Engine:
 
     def segment(self, image: Any, affine: Any, *, uncertainty: bool = False,
                 flip: bool = False, progress: Progress | None = None,
-                transform: np.ndarray | None = None) -> SegmentationResult:
+                transform: np.ndarray | None = None,
+                maps: Collection[str] | None = None) -> SegmentationResult:
         """Mask (and uncertainty maps) of ``image`` on its own grid; see the module docstring.
 
         ``transform`` is the orientation transform of ``affine`` to the model's orientation
         (:func:`~sfpc.inference.preprocess.orientation_transform`) when the caller already
-        computed it for its own checks."""
+        computed it for its own checks. ``maps`` names the uncertainty maps to restore to the
+        input grid (of :data:`MAP_NAMES`; None: all): restoring and storing a map costs as much
+        as the mask, and the statistics are taken on the model grid whatever is restored."""
         self._check_uncertainty(uncertainty)
+        wanted = _wanted_maps(maps) if uncertainty else ()
         self._check_flip(flip)
         timings = {"preprocess": 0.0, "inference": 0.0, "backend": 0.0, "postprocess": 0.0}
         t_start = time.perf_counter()
@@ -492,7 +497,7 @@ class Engine:
         model_image, geometry = self._prepare(arr, aff, transform)
         timings["preprocess"] = time.perf_counter() - t_start
 
-        outputs = _Outputs(geometry, uncertainty, _order_of(arr))
+        outputs = _Outputs(geometry, uncertainty, _order_of(arr), wanted)
         counter = _Counter()
         total = self._total(geometry.model_shape) * (2 if flip else 1)
         predict = self._predictor(uncertainty, counter, total, progress or self.progress,
@@ -527,8 +532,8 @@ class Engine:
             statistics=statistics,
             timings=timings,
             n_windows=counter.windows,
-            entropy_levels=outputs.entropy,
-            mi_levels=outputs.mutual_information,
+            entropy_levels=outputs.levels.get("entropy"),
+            mi_levels=outputs.levels.get("mutual_information"),
             model={"name": meta.name, "version": meta.version, "spatial_dims": meta.spatial_dims,
                    "temperature": float(meta.temperature or 1.0),
                    "perturbations": int(meta.perturbation.get("M") or 0) if uncertainty else 0,
@@ -648,8 +653,9 @@ class Engine:
             probs = maps["mean_probs"]
             found = uncertainty_maps(probs, maps["mean_entropy"])
             outputs.write_model_grid((slice(None),) * axis + (slice(start, stop),), probs, found)
-            restored = {PLAIN_KEY: probs,
-                        MAPS_KEY: np.stack([found["entropy"], found["mutual_information"]])}
+            restored = {PLAIN_KEY: probs}
+            if outputs.levels:
+                restored[MAPS_KEY] = np.stack([found[name] for name in outputs.levels])
         out_shape = list(geometry.oriented_shape)
         offset = 0
         if stop - start != geometry.model_shape[axis]:
@@ -814,6 +820,15 @@ def _gather(a: np.ndarray, index: np.ndarray, axis: int, kept: bool) -> np.ndarr
     return np.take(a, index, axis=axis)
 
 
+def _wanted_maps(maps: Collection[str] | None) -> tuple[str, ...]:
+    if maps is None:
+        return MAP_NAMES
+    unknown = set(maps) - set(MAP_NAMES)
+    if unknown:
+        raise ValueError(f"unknown uncertainty maps {sorted(unknown)}; choose from {MAP_NAMES}")
+    return tuple(name for name in MAP_NAMES if name in maps)
+
+
 def _order_of(arr: np.ndarray) -> Literal["C", "F"]:
     """The memory order of a channel-first image's spatial block: "F" for a Fortran-ordered
     upload (NIfTI), "C" otherwise."""
@@ -826,23 +841,24 @@ class _Outputs:
     in uncertainty mode also the model-grid labels and maps the statistics are taken from."""
 
     def __init__(self, geometry: Geometry, uncertainty: bool,
-                 order: Literal["C", "F"] = "C") -> None:
+                 order: Literal["C", "F"] = "C", maps: Sequence[str] = MAP_NAMES) -> None:
         shape = geometry.input_shape
         transform = np.asarray(geometry.transform)
         self.mask = np.zeros(shape, dtype=np.uint8, order=order)
         self._mask_view = apply_orientation(self.mask, transform)
-        self.entropy: np.ndarray | None = None
-        self.mutual_information: np.ndarray | None = None
+        # The input-grid maps restored, as uint16 levels, in MAP_NAMES order (the order of the
+        # channels _restore_chunk stacks).
+        self.levels: dict[str, np.ndarray] = {}
         self.model_labels: np.ndarray | None = None
         self.model_maps: dict[str, np.ndarray] = {}
         if uncertainty:
-            self.entropy = np.zeros(shape, dtype=np.uint16, order=order)
-            self.mutual_information = np.zeros(shape, dtype=np.uint16, order=order)
-            self._map_views = (apply_orientation(self.entropy, transform),
-                               apply_orientation(self.mutual_information, transform))
+            self.levels = {name: np.zeros(shape, dtype=np.uint16, order=order)
+                           for name in maps}
+            self._map_views = tuple(apply_orientation(v, transform)
+                                    for v in self.levels.values())
             self.model_labels = np.zeros(geometry.model_shape, dtype=np.uint8)
             self.model_maps = {name: np.zeros(geometry.model_shape, dtype=np.float32)
-                               for name in ("entropy", "mutual_information")}
+                               for name in MAP_NAMES}
         if tuple(self._mask_view.shape) != tuple(geometry.oriented_shape):
             raise RuntimeError(f"oriented view {self._mask_view.shape} != "
                                f"{geometry.oriented_shape}")

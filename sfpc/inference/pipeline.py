@@ -156,29 +156,32 @@ class SegmentationService:
     def segment_upload(self, uploads: Sequence[tuple[str, bytes | Path]],
                        options: SegmentOptions, *,
                        cancel: threading.Event | None = None,
-                       progress: Progress | None = None) -> ArtefactSet:
+                       progress: Progress | None = None,
+                       all_maps: bool = False) -> ArtefactSet:
         """:meth:`decode` then :meth:`run` with the same model, the decode time in the
         report."""
         _check_cancel(cancel)
         model = self.registry.get(options.model)
         volume, seconds = self._decode(model, uploads, options)
         return self._run(model, volume, options, cancel=cancel,
-                         extra_timings={"decode": seconds}, progress=progress)
+                         extra_timings={"decode": seconds}, progress=progress,
+                         all_maps=all_maps)
 
     # -- segmentation -----------------------------------------------------------------------
     def run(self, volume: Volume, options: SegmentOptions, *,
             cancel: threading.Event | None = None,
             extra_timings: Mapping[str, float] | None = None,
-            progress: Progress | None = None) -> ArtefactSet:
+            progress: Progress | None = None, all_maps: bool = False) -> ArtefactSet:
         """Segment a decoded Volume and encode the requested artefacts; ``progress(done,
-        total)`` after every backend call (window counts)."""
+        total)`` after every backend call (window counts). The result's input-grid maps are
+        those the outputs need (:func:`maps_needed`), or both with ``all_maps``."""
         _check_cancel(cancel)
         return self._run(self.registry.get(options.model), volume, options, cancel=cancel,
-                         extra_timings=extra_timings, progress=progress)
+                         extra_timings=extra_timings, progress=progress, all_maps=all_maps)
 
     def _run(self, model: LoadedModel, volume: Volume, options: SegmentOptions, *,
              cancel: threading.Event | None, extra_timings: Mapping[str, float] | None,
-             progress: Progress | None) -> ArtefactSet:
+             progress: Progress | None, all_maps: bool = False) -> ArtefactSet:
         t_start = time.perf_counter()
         outputs = options.resolve_outputs(volume.source)
         derived = [name for name in outputs if name in DICOM_OUTPUTS]
@@ -216,7 +219,8 @@ class SegmentationService:
             axis = single + image.ndim - 3
             image = np.concatenate([image, image], axis=axis)
         result = engine.segment(image, volume.affine, uncertainty=uncertainty,
-                                flip=options.flip, progress=on_windows, transform=transform)
+                                flip=options.flip, progress=on_windows, transform=transform,
+                                maps=None if all_maps else maps_needed(outputs))
         if single is not None:
             result = first_slice(result, single, engine)
         for stage in ("preprocess", "inference", "postprocess"):
@@ -241,8 +245,8 @@ class SegmentationService:
     def _encode(self, volume: Volume, model: LoadedModel, result: SegmentationResult,
                 outputs: Sequence[str], report: Mapping[str, Any]) -> list[Artefact]:
         header = volume.nifti_header
-        # Both present in uncertainty mode, which these outputs imply; uint16 levels, which the
-        # NIfTI files store as they are.
+        # The maps these outputs need (maps_needed), as uint16 levels, which the NIfTI files
+        # store as they are.
         maps = result.map_levels()
         produced: list[Artefact] = []
         seg: bytes | None = None  # the SR references the SEG's segments when there is one
@@ -290,6 +294,17 @@ class SegmentationService:
                 continue
             produced.append(Artefact(filename, media, data))
         return produced
+
+
+# The input-grid uncertainty map each output is drawn from; an uncertainty request restores
+# only those its outputs need (the report's statistics come from the model grid).
+MAPS_OF_OUTPUT = {"entropy_nifti": "entropy", "overlay_png": "entropy", "sc_dicom": "entropy",
+                  "pmap_dicom": "entropy", "mi_nifti": "mutual_information"}
+
+
+def maps_needed(outputs: Sequence[str]) -> set[str]:
+    """The uncertainty maps ``outputs`` are drawn from (see MAPS_OF_OUTPUT)."""
+    return {MAPS_OF_OUTPUT[name] for name in outputs if name in MAPS_OF_OUTPUT}
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:

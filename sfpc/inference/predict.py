@@ -280,7 +280,9 @@ class Predictor:
         chosen = self.options(**options)
         case = input if isinstance(input, Case) else _one_case(input)
         started = time.perf_counter()
-        result = self.service.segment_upload(case.uploads(), chosen, progress=progress)
+        # The Python API hands back both maps in uncertainty mode, whatever files were asked for.
+        result = self.service.segment_upload(case.uploads(), chosen, progress=progress,
+                                             all_maps=True)
         engine = result.result
         if engine is None:  # every SegmentationService.run keeps it; a guard for the types
             raise RuntimeError("the pipeline returned no arrays")
