@@ -286,3 +286,22 @@ def test_an_uncertainty_request_restores_only_the_maps_its_outputs_draw_on() -> 
     assert maps_needed(["mi_nifti"]) == {"mutual_information"}
     assert maps_needed(["seg_dicom", "pmap_dicom", "mi_nifti"]) == {"entropy",
                                                                     "mutual_information"}
+
+
+def test_overlay_slices_and_window_of_a_reoriented_view() -> None:
+    """A NIfTI upload reaches the overlay as a reoriented (non-contiguous) view: the slices and
+    the grey window taken from it equal those of its contiguous copy (a full np.percentile)."""
+    from sfpc.io.overlay import _window
+
+    rng = np.random.default_rng(3)
+    mask = np.zeros((40, 30, 50), np.uint8, order="F")
+    mask[5:20, 3:9, 12:31] = 2
+    view = mask[::-1, :, ::-1].transpose(1, 0, 2)
+    assert not view.flags.c_contiguous and not view.flags.f_contiguous
+    assert choose_slices(view, 6) == choose_slices(np.ascontiguousarray(view), 6)
+    # Slices 12..30 of 50, reversed: 19..37, six spread evenly (np.linspace rounded).
+    assert choose_slices(view, 6)[0] == [19, 23, 26, 30, 33, 37]
+    image = rng.normal(40.0, 300.0, size=(300, 200, 80)).astype(np.float32)
+    lo, hi = _window(image[::-1].transpose(2, 1, 0))
+    exact = np.percentile(image, [0.5, 99.5])
+    assert lo == pytest.approx(exact[0], abs=15.0) and hi == pytest.approx(exact[1], abs=15.0)

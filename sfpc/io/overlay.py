@@ -67,7 +67,8 @@ def class_colour(label: int) -> tuple[int, int, int]:
 def choose_slices(mask: np.ndarray, max_slices: int) -> tuple[list[int], bool]:
     """Indices along the last axis to show: evenly through the foreground's extent (and whether
     any foreground was found), else evenly through the volume."""
-    present = np.flatnonzero(np.asarray(mask).reshape(-1, mask.shape[-1]).any(axis=0))
+    # A reduction over the view: a reshape of a reoriented (non-contiguous) mask would copy it.
+    present = np.flatnonzero(np.asarray(mask).any(axis=tuple(range(mask.ndim - 1))))
     found = present.size > 0
     first, last = (int(present[0]), int(present[-1])) if found else (0, mask.shape[-1] - 1)
     count = min(max_slices, last - first + 1)
@@ -76,10 +77,13 @@ def choose_slices(mask: np.ndarray, max_slices: int) -> tuple[list[int], bool]:
 
 
 def _window(image: np.ndarray) -> tuple[float, float]:
-    """0.5th-99.5th percentile of the image (a subsample: a CT has tens of millions of voxels)."""
-    flat = image.reshape(-1)
-    step = max(1, flat.size // 2_000_000)
-    lo, hi = np.percentile(flat[::step], [0.5, 99.5])
+    """0.5th-99.5th percentile of the image (a subsample: a CT has tens of millions of voxels).
+
+    The subsample is a strided view along every axis: flattening a reoriented, non-contiguous
+    image would copy all of it first (2.7 s of a 512^2 x 400 overlay)."""
+    step = max(1, math.ceil((image.size / 2_000_000) ** (1.0 / max(1, image.ndim))))
+    sample = image[(slice(None, None, step),) * image.ndim]
+    lo, hi = np.percentile(sample, [0.5, 99.5])
     if not hi > lo:
         hi = lo + 1.0
     return float(lo), float(hi)

@@ -129,8 +129,10 @@ class OnnxRuntimeBackend:
         metadata: ModelMetadata | None = None,
         trt_cache_dir: str | None = None,
         trt_fp16: bool = False,
+        memory_pattern: bool = False,
     ) -> None:
         check_single_build()
+        self.memory_pattern = bool(memory_pattern)
         self.export_dir = Path(export_dir)
         self.metadata = metadata if metadata is not None else load_metadata(self.export_dir)
         self.providers = gpu_provider_options(
@@ -152,6 +154,10 @@ class OnnxRuntimeBackend:
             options.intra_op_num_threads = int(self.intra_op_threads)
         if self.inter_op_threads is not None:
             options.inter_op_num_threads = int(self.inter_op_threads)
+        # ONNX Runtime's memory pattern plans one block for every activation of the shapes it
+        # has seen; with the engine's batches (256^2 windows, batch 16) it held 330 MiB more at
+        # peak than the arena alone, for no measured speed (docs/benchmarks.md, issue 13).
+        options.enable_mem_pattern = self.memory_pattern
         return options
 
     def _load(self, kind: str) -> Any:
@@ -215,6 +221,7 @@ class OnnxRuntimeBackend:
             # Read back from the session: 0 means ONNX Runtime's own default (one per core).
             "intra_op_threads": options.intra_op_num_threads if options else None,
             "inter_op_threads": options.inter_op_num_threads if options else None,
+            "memory_pattern": self.memory_pattern,
             "uncertainty": UNCERTAINTY_GRAPH in self._sessions,
             "temperature_input": self.takes_temperature,
             "ready": self.ready(),
