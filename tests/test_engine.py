@@ -529,6 +529,23 @@ def test_streamed_maps_are_the_model_grid_maps_restored(model_3d, model_2d, dims
         assert streamed.mask.flags.f_contiguous and streamed.entropy_levels.flags.f_contiguous
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_assign_tiled_equals_numpy_assignment(order):
+    """Tiled writes into reoriented views of either memory order equal numpy's assignment."""
+    from sfpc.inference.engine import assign_tiled
+
+    rng = np.random.default_rng(8)
+    src = rng.integers(0, 255, size=(37, 21, 50), dtype=np.uint8)
+    for view in (lambda a: a[::-1, :, ::-1], lambda a: a[:, ::-1], lambda a: a):
+        out = np.zeros((37, 21, 50), np.uint8, order=order)
+        expected = out.copy(order=order)
+        view(expected)[...] = src
+        assign_tiled(view(out), src, tile=8)
+        np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match="cannot assign"):
+        assign_tiled(np.zeros((3, 4)), np.zeros((4, 3)))
+
+
 def test_only_the_maps_asked_for_are_restored(model_3d):
     """``maps=`` restores the named maps alone, each equal to the full run's, with the same
     mask and the same model-grid statistics; unknown names are refused."""

@@ -871,11 +871,40 @@ class _Outputs:
             self.model_maps[name][index] = values
 
     def write_labels(self, index: tuple[slice, ...], labels: np.ndarray) -> None:
-        self._mask_view[index] = labels
+        assign_tiled(self._mask_view[index], labels)
 
     def write(self, index: tuple[slice, ...], block: Mapping[str, np.ndarray]) -> None:
         for view, values in zip(self._map_views, block[MAPS_KEY], strict=True):
-            view[index] = quantise_map(values)
+            assign_tiled(view[index], quantise_map(values))
+
+
+def assign_tiled(dst: np.ndarray, src: np.ndarray, tile: int = 16) -> None:
+    """``dst[...] = src``, in tiles when the two run fastest along different axes.
+
+    A C-ordered block written into a Fortran-ordered upload's (reoriented) outputs is a
+    transpose; numpy walks one side with a large stride and misses the cache on every element
+    (512^2 x 400 uint8: 2.1 s). Tiles of ``tile`` rows along both fast axes keep both sides in
+    cache (0.47 s)."""
+    if dst.shape != src.shape:
+        raise ValueError(f"cannot assign {src.shape} to {dst.shape}")
+    fast_dst = _fastest_axis(dst)
+    fast_src = _fastest_axis(src)
+    if dst.ndim < 2 or fast_dst == fast_src:
+        dst[...] = src
+        return
+    index: list[Any] = [slice(None)] * dst.ndim
+    for i in range(0, dst.shape[fast_dst], tile):
+        index[fast_dst] = slice(i, i + tile)
+        for j in range(0, dst.shape[fast_src], tile):
+            index[fast_src] = slice(j, j + tile)
+            dst[tuple(index)] = src[tuple(index)]
+
+
+def _fastest_axis(a: np.ndarray) -> int:
+    """The axis of ``a`` with the smallest stride among those longer than one."""
+    strides = [(abs(st), ax) for ax, (st, n) in enumerate(zip(a.strides, a.shape, strict=True))
+               if n > 1]
+    return min(strides)[1] if strides else a.ndim - 1
 
 
 # ----------------------------------------------------------------------------------------------
