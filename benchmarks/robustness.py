@@ -248,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder with ct_a_image/ct_a_label/ct_b_image_unlabelled "
                              "(default: ../shared/data/organs or $SFPC_SHARED_DATA/organs)")
     parser.add_argument("--shifts", default="all",
-                        help=f"comma-separated shift names or 'all'; known: {', '.join(SHIFTS)}")
+                        help="comma-separated shift names or 'all'; known: "
+                             + ", ".join(SHIFTS).replace("%", "%%"))  # argparse %-formats
     parser.add_argument("--no-ct-b", action="store_true", help="skip the unlabelled ct_b")
     parser.add_argument("--out", type=Path, default=None, help="folder for ct_b's overlay PNG")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")

@@ -82,6 +82,7 @@ def test_load_reads_a_valid_export_and_its_file(tmp_path: Path) -> None:
     ({"patch_size": [16, 16]}, r"patch_size \[16, 16\] for a 3D model"),
     ({"orientation": "RAA"}, "orientation 'RAA'"),
     ({"plane": "oblique"}, "plane 'oblique'"),
+    ({"resampling": "cubic"}, "resampling 'cubic'"),
     ({"spacing": [1.0, 0.0, 1.0]}, "spacing"),
     ({"normalisation": {"kind": "ct_window", "window": [5, 1]}}, "hi > lo"),
     ({"temperature": -1.0}, "temperature -1.0"),

@@ -17,6 +17,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from sfpc.inference.contract import RESAMPLING_MODES
+
 CT_WINDOW_RULES = ("soft-tissue", "foreground")
 PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}  # axis of a RAS volume each plane is normal to
 
@@ -38,6 +40,9 @@ class TrainConfig:
     patch_size: list[int] = field(default_factory=lambda: [112, 112, 112])
     spacing: list[float | None] | None = None  # resample to this grid (mm); None = keep
     input_mode: str = "spacing"  # 2D: "resize" scales each slice to patch_size (paper's ACDC)
+    # "area" averages what a coarser voxel covers when an axis shrinks; "linear" is the old
+    # trilinear resampling (docs/robustness.md measured the difference on noisy thin scans).
+    resampling: str = "area"
     normalisation: dict[str, Any] = field(default_factory=lambda: {"kind": "zscore",
                                                                    "foreground": "nonzero"})
     # How the plan picks a CT window: "soft-tissue" widens the labels' percentiles to at least
@@ -123,6 +128,10 @@ HELP: dict[str, str] = {
                "axes; none: keep each image's own grid",
     "input_mode": "2D: spacing (resample to --spacing, then crop or pad to --patch-size) or "
                   "resize (scale each whole slice to --patch-size, the paper's ACDC recipe)",
+    "resampling": "how images reach --spacing: area (an output voxel is the mean of the input "
+                  "voxels it covers where an axis shrinks, linear where it grows: a fine, noisy "
+                  "scan reaches the model as a coarse acquisition would) or linear (trilinear "
+                  "interpolation everywhere, the behaviour before 0.2)",
     "normalisation": "intensities, JSON: {\"kind\": \"ct_window\", \"window\": [-250, 350]} "
                      "(CT: clip to the HU window and scale to [0, 1], or with \"mean\" and "
                      "\"std\" z-score after clipping), {\"kind\": \"zscore\", \"foreground\": "
@@ -395,6 +404,7 @@ def check_values(values: Mapping[str, Any]) -> None:
         "spatial_dims": _check_dims,
         "plane": lambda x: _choice("plane", x, tuple(PLANES)),
         "input_mode": lambda x: _choice("input_mode", x, ("spacing", "resize")),
+        "resampling": lambda x: _choice("resampling", x, RESAMPLING_MODES),
         "foreground_fraction": lambda x: x is None or _number("foreground_fraction", x, float,
                                                               0, 1, example="0.33"),
         "num_workers": lambda x: _number("num_workers", x, int, 0, example="2"),

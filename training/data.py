@@ -313,15 +313,18 @@ def load_volume(
     resample_axes: Sequence[int] | None = None,
     with_label: bool = True,
     crop_to_slices: bool = True,
+    resampling: str = "linear",
 ) -> Volume:
     """Read, reorient to RAS, resample, normalise (whole volume) and crop a case's slab.
 
     The slab of ``case.slices`` is given in RAS voxel indices before resampling and is mapped to
     the resampled grid; normalisation statistics come from the whole volume, as at serving time.
     With ``crop_to_slices=False`` the whole volume is kept and ``Volume.slices`` says what to score.
+    ``resampling``: "linear" or "area", as the export's metadata will tell the engine.
     """
     raw, affine = read_image(case.image)
-    image, geometry = prepare_image(raw, affine, normalisation, target_spacing, resample_axes)
+    image, geometry = prepare_image(raw, affine, normalisation, target_spacing, resample_axes,
+                                    resampling=resampling)
     label = None
     if with_label and case.label is not None:
         raw_label = read_label(case.label)
@@ -363,10 +366,12 @@ def load_volumes(
     resample_axes: Sequence[int] | None = None,
     with_labels: bool = True,
     crop_to_slices: bool = True,
+    resampling: str = "linear",
 ) -> list[Volume]:
     """:func:`load_volume` for each case (``with_labels=False`` for the unlabelled pool)."""
     return [
-        load_volume(c, normalisation, target_spacing, resample_axes, with_labels, crop_to_slices)
+        load_volume(c, normalisation, target_spacing, resample_axes, with_labels, crop_to_slices,
+                    resampling)
         for c in cases
     ]
 
@@ -377,6 +382,7 @@ def load_eval_cases(
     target_spacing: Sequence[float | None] | float | None = None,
     resample_axes: Sequence[int] | None = None,
     crop_to_slices: bool = False,
+    resampling: str = "linear",
 ) -> list[Volume]:
     """Whole preprocessed volumes with labels, for sliding-window / slice-by-slice evaluation.
 
@@ -387,7 +393,7 @@ def load_eval_cases(
     if missing:
         raise ValueError(f"evaluation cases need labels; none for {missing[:5]}")
     return load_volumes(
-        cases, normalisation, target_spacing, resample_axes, True, crop_to_slices
+        cases, normalisation, target_spacing, resample_axes, True, crop_to_slices, resampling
     )
 
 

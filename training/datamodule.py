@@ -64,10 +64,13 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
                          "--labelled-count, or give cases with labels")
     axes = resample_axes(cfg)
     norm = cfg.normalisation
-    labelled = load_volumes(split.labelled, norm, cfg.spacing, axes, with_labels=True)
-    unlabelled = load_volumes(split.unlabelled, norm, cfg.spacing, axes, with_labels=False)
+    grid = {"resampling": cfg.resampling}
+    labelled = load_volumes(split.labelled, norm, cfg.spacing, axes, with_labels=True, **grid)
+    unlabelled = load_volumes(split.unlabelled, norm, cfg.spacing, axes, with_labels=False,
+                              **grid)
     # A 2D model sees one slice at a time, so a validation slab needs no context around it.
-    val = load_eval_cases(split.val, norm, cfg.spacing, axes, crop_to_slices=cfg.spatial_dims == 2)
+    val = load_eval_cases(split.val, norm, cfg.spacing, axes,
+                          crop_to_slices=cfg.spatial_dims == 2, **grid)
     in_channels = labelled[0].image.shape[0]
 
     if cfg.class_names:

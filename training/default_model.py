@@ -72,6 +72,13 @@ def validate_export(export_dir: str | Path, data_dir: str | Path,
             "seconds": round(seconds, 2)}
 
 
+RESAMPLING_TEXT = {
+    "area": "each model voxel the mean of the finer input voxels it covers, so a thin, noisy "
+            "scan reaches the model as a 3 mm acquisition would",
+    "linear": "linear interpolation",
+}
+
+
 def model_card(meta: Any, validation: dict[str, Any], command: str,
                calibration: dict[str, Any] | None = None) -> str:
     """The model card, from the metadata and the measured validation numbers."""
@@ -109,7 +116,8 @@ pass (tau = {meta.perturbation.get("tau")}).
 
 **Input expectations.** CT in Hounsfield units (rescale slope/intercept applied, as the server's
 DICOM reader does), any orientation, any spacing: the engine reorients to {meta.orientation},
-resamples in-plane to {meta.spacing[0]} x {meta.spacing[1]} mm (slices keep their own spacing),
+resamples in-plane to {meta.spacing[0]} x {meta.spacing[1]} mm ({RESAMPLING_TEXT[meta.resampling]};
+slices keep their own spacing),
 clips to the window {meta.normalisation.get("window")} HU and scales to [0, 1]. Abdominal field of
 view. Not for MR (intensities are meaningless to it), contrast phases or paediatric anatomy it has
 not seen.

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cases:
         p.error("no labelled case to evaluate")
     vols = load_eval_cases(cases, cfg.normalisation, cfg.spacing, resample_axes(cfg),
-                           crop_to_slices=cfg.spatial_dims == 2)
+                           crop_to_slices=cfg.spatial_dims == 2, resampling=meta.resampling)
     res = evaluate_cases(net, [v.to_dict() for v in vols], num_classes=meta.num_classes,
                          spatial_dims=meta.spatial_dims, patch_size=meta.patch_size,
                          plane_axis=meta.plane_axis, input_mode=meta.input_mode,

@@ -818,6 +818,9 @@ def plan_from_init(init: str) -> tuple[dict[str, Any], str]:
     net = meta.get("net") or {}
     fields = {"spatial_dims": meta["spatial_dims"], "plane": meta["plane"],
               "spacing": meta["spacing"], "input_mode": meta["input_mode"],
+              # Fine-tuning keeps the grid the model learnt on (metadata before the field:
+              # linear).
+              "resampling": meta.get("resampling", "linear"),
               "patch_size": list(meta["patch_size"]), "normalisation": meta["normalisation"],
               "class_names": list(meta["class_names"])}
     if net.get("channels"):

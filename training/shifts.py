@@ -317,6 +317,12 @@ SHIFTS: dict[str, Shift] = _registry(
     Shift("thickness 9mm", "thickness", {"thickness_mm": 9.0},
           "9 mm slices averaged from the 3 mm ones"),
     Shift("noise 30HU", "noise", {"sigma_hu": 30.0}, "white Gaussian noise, sd 30 HU"),
+    # A thin-voxel scan is noisier per voxel than a 3 mm one (noise sd grows roughly as
+    # 1/sqrt(voxel volume)): the grid and its noise together, as a 0.7-1 mm scanner delivers.
+    Shift("0.7mm + noise 40HU", "fine-noisy", {"spacing_mm": 0.7, "sigma_hu": 40.0},
+          "in-plane 3 -> 0.7 mm, then white noise of sd 40 HU on the fine grid"),
+    Shift("1.0mm + noise 30HU", "fine-noisy", {"spacing_mm": 1.0, "sigma_hu": 30.0},
+          "in-plane 3 -> 1.0 mm, then white noise of sd 30 HU on the fine grid"),
     Shift("noise 60HU", "noise", {"sigma_hu": 60.0}, "white Gaussian noise, sd 60 HU"),
     Shift("contrast +40/+60HU", "contrast", {"organs": {"liver": 40.0, "spleen": 60.0}},
           "portal-venous-like: liver +40 HU, spleen +60 HU"),
@@ -347,6 +353,9 @@ def apply_shift(name: str, image: np.ndarray, label: np.ndarray, affine: np.ndar
         return resample_thickness(image, label, affine, float(p["thickness_mm"]))
     if shift.kind == "noise":
         return add_noise(image, label, affine, float(p["sigma_hu"]), seed=seed)
+    if shift.kind == "fine-noisy":
+        fine = resample_inplane(image, label, affine, float(p["spacing_mm"]))
+        return add_noise(*fine, float(p["sigma_hu"]), seed=seed)
     if shift.kind == "contrast":
         ids = TOTALSEG_IDS if organ_ids is None else organ_ids
         return contrast_offset(image, label, affine,

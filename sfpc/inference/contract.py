@@ -57,6 +57,12 @@ METADATA_PARAMETER = "sfpc_model_json"
 PLANE_CODES = {"sagittal": "LR", "coronal": "AP", "axial": "SI"}
 _AXIS_PAIRS = ("LR", "AP", "SI")
 INPUT_MODES = ("spacing", "resize")
+# How an image reaches the model grid: "area" averages the input voxels an output voxel covers
+# on every axis that shrinks (what a scanner's thicker voxel integrates) and interpolates
+# linearly where it grows; "linear" interpolates everywhere, which on a 4x finer scan passes
+# its noise through almost unfiltered (docs/robustness.md). Metadata without the field predates
+# it and was served with "linear".
+RESAMPLING_MODES = ("area", "linear")
 NORMALISATION_KINDS = ("ct_window", "zscore", "minmax")
 # Keys a metadata file must state itself: the dataclass would fill them with defaults that
 # describe some other model.
@@ -155,6 +161,7 @@ class ModelMetadata:
     plane: str = "axial"
     spacing: list[float | None] | None = None
     input_mode: str = "spacing"
+    resampling: str = "linear"
     patch_size: list[int] = field(default_factory=lambda: [256, 256])
     dynamic_spatial: bool = True
     normalisation: dict[str, Any] = field(default_factory=lambda: {"kind": "minmax"})
@@ -279,6 +286,8 @@ def metadata_problems(meta: ModelMetadata) -> list[str]:
         problems.append(f"in_channels {meta.in_channels!r}")
     if meta.input_mode not in INPUT_MODES:
         problems.append(f"input_mode {meta.input_mode!r} (one of {INPUT_MODES})")
+    if meta.resampling not in RESAMPLING_MODES:
+        problems.append(f"resampling {meta.resampling!r} (one of {RESAMPLING_MODES})")
     temperature = meta.temperature or 1.0  # 0 / null: uncalibrated
     if not (_is_number(temperature) and math.isfinite(temperature) and temperature > 0):
         problems.append(f"temperature {meta.temperature!r} (must be finite and > 0)")

@@ -565,7 +565,7 @@ class Engine:
                  transform: np.ndarray | None = None) -> tuple[np.ndarray, Geometry]:
         return prepare_image(arr, aff, self.metadata.normalisation, self.target_spacing,
                              self.resample_axes, orientation=self.metadata.orientation,
-                             transform=transform)
+                             transform=transform, resampling=self.metadata.resampling)
 
     def _check_uncertainty(self, uncertainty: bool) -> None:
         if uncertainty and not self.metadata.has_uncertainty:

@@ -32,6 +32,7 @@ from scipy import ndimage
 # The normalisation spec is part of the model contract (checked when metadata is loaded); it is
 # re-exported here beside the code that applies it.
 from sfpc.inference.contract import NORMALISATION_KINDS as NORMALISATION_KINDS
+from sfpc.inference.contract import RESAMPLING_MODES
 from sfpc.inference.contract import validate_normalisation as validate_normalisation
 
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +322,85 @@ class Geometry:
         )
 
 
+def axis_weights(n_in: int, n_out: int, mode: str = "area") -> np.ndarray:
+    """The (n_out, n_in) matrix that resamples one axis, voxel edges aligned (scipy's
+    ``grid_mode=True``): in "area" mode a shrinking axis averages the input voxels each output
+    voxel covers, weighted by overlap (rows sum to 1); otherwise linear interpolation between
+    the two nearest input centres, edges clamped (scipy's ``zoom(order=1, mode="nearest")``)."""
+    if mode not in RESAMPLING_MODES:
+        raise ValueError(f"resampling {mode!r} (one of {RESAMPLING_MODES})")
+    scale = n_in / n_out
+    if mode == "area" and n_out < n_in:
+        lo = np.arange(n_out, dtype=np.float64)[:, None] * scale
+        edges = np.arange(n_in, dtype=np.float64)[None, :]
+        overlap = np.minimum(lo + scale, edges + 1) - np.maximum(lo, edges)
+        return (np.clip(overlap, 0.0, None) / scale).astype(np.float32)
+    x = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0, n_in - 1)
+    i0 = np.floor(x).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    weights = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(weights, (rows, i0), 1.0 - (x - i0))
+    np.add.at(weights, (rows, i1), x - i0)
+    return weights.astype(np.float32)
+
+
+def resample_area(array: np.ndarray, shape: Sequence[int], slab: int = 16) -> np.ndarray:
+    """A (C, X, Y, Z) array (or a view of one, any dtype) resampled to spatial ``shape`` in
+    float32 as :func:`axis_weights` "area" does: averaging on shrinking axes, linear on growing
+    ones. X and Y are done slab by slab along Z, so a 512^2 x 400 int16 CT is never copied to
+    float32 whole; Z last, on the (smaller) result."""
+    shape = tuple(int(n) for n in shape)
+    channels, *spatial = array.shape
+    if len(spatial) != 3 or len(shape) != 3:
+        raise ValueError(f"resample_area expects (C, X, Y, Z) and 3 sizes, got {array.shape}, "
+                         f"{shape}")
+    out = np.empty((channels, *shape), dtype=np.float32)
+    for c in range(channels):
+        plane = np.empty((shape[0], shape[1], spatial[2]), dtype=np.float32)
+        for start in range(0, spatial[2], slab):
+            # order "K" keeps the upload's layout; numpy's cumsum and take are only fast along
+            # the last axis or the first of a C-ordered array, so a Fortran-ordered (NIfTI)
+            # block is worked on as its transpose (Z, Y, X), which is C-ordered.
+            block = np.array(array[c, :, :, start:start + slab], dtype=np.float32, order="K")
+            if block.flags.f_contiguous and not block.flags.c_contiguous:
+                t = _resample_axis(block.T, 2, shape[0])
+                plane[:, :, start:start + slab] = _resample_axis(t, 1, shape[1]).T
+            else:
+                block = np.ascontiguousarray(block)
+                for axis in (0, 1):
+                    block = _resample_axis(block, axis, shape[axis])
+                plane[:, :, start:start + slab] = block
+        out[c] = _resample_axis(plane, 2, shape[2])
+    return out
+
+
+def _resample_axis(a: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    n_in = a.shape[axis]
+    if n_in == n_out:
+        return a
+    if n_out > n_in:  # linear: the weights have two entries per row, the matrix is small
+        moved = np.tensordot(axis_weights(n_in, n_out, "linear"), a, axes=([1], [axis]))
+        return np.moveaxis(moved, 0, axis)
+    # The mean of a[lo:hi) for fractional edges is (F(hi) - F(lo)) / (hi - lo), F the integral
+    # of the piecewise-constant row: F(x) = cumsum[k] - (1 - (x - k)) * a[k], k = min(floor x,
+    # n_in - 1). Two passes over the block, where a weight matrix would be mostly zeros.
+    total = np.cumsum(a, axis=axis, dtype=np.float32)
+    scale = n_in / n_out
+    edges = np.arange(n_out + 1, dtype=np.float64) * scale
+    k = np.minimum(np.floor(edges).astype(np.intp), n_in - 1)
+    rest = (1.0 - (edges - k)).astype(np.float32)
+    shape = [1] * a.ndim
+    shape[axis] = n_out + 1
+    integral = np.take(total, k, axis=axis)
+    integral -= np.take(a, k, axis=axis) * rest.reshape(shape)
+    lo = integral[(slice(None),) * axis + (slice(0, n_out),)]
+    hi = integral[(slice(None),) * axis + (slice(1, n_out + 1),)]
+    out = hi - lo
+    out *= np.float32(1.0 / scale)
+    return out
+
+
 def prepare_image(
     image: np.ndarray,
     affine: np.ndarray,
@@ -329,14 +409,19 @@ def prepare_image(
     resample_axes: Sequence[int] | None = None,
     orientation: str = "RAS",
     transform: np.ndarray | None = None,
+    resampling: str = "linear",
 ) -> tuple[np.ndarray, Geometry]:
-    """Reorient, resample (linear) and normalise a channel-first ``(C, X, Y, Z)`` image.
+    """Reorient, resample and normalise a channel-first ``(C, X, Y, Z)`` image.
 
     The order (orientation, spacing, then intensity statistics on the model grid) is the one both
     the trainer and the server use. Returns the float32 model-grid image and its :class:`Geometry`.
     ``normalisation`` None leaves intensities as they are (float32). ``transform`` is the
     :func:`orientation_transform` of ``affine`` to ``orientation`` when the caller has it.
+    ``resampling``: "linear" (scipy's trilinear zoom) or "area" (:func:`resample_area`), see
+    :data:`~sfpc.inference.contract.RESAMPLING_MODES`.
     """
+    if resampling not in RESAMPLING_MODES:
+        raise ValueError(f"resampling {resampling!r} (one of {RESAMPLING_MODES})")
     image = np.asarray(image)
     if image.ndim != 4:
         raise ValueError(f"prepare_image expects a (C, X, Y, Z) array, got shape {image.shape}")
@@ -354,7 +439,10 @@ def prepare_image(
     if target_spacing is not None:
         spacing = spacing_from_affine(new_affine)
         model_shape = resampled_shape(oriented_shape, spacing, target_spacing, resample_axes)
-        model = resample_to_shape(oriented, model_shape, 1, dtype=np.float32)
+        if resampling == "area":
+            model = resample_area(oriented, model_shape)
+        else:
+            model = resample_to_shape(oriented, model_shape, 1, dtype=np.float32)
         new_affine = resample_affine(new_affine, oriented_shape, model.shape[1:])
     else:
         model = np.ascontiguousarray(oriented, dtype=np.float32)
