@@ -506,6 +506,44 @@ def test_intensity_augment() -> None:
     assert np.allclose(diff, diff.flat[0], atol=1e-5) and diff.flat[0] != 0
 
 
+def test_image_quality_augmentations() -> None:
+    """nnU-Net's noise, blur and low-resolution transforms, each alone (p = 1, jitter off)."""
+    from scipy import ndimage
+
+    from sfpc.training.data import simulate_low_resolution
+
+    rng = np.random.default_rng(7)
+    image = rng.normal(0.0, 1.0, size=(1, 32, 32)).astype(np.float32)
+    off = {"brightness": 0.0, "p": 0.0}
+    # Blur with a fixed sigma: the channel is filtered on its two spatial axes only.
+    blurred = IntensityAugment(**off, blur=(1.5, 1.5), p_blur=1.0)(image, rng)
+    np.testing.assert_allclose(blurred[0], ndimage.gaussian_filter(image[0], 1.5, mode="nearest"),
+                               atol=1e-6)
+    # Noise: zero-mean, its sd a fraction U(0, 0.3) of the image's.
+    sds = []
+    for _ in range(200):
+        noisy = IntensityAugment(**off, noise=0.3, p_noise=1.0)(image, rng)
+        sds.append(float((noisy - image).std()))
+    assert 0.0 <= min(sds) and max(sds) <= 0.3 * float(image.std()) * 1.1
+    assert np.mean(sds) == pytest.approx(0.15 * float(image.std()), rel=0.15)
+    # Low resolution at 0.5: of a 2x2-block-constant image the nearest sampling keeps one value
+    # per block (the coarse image is the blocks' values), which comes back interpolated
+    # linearly; a one-voxel checkerboard (above the coarse grid's Nyquist) does not survive.
+    coarse = rng.normal(size=(16, 16)).astype(np.float32)
+    blocks = np.kron(coarse, np.ones((2, 2), np.float32))[None]
+    np.testing.assert_allclose(simulate_low_resolution(blocks, 0.5, (1, 2))[0],
+                               ndimage.zoom(coarse, 2, order=1, mode="nearest", grid_mode=True),
+                               atol=1e-5)
+    checker = (np.indices((32, 32)).sum(axis=0) % 2).astype(np.float32)[None]
+    round_trip = simulate_low_resolution(checker, 0.5, (1, 2))
+    assert round_trip.shape == checker.shape and float(round_trip.std()) < 0.1
+    low = IntensityAugment(**off, lowres=(0.5, 0.5), p_lowres=1.0)(checker, rng)
+    np.testing.assert_allclose(low, round_trip, atol=1e-6)
+    # Off by default: the default augment leaves those three transforms out entirely.
+    default = IntensityAugment()
+    assert default.noise == 0 and default.blur == (0.0, 0.0) and default.lowres == (1.0, 1.0)
+
+
 # ---------------------------------------------------------------- two-stream batches
 
 

@@ -146,7 +146,10 @@ HELP: dict[str, str] = {
                            "uniform crops in 2D",
     "augment": "augmentation, JSON. 2D keys: flip, rotate90, rotation (degrees), scale [lo, hi], "
                "empty_slice_prob (weight of labelled slices without foreground), intensity "
-               "{brightness, contrast, gamma, p}; 3D keys: flip, rotate90, intensity. "
+               "{brightness, contrast, gamma, p, and nnU-Net's image-quality transforms noise "
+               "(max sd in image sds), blur ([lo, hi] sigma in voxels), lowres ([lo, hi] "
+               "fraction of the resolution), each with p_noise / p_blur / p_lowres}; 3D keys: "
+               "flip, rotate90, intensity. "
                "E.g. '{\"flip\": false, \"rotation\": 15}'",
     "num_workers": "data loader processes (0: sample in the training process)",
     "method": "sfpc (the paper), supervised, seg+rec, seg+flpm, seg+rec+flpm, seg+flpm+fpc "
@@ -195,7 +198,8 @@ LAYOUT_CHOICES = ("auto", "folder", "msd", "json", "csv", "brats", "acdc")
 PERTURBATIONS = ("flpm", "fnoise", "fdrop", "sdrop")
 AUGMENT_KEYS = {2: ("flip", "rotate90", "rotation", "scale", "intensity", "empty_slice_prob"),
                 3: ("flip", "rotate90", "intensity")}
-INTENSITY_KEYS = ("brightness", "contrast", "gamma", "p")
+INTENSITY_KEYS = ("brightness", "contrast", "gamma", "p", "noise", "p_noise", "blur", "p_blur",
+                  "lowres", "p_lowres")
 
 
 class ConfigError(ValueError):

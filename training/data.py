@@ -404,19 +404,45 @@ def load_eval_cases(
 
 @dataclass(frozen=True)
 class IntensityAugment:
-    """Brightness / contrast / gamma jitter, each applied with probability ``p``.
+    """Brightness / contrast / gamma jitter, each applied with probability ``p``; optionally the
+    image-quality transforms nnU-Net adds, each with its own probability (off by default, and
+    then no random number is drawn for them, so runs without them reproduce bit for bit).
 
     Brightness adds ``U(-brightness, brightness)`` image standard deviations; contrast scales
     about the mean; gamma acts on the image rescaled to [0, 1] and maps back to its range.
+    ``noise`` > 0: white Gaussian noise of sd ``U(0, noise)`` image standard deviations (a
+    thinner or lower-dose scan), with probability ``p_noise``. ``blur`` (lo, hi) > 0: a Gaussian
+    blur of sigma ``U(lo, hi)`` voxels on the spatial axes (a softer reconstruction kernel),
+    with probability ``p_blur``. ``lowres`` (lo, hi) < 1: the image resampled to ``U(lo, hi)``
+    of its size (nearest) and back (linear), a coarser acquisition, with probability
+    ``p_lowres``. Noise, blur and low resolution come first, as a scanner produces them; the
+    jitter after.
     """
 
     brightness: float = 0.1
     contrast: tuple[float, float] = (0.75, 1.25)
     gamma: tuple[float, float] = (0.7, 1.5)
     p: float = 0.5
+    noise: float = 0.0
+    p_noise: float = 0.1
+    blur: tuple[float, float] = (0.0, 0.0)
+    p_blur: float = 0.2
+    lowres: tuple[float, float] = (1.0, 1.0)
+    p_lowres: float = 0.25
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = image.astype(np.float32, copy=True)
+        spatial = tuple(range(1, out.ndim)) if out.ndim > 2 else tuple(range(out.ndim))
+        if self.lowres[0] < 1.0 and rng.random() < self.p_lowres:
+            out = simulate_low_resolution(out, float(rng.uniform(*self.lowres)), spatial)
+        if self.blur[1] > 0 and rng.random() < self.p_blur:
+            sigma = [0.0] * out.ndim
+            for axis in spatial:
+                sigma[axis] = float(rng.uniform(*self.blur))
+            out = ndimage.gaussian_filter(out, sigma, mode="nearest")
+        if self.noise > 0 and rng.random() < self.p_noise:
+            sd = float(rng.uniform(0.0, self.noise)) * float(out.std() or 1.0)
+            out += rng.normal(0.0, sd, size=out.shape).astype(np.float32)
         if self.brightness > 0 and rng.random() < self.p:
             out += np.float32(rng.uniform(-self.brightness, self.brightness) * (out.std() or 1.0))
         if rng.random() < self.p:
@@ -428,6 +454,22 @@ class IntensityAugment:
                 unit = (out - lo) / (hi - lo)
                 out = unit ** np.float32(rng.uniform(*self.gamma)) * (hi - lo) + lo
         return out.astype(np.float32, copy=False)
+
+
+def simulate_low_resolution(image: np.ndarray, factor: float,
+                            axes: Sequence[int]) -> np.ndarray:
+    """``image`` seen at ``factor`` (< 1) of its resolution on ``axes``: sampled down to that
+    many voxels (nearest, as nnU-Net's SimulateLowResolution) and interpolated back (linear) to
+    the same shape, so the patch geometry and the labels are untouched."""
+    shape = list(image.shape)
+    small = [max(1, int(round(n * factor))) if a in axes else n for a, n in enumerate(shape)]
+    down = ndimage.zoom(image, [s / n for s, n in zip(small, shape, strict=True)], order=0,
+                        mode="nearest", grid_mode=True)
+    back = ndimage.zoom(down, [n / s for s, n in zip(down.shape, shape, strict=True)], order=1,
+                        mode="nearest", grid_mode=True)
+    if back.shape != image.shape:  # zoom rounds its output shape
+        raise RuntimeError(f"low-resolution round trip gave {back.shape}, not {image.shape}")
+    return back.astype(np.float32, copy=False)
 
 
 def rotate_scale_2d(
