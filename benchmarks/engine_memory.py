@@ -74,7 +74,14 @@ def run_monai(args: argparse.Namespace) -> dict:
     if args.input_mode != "spacing" or not args.spacing:
         raise SystemExit("the MONAI comparison needs --input-mode spacing --spacing SX SY")
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = torch.device(args.torch_device)
     net, meta = build_net(args)
+    net = net.to(device)
+
+    def sync() -> None:  # CUDA runs asynchronously: a stage ends when the device is done
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     volume = ct_volume(tuple(args.shape))
     affine = np.diag([*args.voxel, 1.0])
     sw = args.sw_batch_size or int(meta.inference.get("sw_batch_size", 4))
@@ -82,26 +89,29 @@ def run_monai(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     with torch.inference_mode():
         image = MetaTensor(torch.from_numpy(volume.astype(np.float32))[None],
-                           affine=torch.from_numpy(affine))
+                           affine=torch.from_numpy(affine)).to(device)
         image = Orientation(axcodes="RAS")(image)
         image = Spacing(pixdim=(*args.spacing, args.voxel[2]), mode="bilinear")(image)
         image = ScaleIntensityRange(-1000.0, 1000.0, 0.0, 1.0, clip=True)(image)
+        sync()
         timings["preprocess"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         inferer = SliceInferer(roi_size=tuple(args.patch), sw_batch_size=sw, overlap=0.5,
                                mode="gaussian", sigma_scale=0.125, spatial_dim=2,
                                padding_mode="constant", progress=False)
         logits = inferer(image.as_tensor()[None], net)
+        sync()
         timings["inference"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         probs = torch.softmax(logits, dim=1)[0]
         probs = Resize(spatial_size=tuple(args.shape), mode="trilinear")(probs)
-        mask = torch.argmax(torch.as_tensor(probs), dim=0).to(torch.uint8).numpy()
+        mask = torch.argmax(torch.as_tensor(probs), dim=0).to(torch.uint8).cpu().numpy()
         timings["postprocess"] = time.perf_counter() - t2
     wall = time.perf_counter() - t0
     return {"mode": "monai", "wall_s": wall, "timings": timings,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "mask_shape": list(mask.shape), "torch_threads": torch.get_num_threads()}
+            "mask_shape": list(mask.shape), "torch_threads": torch.get_num_threads(),
+            "torch_device": str(device)}
 
 
 def ct_volume(shape: tuple[int, int, int], seed: int = 0):
@@ -149,8 +159,13 @@ def run_mode(export_dir: Path, uncertainty: bool, args: argparse.Namespace) -> d
 
     volume = ct_volume(tuple(args.shape))
     affine = np.diag([*args.voxel, 1.0])
-    backend = OnnxRuntimeBackend(export_dir, providers=["CPUExecutionProvider"],
-                                 intra_op_threads=args.threads)
+    backend = OnnxRuntimeBackend(export_dir, providers=args.providers.split(","),
+                                 intra_op_threads=args.threads, trt_fp16=args.trt_fp16,
+                                 trt_cache_dir=args.trt_cache)
+    if args.warmup:  # TensorRT builds its engines on the first batch of each shape
+        Engine(backend, ModelMetadata.load(export_dir), sw_batch_size=args.sw_batch_size
+               ).segment(ct_volume((args.shape[0], args.shape[1], 4)),
+                         np.diag([*args.voxel, 1.0]), uncertainty=uncertainty)
     engine = Engine(backend, ModelMetadata.load(export_dir), sw_batch_size=args.sw_batch_size)
     before = rss_mib()
     tracemalloc.start()
@@ -175,6 +190,7 @@ def run_mode(export_dir: Path, uncertainty: bool, args: argparse.Namespace) -> d
                                               result.mi_levels) if a is not None) / 2**20,
         "model_shape": result.geometry["model_shape"],
         "class_voxels": counts,
+        "providers": backend.describe()["providers"],
     }
 
 
@@ -196,6 +212,17 @@ def main() -> None:
                         default=["plain", "uncertainty"],
                         help="monai: MONAI's transforms + SliceInferer + eager PyTorch on the "
                              "same network and volume (needs --input-mode spacing)")
+    parser.add_argument("--providers", default="CPUExecutionProvider",
+                        help="ONNX Runtime execution providers, comma-separated, in order "
+                             "(e.g. TensorrtExecutionProvider,CUDAExecutionProvider,"
+                             "CPUExecutionProvider with onnxruntime-gpu)")
+    parser.add_argument("--trt-fp16", action="store_true", help="TensorRT in FP16")
+    parser.add_argument("--trt-cache", default=None, help="TensorRT engine cache folder")
+    parser.add_argument("--warmup", action="store_true",
+                        help="segment a 4-slice volume first (TensorRT engine builds, CUDA "
+                             "context), so that the timed run is the steady state")
+    parser.add_argument("--torch-device", default="cpu",
+                        help="device of the MONAI + eager PyTorch mode (cpu, cuda)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--_export", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--_run", nargs=2, help=argparse.SUPPRESS)
@@ -222,7 +249,9 @@ def main() -> None:
         for mode in args.modes:
             done = subprocess.run(
                 [sys.executable, __file__, *passthrough, "--_run", mode, str(export_dir)],
-                check=True, capture_output=True, text=True)
+                capture_output=True, text=True)
+            if done.returncode != 0:  # the child's own error, not only its exit status
+                sys.exit(f"mode {mode} failed:\n{done.stderr.strip()[-3000:]}")
             r = json.loads(done.stdout.strip().splitlines()[-1])
             results[mode] = r
             t = r["timings"]
