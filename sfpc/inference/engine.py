@@ -779,45 +779,47 @@ def restore_labels(probs: np.ndarray, shape: Sequence[int], *, axis: int = 0, st
     labels, uniform = blocks if blocks is not None else label_blocks(probs, shape)
     resampled = [a for a, (n_in, n_out) in enumerate(zip(in_shape, shape, strict=True))
                  if n_in != n_out]
+    # Axes that are not resampled are sliced first, on the small model grid, so that the
+    # gathers along the others write a contiguous output and nothing is copied after them.
+    kept = tuple(slice(int(i0[0]), int(i0[-1]) + 1) if a not in resampled and len(i0)
+                 else slice(None) for a, (i0, _, _) in enumerate(grids))
     if probs.shape[0] <= 128:
         # One uint8 gather for both: the label in the low bits, "neighbours differ" in the top.
-        out = labels | (~uniform).view(np.uint8) << 7
-        for a, (i0, _, _) in enumerate(grids):
-            out = _gather(out, i0, a, in_shape[a] == shape[a])
-        edge = np.nonzero(out >= 128)
+        out = (labels | (~uniform).view(np.uint8) << 7)[kept]
+        for a in resampled:
+            out = np.take(out, grids[a][0], axis=a)
+        out = np.ascontiguousarray(out)
+        flat = np.flatnonzero(out.reshape(-1) >= 128)
+        out &= 127
     else:
-        out, differ = labels, ~uniform
-        for a, (i0, _, _) in enumerate(grids):
-            kept = in_shape[a] == shape[a]
-            out, differ = _gather(out, i0, a, kept), _gather(differ, i0, a, kept)
-        edge = np.nonzero(differ)
-    out = np.ascontiguousarray(out)
-    if edge[0].size:
+        out, differ = labels[kept], ~uniform[kept]
+        for a in resampled:
+            out = np.take(out, grids[a][0], axis=a)
+            differ = np.take(differ, grids[a][0], axis=a)
+        out = np.ascontiguousarray(out)
+        flat = np.flatnonzero(differ.reshape(-1))
+    if flat.size:
+        edge = np.unravel_index(flat, out.shape)
         corners = [(i0[e], i1[e], w[e]) for (i0, i1, w), e in zip(grids, edge, strict=True)]
-        mixed = np.zeros((probs.shape[0], edge[0].size), dtype=np.float32)
+        # Corners as flat indices into (K, voxels): one 1-D take per class and corner instead
+        # of a multi-axis fancy index.
+        strides = np.cumprod((1,) + in_shape[:0:-1])[::-1]
+        table = probs.reshape(probs.shape[0], -1)
+        mixed = np.zeros((probs.shape[0], flat.size), dtype=np.float32)
         for bits in range(1 << len(resampled)):
-            index: list[Any] = [slice(None)]
-            weight = np.ones(edge[0].size, dtype=np.float32)
+            index = np.zeros(flat.size, dtype=np.intp)
+            weight = np.ones(flat.size, dtype=np.float32)
             for a, (i0, i1, w) in enumerate(corners):
                 if a in resampled and bits >> resampled.index(a) & 1:
-                    index.append(i1)
+                    index += i1 * strides[a]
                     weight *= w
                 else:
-                    index.append(i0)
+                    index += i0 * strides[a]
                     if a in resampled:
                         weight *= 1 - w
-            mixed += probs[tuple(index)] * weight
-        out[edge] = argmax_channels(mixed)
+            mixed += np.take(table, index, axis=1) * weight
+        out.reshape(-1)[flat] = argmax_channels(mixed)
     return out
-
-
-def _gather(a: np.ndarray, index: np.ndarray, axis: int, kept: bool) -> np.ndarray:
-    """``np.take(a, index, axis)``; a slice (a view) on an axis that is not resampled, whose
-    index is a run of rows: a take along the last axis moves one byte at a time."""
-    if kept:
-        return a[(slice(None),) * axis + (slice(int(index[0]), int(index[-1]) + 1),)] \
-            if len(index) else np.take(a, index, axis=axis)
-    return np.take(a, index, axis=axis)
 
 
 def _wanted_maps(maps: Collection[str] | None) -> tuple[str, ...]:
