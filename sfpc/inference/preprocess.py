@@ -385,7 +385,7 @@ def _resample_axis(a: np.ndarray, axis: int, n_out: int) -> np.ndarray:
     # The mean of a[lo:hi) for fractional edges is (F(hi) - F(lo)) / (hi - lo), F the integral
     # of the piecewise-constant row: F(x) = cumsum[k] - (1 - (x - k)) * a[k], k = min(floor x,
     # n_in - 1). Two passes over the block, where a weight matrix would be mostly zeros.
-    total = np.cumsum(a, axis=axis, dtype=np.float32)
+    total = _cumsum(a, axis)
     scale = n_in / n_out
     edges = np.arange(n_out + 1, dtype=np.float64) * scale
     k = np.minimum(np.floor(edges).astype(np.intp), n_in - 1)
@@ -398,6 +398,26 @@ def _resample_axis(a: np.ndarray, axis: int, n_out: int) -> np.ndarray:
     hi = integral[(slice(None),) * axis + (slice(1, n_out + 1),)]
     out = hi - lo
     out *= np.float32(1.0 / scale)
+    return out
+
+
+def _cumsum(a: np.ndarray, axis: int) -> np.ndarray:
+    """``np.cumsum(a, axis, dtype=float32)``. numpy accumulates along any axis but the last one
+    element by element (0.03 s for a 512^2 x 16 slab along its first axis); a loop of whole
+    slices along the axis is one vectorised add per row."""
+    if axis == a.ndim - 1:
+        return np.cumsum(a, axis=axis, dtype=np.float32)
+    out = np.empty(a.shape, dtype=np.float32)
+    index: list[Any] = [slice(None)] * a.ndim
+    previous = None
+    for i in range(a.shape[axis]):
+        index[axis] = i
+        current = tuple(index)
+        if previous is None:
+            out[current] = a[current]
+        else:
+            np.add(out[previous], a[current], out=out[current])
+        previous = current
     return out
 
 
