@@ -22,9 +22,6 @@ All shifts are synthetic transformations of one patient's CT with silver-standar
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -34,13 +31,20 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from sfpc.inference.contract import DEFAULT_MODEL_DIR
 from sfpc.inference.preprocess import Geometry, prepare_label, to_orientation
 from sfpc.inference.review import quality_flag, review_flag
 from sfpc.inference.uncertainty import region_statistics, uncertainty_maps
 from sfpc.io.overlay import render_overlay
 from sfpc.training.layouts import Case
 from sfpc.training.organ_task import CLASS_NAMES, LABEL_MAP, VAL_BLOCK
+from sfpc.training.shift_cli import (
+    add_common_arguments,
+    chosen_shifts,
+    log,
+    read_ct_a,
+    read_nifti,
+    write_results,
+)
 from sfpc.training.shifts import SHIFTS, apply_shift, map_slab, spacing
 from sfpc.training.uncertainty_eval import (
     crop_last,
@@ -50,13 +54,7 @@ from sfpc.training.uncertainty_eval import (
 )
 from sfpc.training.uncertainty_metrics import ScoreHistogram
 
-DATA = Path(os.environ.get("SFPC_SHARED_DATA",
-                           Path(__file__).resolve().parents[2] / "shared" / "data")) / "organs"
 ORGANS = CLASS_NAMES[1:]
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class RecordingEngine:
@@ -162,11 +160,6 @@ def run_shift(name: str, recorder: RecordingEngine, image: np.ndarray, label: np
     return out
 
 
-def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels as stored (no scaling to float) and the affine."""
-    nii = nib.Nifti1Image.from_filename(str(path))
-    return np.asarray(nii.dataobj), np.asarray(nii.affine, dtype=np.float64)
-
 
 def run_unlabelled(engine: Any, path: Path, out_dir: Path | None) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -242,34 +235,12 @@ def unlabelled_table(ct_b: Mapping[str, Any], reference: Mapping[str, float]) ->
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--export", type=Path, default=DEFAULT_MODEL_DIR,
-                        help="export directory (default: the embedded default model)")
-    parser.add_argument("--data", type=Path, default=DATA,
-                        help="folder with ct_a_image/ct_a_label/ct_b_image_unlabelled "
-                             "(default: ../shared/data/organs or $SFPC_SHARED_DATA/organs)")
-    parser.add_argument("--shifts", default="all",
-                        help="comma-separated shift names or 'all'; known: "
-                             + ", ".join(SHIFTS).replace("%", "%%"))  # argparse %-formats
+    add_common_arguments(parser, "ct_a_image/ct_a_label/ct_b_image_unlabelled")
     parser.add_argument("--no-ct-b", action="store_true", help="skip the unlabelled ct_b")
     parser.add_argument("--out", type=Path, default=None, help="folder for ct_b's overlay PNG")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise shifts")
-    parser.add_argument("--threads", type=int,
-                        default=int(os.environ.get("SFPC_ONNX_INTRA_OP_THREADS", "1")),
-                        help="ONNX Runtime intra-op threads (default: "
-                             "$SFPC_ONNX_INTRA_OP_THREADS or 1)")
     args = parser.parse_args(argv)
-
-    names = list(SHIFTS) if args.shifts == "all" else [
-        s.strip() for s in args.shifts.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SHIFTS]
-    if unknown:
-        parser.error(f"unknown shifts {unknown}; known: {', '.join(SHIFTS)}")
-    image_path = args.data / "ct_a_image.nii.gz"
-    label_path = args.data / "ct_a_label.nii.gz"
-    for p in (image_path, label_path):
-        if not p.is_file():
-            parser.error(f"{p} not found (point --data at shared/data/organs)")
+    names = chosen_shifts(parser, args.shifts)
+    image, label, affine = read_ct_a(parser, args.data)
 
     t0 = time.perf_counter()
     engine = load_engine(args.export, threads=args.threads)
@@ -277,10 +248,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not meta.has_uncertainty:
         parser.error(f"{args.export} has no uncertainty graph: the benchmark scores its maps")
     recorder = RecordingEngine(engine)
-    image, affine = read_nifti(image_path)
-    label, label_affine = read_nifti(label_path)
-    if not np.allclose(affine, label_affine, atol=1e-3):
-        parser.error(f"{image_path} and {label_path} are on different grids")
     log(f"model {meta.name} {meta.version} ({args.export}); ct_a {image.shape}, block "
         f"{list(VAL_BLOCK)}; {len(names)} shifts, {args.threads} thread(s)")
     rows = []
@@ -308,21 +275,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(unlabelled_table(ct_b, reference))
         if "overlay" in ct_b:
             print(f"\noverlay: {ct_b['overlay']}")
-    if args.json is not None:
-        result = {
-            "model": {"name": meta.name, "version": meta.version, "export": str(args.export),
-                      "quality_threshold": (meta.quality or {}).get("threshold")},
-            "settings": {"val_block": list(VAL_BLOCK), "seed": args.seed,
-                         "threads": args.threads, "data": str(args.data)},
-            "shifts": rows,
-            "ct_b": ct_b,
-            "ct_a_label_volumes_ml": reference,
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        log(f"wrote {args.json}")
-    log(f"done in {time.perf_counter() - t0:.0f} s")
+    write_results(args.json, {
+        "model": {"name": meta.name, "version": meta.version, "export": str(args.export),
+                  "quality_threshold": (meta.quality or {}).get("threshold")},
+        "settings": {"val_block": list(VAL_BLOCK), "seed": args.seed,
+                     "threads": args.threads, "data": str(args.data)},
+        "shifts": rows,
+        "ct_b": ct_b,
+        "ct_a_label_volumes_ml": reference,
+    }, t0)
     return 0
 
 

@@ -43,24 +43,25 @@ labelled patient exists. Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from sfpc.errors import InputError
-from sfpc.inference.contract import DEFAULT_MODEL_DIR
 from sfpc.inference.preprocess import prepare_label, to_orientation
 from sfpc.inference.uncertainty import map_statistics, predictive_entropy, uncertainty_maps
 from sfpc.training.data import apply_label_map
 from sfpc.training.organ_task import LABEL_MAP, VAL_BLOCK
+from sfpc.training.shift_cli import (
+    add_common_arguments,
+    chosen_shifts,
+    log,
+    read_ct_a,
+    write_results,
+)
 from sfpc.training.shifts import SHIFTS, apply_shift, map_slab
 from sfpc.training.uncertainty_eval import (
     UncertaintyScorer,
@@ -72,8 +73,6 @@ from sfpc.training.uncertainty_eval import (
 )
 from sfpc.training.uncertainty_metrics import ScoreHistogram, paired_auroc_difference
 
-DATA = Path(os.environ.get("SFPC_SHARED_DATA",
-                           Path(__file__).resolve().parents[2] / "shared" / "data")) / "organs"
 DEFAULT_DICE_TARGET = 0.8
 
 PASSES: dict[str, tuple[bool, bool]] = {
@@ -105,10 +104,6 @@ METHODS: tuple[Method, ...] = (
     Method("flpm_flip", "FLPM + flip", "flpm_flip", "entropy", ("flpm_flip",)),
 )
 REFERENCE = "softmax_entropy"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,46 +398,19 @@ def case_table(cases: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
 # ----------------------------------------------------------------------------------------------
 
 
-def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    nii = nib.Nifti1Image.from_filename(str(path))
-    return np.asarray(nii.dataobj), np.asarray(nii.affine, dtype=np.float64)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--export", type=Path, default=DEFAULT_MODEL_DIR,
-                        help="export directory (default: the embedded default model)")
-    parser.add_argument("--data", type=Path, default=DATA,
-                        help="folder with ct_a_image/ct_a_label (default: "
-                             "../shared/data/organs or $SFPC_SHARED_DATA/organs)")
-    parser.add_argument("--shifts", default="all",
-                        help="comma-separated shift names or 'all'; known: "
-                             + ", ".join(SHIFTS).replace("%", "%%"))  # argparse %-formats
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise shifts")
+    add_common_arguments(parser, "ct_a_image/ct_a_label")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates")
-    parser.add_argument("--threads", type=int,
-                        default=int(os.environ.get("SFPC_ONNX_INTRA_OP_THREADS", "1")),
-                        help="ONNX Runtime intra-op threads (default: "
-                             "$SFPC_ONNX_INTRA_OP_THREADS or 1)")
     args = parser.parse_args(argv)
-
-    names = list(SHIFTS) if args.shifts == "all" else [
-        s.strip() for s in args.shifts.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SHIFTS]
-    if unknown:
-        parser.error(f"unknown shifts {unknown}; known: {', '.join(SHIFTS)}")
-    image_path, label_path = args.data / "ct_a_image.nii.gz", args.data / "ct_a_label.nii.gz"
-    for p in (image_path, label_path):
-        if not p.is_file():
-            parser.error(f"{p} not found (point --data at shared/data/organs)")
+    names = chosen_shifts(parser, args.shifts)
+    image, label, affine = read_ct_a(parser, args.data)
 
     t0 = time.perf_counter()
     engine = load_engine(args.export, threads=args.threads)
     meta = engine.metadata
-    image, affine = read_nifti(image_path)
-    label, _ = read_nifti(label_path)
     # Warm-up of every pass (untimed), which also asks the engine whether it allows flip.
     warm, _ = engine.preprocess(image, affine)
     engine.infer_model_grid(warm)
@@ -475,22 +443,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary_table(summary))
     print("\nPer shift (organ-region AUROC / block boundary uncertainty; * = flag fires)\n")
     print(case_table(cases, summary, threshold))
-    if args.json is not None:
-        result = {
-            "model": {"name": meta.name, "version": meta.version, "export": str(args.export),
-                      "temperature": float(meta.temperature or 1.0), "quality": quality},
-            "settings": {"val_block": list(VAL_BLOCK), "seed": args.seed,
-                         "threads": args.threads, "bootstrap": args.bootstrap,
-                         "data": str(args.data), "shifts": names, "band": engine.band},
-            "availability": availability,
-            "summary": summary,
-            "cases": cases,
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        log(f"wrote {args.json}")
-    log(f"done in {time.perf_counter() - t0:.0f} s")
+    write_results(args.json, {
+        "model": {"name": meta.name, "version": meta.version, "export": str(args.export),
+                  "temperature": float(meta.temperature or 1.0), "quality": quality},
+        "settings": {"val_block": list(VAL_BLOCK), "seed": args.seed,
+                     "threads": args.threads, "bootstrap": args.bootstrap,
+                     "data": str(args.data), "shifts": names, "band": engine.band},
+        "availability": availability,
+        "summary": summary,
+        "cases": cases,
+    }, t0)
     return 0
 
 
