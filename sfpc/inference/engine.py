@@ -60,6 +60,7 @@ from sfpc.inference.contract import (
 )
 from sfpc.inference.preprocess import (
     Geometry,
+    linear_neighbours,
     prepare_image,
     resample_to_shape,
     spacing_from_affine,
@@ -233,12 +234,8 @@ def _linear_axis(a: np.ndarray, axis: int, n_out: int, start: int, stop: int) ->
     n_in = a.shape[axis]
     if n_in == n_out:
         return a[(slice(None),) * axis + (slice(start, stop),)]
-    # Centre of output voxel i in input index units, the scipy grid_mode=True mapping.
-    x = (np.arange(start, stop, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    np.clip(x, 0.0, n_in - 1, out=x)
-    i0 = np.floor(x).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    w = (x - i0).astype(np.float32).reshape((-1,) + (1,) * (a.ndim - axis - 1))
+    i0, i1, w = linear_neighbours(n_in, n_out, start, stop)
+    w = w.reshape((-1,) + (1,) * (a.ndim - axis - 1))
     lo = np.take(a, i0, axis=axis).astype(np.float32, copy=False)
     hi = np.take(a, i1, axis=axis).astype(np.float32, copy=False)
     hi -= lo
@@ -735,10 +732,7 @@ def _axis_grid(n_in: int, n_out: int, start: int, stop: int
     if n_in == n_out:
         i0 = np.arange(start, stop, dtype=np.intp)
         return i0, i0, np.zeros(len(i0), dtype=np.float32)
-    x = (np.arange(start, stop, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    np.clip(x, 0.0, n_in - 1, out=x)
-    i0 = np.floor(x).astype(np.intp)
-    return i0, np.minimum(i0 + 1, n_in - 1), (x - i0).astype(np.float32)
+    return linear_neighbours(n_in, n_out, start, stop)
 
 
 def label_blocks(probs: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -322,6 +322,18 @@ class Geometry:
         )
 
 
+def linear_neighbours(n_in: int, n_out: int, start: int = 0, stop: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Output voxels ``start:stop`` of an axis resampled linearly from ``n_in`` to ``n_out``
+    voxels (scipy's ``grid_mode=True`` mapping, edges clamped): the lower and upper input
+    neighbours and the upper one's weight (float32)."""
+    stop = n_out if stop is None else stop
+    x = np.clip((np.arange(start, stop, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5,
+                0.0, n_in - 1)
+    i0 = np.floor(x).astype(np.intp)
+    return i0, np.minimum(i0 + 1, n_in - 1), (x - i0).astype(np.float32)
+
+
 def axis_weights(n_in: int, n_out: int, mode: str = "area") -> np.ndarray:
     """The (n_out, n_in) matrix that resamples one axis, voxel edges aligned (scipy's
     ``grid_mode=True``): in "area" mode a shrinking axis averages the input voxels each output
@@ -335,14 +347,12 @@ def axis_weights(n_in: int, n_out: int, mode: str = "area") -> np.ndarray:
         edges = np.arange(n_in, dtype=np.float64)[None, :]
         overlap = np.minimum(lo + scale, edges + 1) - np.maximum(lo, edges)
         return (np.clip(overlap, 0.0, None) / scale).astype(np.float32)
-    x = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0, n_in - 1)
-    i0 = np.floor(x).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    weights = np.zeros((n_out, n_in), dtype=np.float64)
+    i0, i1, w = linear_neighbours(n_in, n_out)
+    weights = np.zeros((n_out, n_in), dtype=np.float32)
     rows = np.arange(n_out)
-    np.add.at(weights, (rows, i0), 1.0 - (x - i0))
-    np.add.at(weights, (rows, i1), x - i0)
-    return weights.astype(np.float32)
+    np.add.at(weights, (rows, i0), 1.0 - w)
+    np.add.at(weights, (rows, i1), w)
+    return weights
 
 
 def resample_area(array: np.ndarray, shape: Sequence[int], slab: int = 16) -> np.ndarray:
