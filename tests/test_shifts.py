@@ -316,3 +316,38 @@ def test_every_registered_shift_applies(name: str) -> None:
 def test_unknown_shift_is_refused() -> None:
     with pytest.raises(KeyError, match="unknown shift"):
         shifts.apply_shift("blur", np.zeros((2, 2, 2)), np.zeros((2, 2, 2), np.uint8), RAS)
+
+
+def test_calibration_shifts_differ_from_the_benchmark_shifts() -> None:
+    # The review threshold is fitted on CALIBRATION_SHIFTS and tested on SHIFTS: apart from the
+    # identity, no setting may be shared.
+    bench = {(s.kind, repr(sorted(s.params.items()))) for s in shifts.SHIFTS.values()
+             if s.kind != "none"}
+    for s in shifts.CALIBRATION_SHIFTS.values():
+        assert (s.kind, repr(sorted(s.params.items()))) not in bench, s.name
+    assert not set(shifts.SHIFTS) & set(shifts.CALIBRATION_SHIFTS)
+
+
+def test_write_shifted_cases_gives_readable_cases_on_the_mapped_block(tmp_path) -> None:
+    import nibabel as nib
+
+    from sfpc.training.layouts import discover_cases
+    image = np.arange(20 * 18 * 30, dtype=np.float32).reshape(20, 18, 30)
+    label = blob_label((20, 18, 30), (10, 9, 15), 5, value=5)
+    names = ["cal none", "cal thickness 7mm", "cal crop 20% right"]
+    entries = shifts.write_shifted_cases(image, label, RAS, (12, 18), names, tmp_path,
+                                         LABEL_MAP)
+    assert [e["id"] for e in entries] == names
+    assert entries[0]["slices"] == [12, 18]
+    (tmp_path / "cases.json").write_text(__import__("json").dumps(entries))
+    cases = {c.id: c for c in discover_cases(tmp_path / "cases.json", "json")}
+    for entry in entries:
+        case = cases[entry["id"]]
+        img = nib.load(str(case.image[0]))
+        lab = np.asarray(nib.load(str(case.label)).dataobj)
+        assert img.shape == lab.shape
+        z_lo, z_hi = entry["slices"]
+        # The block's world z range holds the mapped slices (nibabel, not the code's map).
+        zs = apply_affine(img.affine, np.array([[0, 0, z_lo], [0, 0, z_hi - 1]]))[:, 2]
+        assert RAS[2, 3] + 3.0 * 12 - 1.5 <= zs[0] and zs[1] < RAS[2, 3] + 3.0 * 18 - 1.5
+        assert case.label_map == LABEL_MAP

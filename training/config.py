@@ -148,7 +148,10 @@ HELP: dict[str, str] = {
                "empty_slice_prob (weight of labelled slices without foreground), intensity "
                "{brightness, contrast, gamma, p, and nnU-Net's image-quality transforms noise "
                "(max sd in image sds), blur ([lo, hi] sigma in voxels), lowres ([lo, hi] "
-               "fraction of the resolution), each with p_noise / p_blur / p_lowres}; 3D keys: "
+               "fraction of the resolution), each with p_noise / p_blur / p_lowres}, enhance "
+               "{p, ranges, p_fill} (simulated intravenous contrast on cases with a tissue_map, "
+               "and with p_fill the stomach's content replaced; CT window only), fov_cut "
+               "{p, max} (a side of the slice cut off, up to max of it); 3D keys: "
                "flip, rotate90, intensity. "
                "E.g. '{\"flip\": false, \"rotation\": 15}'",
     "num_workers": "data loader processes (0: sample in the training process)",
@@ -196,7 +199,8 @@ HELP: dict[str, str] = {
 
 LAYOUT_CHOICES = ("auto", "folder", "msd", "json", "csv", "brats", "acdc")
 PERTURBATIONS = ("flpm", "fnoise", "fdrop", "sdrop")
-AUGMENT_KEYS = {2: ("flip", "rotate90", "rotation", "scale", "intensity", "empty_slice_prob"),
+AUGMENT_KEYS = {2: ("flip", "rotate90", "rotation", "scale", "intensity", "empty_slice_prob",
+                    "enhance", "fov_cut"),
                 3: ("flip", "rotate90", "intensity")}
 INTENSITY_KEYS = ("brightness", "contrast", "gamma", "p", "noise", "p_noise", "blur", "p_blur",
                   "lowres", "p_lowres")
@@ -662,6 +666,17 @@ def _check_augment(value: Any, dims: int | None) -> None:
             raise ConfigError("augment", f"intensity takes the keys {', '.join(INTENSITY_KEYS)}, "
                                          f"e.g. {{\"brightness\": 0.1, \"p\": 0.3}}; got "
                                          f"{intensity!r}")
+    for key, keys in (("enhance", ("p", "ranges", "sigma", "p_fill")), ("fov_cut", ("p", "max"))):
+        if value.get(key):
+            sub = value[key]
+            if not isinstance(sub, Mapping) or set(sub) - set(keys):
+                raise ConfigError("augment", f"{key} takes the keys {', '.join(keys)}; got {sub!r}")
+            p = sub.get("p", 0.5)
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
+                raise ConfigError("augment", f"{key}.p is a probability in [0, 1]; got {p!r}")
+    cut = (value.get("fov_cut") or {}).get("max", 0.35)
+    if not isinstance(cut, (int, float)) or not 0.05 < cut < 1:
+        raise ConfigError("augment", f"fov_cut.max is a fraction in (0.05, 1); got {cut!r}")
 
 
 # ----------------------------------------------------------------------------------------------

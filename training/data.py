@@ -34,6 +34,7 @@ from sfpc.inference.preprocess import (
     resample_to_shape,
     spacing_from_affine,
 )
+from sfpc.training.enhancement import ContrastEnhance
 from sfpc.training.layouts import (
     LAYOUTS,
     Case,
@@ -244,6 +245,10 @@ class Volume:
     geometry: Geometry  # of the whole volume, to map predictions back to the input file
     slices: tuple[int, int] | None = None
     cropped: bool = False
+    # Tissue groups of the raw label (k -> tissue_names[k - 1], 0 = none), for the contrast
+    # enhancement augmentation; None when the case has no tissue_map.
+    tissue: np.ndarray | None = None
+    tissue_names: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The case dict of training/evaluate.py: ``slices`` set only when still to be applied."""
@@ -323,6 +328,7 @@ def load_volume(
     ``resampling``: "linear" or "area", as the export's metadata will tell the engine.
     """
     raw, affine = read_image(case.image)
+    tissue, tissue_names = None, ()
     image, geometry = prepare_image(raw, affine, normalisation, target_spacing, resample_axes,
                                     resampling=resampling)
     label = None
@@ -333,6 +339,10 @@ def load_volume(
                 f"case {case.id}: label shape {raw_label.shape} != image shape {raw.shape[1:]}"
             )
         label = prepare_label(apply_label_map(raw_label, case.label_map), geometry)
+        if case.tissue_map:
+            tissue_names = tuple(sorted(set(case.tissue_map.values())))
+            groups = {src: tissue_names.index(name) + 1 for src, name in case.tissue_map.items()}
+            tissue = prepare_label(apply_label_map(raw_label, groups), geometry)
     model_affine = np.asarray(geometry.affine)
     slab = None
     if case.slices is not None:
@@ -345,6 +355,7 @@ def load_volume(
         start, stop = slab
         image = np.ascontiguousarray(image[..., start:stop])
         label = None if label is None else np.ascontiguousarray(label[..., start:stop])
+        tissue = None if tissue is None else np.ascontiguousarray(tissue[..., start:stop])
         model_affine = model_affine.copy()
         model_affine[:3, 3] += model_affine[:3, 2] * start
     return Volume(
@@ -356,6 +367,8 @@ def load_volume(
         geometry=geometry,
         slices=slab,
         cropped=cropped,
+        tissue=tissue,
+        tissue_names=tissue_names,
     )
 
 
@@ -703,8 +716,13 @@ class SliceDataset2D(_SampleStream):
         seed: int = 0,
         rank: int | None = None,
         foreground_fraction: float = 0.0,
+        enhance: ContrastEnhance | None = None,
+        fov_cut: Mapping[str, float] | None = None,
     ) -> None:
         self.volumes = _check_volumes(volumes, labelled, "SliceDataset2D")
+        self.enhance = enhance
+        self.fov_cut = None if not fov_cut else (float(fov_cut.get("p", 0.2)),
+                                                 float(fov_cut.get("max", 0.35)))
         self.foreground_fraction = float(foreground_fraction)
         if plane not in PLANES:
             raise ValueError(f"plane must be one of {tuple(PLANES)}, got {plane!r}")
@@ -754,8 +772,18 @@ class SliceDataset2D(_SampleStream):
         return image, label
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-        pick = int(np.searchsorted(self._cumulative, rng.random(), side="right"))
-        image, label = self.slice(min(pick, len(self._entries) - 1))
+        pick = min(int(np.searchsorted(self._cumulative, rng.random(), side="right")),
+                   len(self._entries) - 1)
+        image, label = self.slice(pick)
+        # Neither option draws a random number when off: older runs' streams stay as they were.
+        if self.enhance is not None:
+            v_index, s = self._entries[pick]
+            volume = self.volumes[v_index]
+            if volume.tissue is not None:
+                tissue = np.take(volume.tissue, s, axis=self.axis)
+                image = self.enhance(image, tissue, volume.tissue_names, rng)
+        if self.fov_cut is not None and rng.random() < self.fov_cut[0]:
+            image, label = cut_field_of_view(image, label, rng, self.fov_cut[1])
         if self.resize:
             image = resample_to_shape(image, self.spatial_shape, 1)
             label = None if label is None else resample_to_shape(label, self.spatial_shape, 0)
@@ -779,6 +807,25 @@ class SliceDataset2D(_SampleStream):
             intensity=self.intensity,
         )
         return image, label
+
+
+def cut_field_of_view(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator,
+                      max_fraction: float = 0.35) -> tuple[np.ndarray, np.ndarray | None]:
+    """A scan whose field of view ends inside the body: ``U(0.05, max_fraction)`` of the slice cut
+    off one random side, the image there set to 0 (what the engine pads outside an image with)
+    and the label to background (the engine cannot label voxels the scan does not have)."""
+    axis = int(rng.integers(2))
+    n = image.shape[axis + 1]
+    k = max(1, int(round(float(rng.uniform(0.05, max_fraction)) * n)))
+    band = slice(0, k) if rng.random() < 0.5 else slice(n - k, n)
+    image = image.copy()
+    index = [slice(None)] * 2
+    index[axis] = band
+    image[(slice(None), *index)] = 0.0
+    if label is not None:
+        label = label.copy()
+        label[tuple(index)] = 0
+    return image, label
 
 
 def augment_2d(

@@ -18,6 +18,7 @@ from sfpc.training.data import (
     load_or_make_split,
     load_volumes,
 )
+from sfpc.training.enhancement import ContrastEnhance
 
 
 @dataclass
@@ -45,6 +46,17 @@ def _label_map(cfg: TrainConfig) -> Any:
     if cfg.label_map == "binary":
         return "binary"
     return {int(k): int(v) for k, v in dict(cfg.label_map).items()}
+
+
+def _window(cfg: TrainConfig) -> tuple[float, float]:
+    """The CT window's lower end and HU per normalised unit: the contrast enhancement adds HU
+    to a windowed image."""
+    norm = cfg.normalisation or {}
+    if norm.get("kind") != "ct_window":
+        raise ValueError("augment.enhance simulates contrast in HU and needs the ct_window "
+                         f"normalisation; this config normalises with {norm.get('kind')!r}")
+    lo, hi = norm["window"]
+    return float(lo), float(hi) - float(lo)
 
 
 def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
@@ -88,6 +100,11 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
                          "lower --labelled-fraction or add images without labels")
     aug = dict(cfg.augment)
     intensity = IntensityAugment(**aug.pop("intensity")) if aug.get("intensity") else None
+    if aug.get("enhance"):
+        low, width = _window(cfg)
+        aug["enhance"] = ContrastEnhance(**aug["enhance"], hu_per_unit=width, window_low=low)
+    else:
+        aug.pop("enhance", None)
 
     # Unset: half the 3D patches on foreground, uniform 2D crops (the earlier behaviour of each).
     foreground = cfg.foreground_fraction

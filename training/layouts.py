@@ -6,7 +6,8 @@ Supported layouts (``discover_cases(source, layout="auto")``):
   also marks a case without label).
 - ``msd``: Medical Segmentation Decathlon / nnU-Net ``imagesTr`` + ``labelsTr`` (+ ``imagesTs``);
   nnU-Net channel files ``<id>_0000.nii.gz``, ``<id>_0001.nii.gz`` are grouped into one case.
-- ``json``: a list of ``{"image", "label", "id", "slices", "role", "group", "label_map"}`` entries
+- ``json``: a list of ``{"image", "label", "id", "slices", "role", "group", "label_map",
+  "tissue_map"}`` entries
   (top level, or under ``cases`` / ``training`` / ``unlabelled`` / ``test`` as in MSD's
   dataset.json); paths relative to the JSON file.
 - ``csv``: columns ``image,label`` (label may be empty), optional ``id``, ``slices`` ("69:80"),
@@ -43,7 +44,9 @@ class Case:
     axis after reorientation to RAS) restricting the case to a slab; ``role`` pins the case to a
     split part ("labelled", "unlabelled" or "val") instead of letting the split draw it; ``group``
     keeps related cases (frames of one patient) on the same side of a split; ``label_map`` remaps
-    label ids on loading ({src: dst}, other ids -> 0; "binary": label > 0).
+    label ids on loading ({src: dst}, other ids -> 0; "binary": label > 0). ``tissue_map``
+    ({raw label id: tissue group name}) names the tissues of the *raw* label file that a
+    contrast-enhancement augmentation may brighten (training/enhancement.py).
     """
 
     id: str
@@ -53,6 +56,7 @@ class Case:
     role: str | None = None
     group: str | None = None
     label_map: LabelMap = None
+    tissue_map: dict[int, str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.image, (str, Path)):
@@ -71,6 +75,10 @@ class Case:
         if self.role in ("labelled", "val") and self.label is None:
             raise ValueError(f"case {self.id!r} has role {self.role!r} but no label")
         self.label_map = parse_label_map(self.label_map)
+        if self.tissue_map is not None:
+            if self.label is None:
+                raise ValueError(f"case {self.id!r} has a tissue_map but no label file")
+            self.tissue_map = {int(k): str(v) for k, v in dict(self.tissue_map).items()}
 
     @property
     def split_group(self) -> str:
@@ -94,6 +102,8 @@ class Case:
                 if isinstance(self.label_map, str)
                 else {str(k): int(v) for k, v in self.label_map.items()}
             )
+        if self.tissue_map is not None:
+            out["tissue_map"] = {str(k): v for k, v in self.tissue_map.items()}
         return out
 
     @classmethod
@@ -114,6 +124,7 @@ class Case:
             role=data.get("role"),
             group=data.get("group"),
             label_map=data.get("label_map"),
+            tissue_map=data.get("tissue_map"),
         )
 
 

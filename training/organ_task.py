@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from sfpc.inference.preprocess import to_orientation
+from sfpc.training.enhancement import tissue_map_for
 
 # TotalSegmentator 'total' ids -> our classes.
 LABEL_MAP = {1: 1, 5: 2, 6: 3}
@@ -88,9 +89,12 @@ def make_organ_dataset(
     label_map = {str(k): v for k, v in LABEL_MAP.items()}
     entries = [{"id": f"ct_a_val_{lo}_{hi}", "image": str(image), "label": str(label),
                 "slices": [lo, hi], "role": "val", "label_map": label_map}]
+    # Every tissue of the raw label that enhances, for the contrast augmentation (if configured).
+    tissues = {str(k): v for k, v in tissue_map_for().items()}
     for a, b in _runs(labelled):
         entries.append({"id": f"ct_a_lab_{a}_{b}", "image": str(image), "label": str(label),
-                        "slices": [a, b], "role": "labelled", "label_map": label_map})
+                        "slices": [a, b], "role": "labelled", "label_map": label_map,
+                        "tissue_map": tissues})
     for a, b in _runs(unlabelled):
         entries.append({"id": f"ct_a_unl_{a}_{b}", "image": str(image), "slices": [a, b],
                         "role": "unlabelled"})
