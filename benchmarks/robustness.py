@@ -45,7 +45,7 @@ from sfpc.training.shift_cli import (
     read_nifti,
     write_results,
 )
-from sfpc.training.shifts import SHIFTS, apply_shift, map_slab, spacing
+from sfpc.training.shifts import apply_shift, map_slab, shift_named, spacing
 from sfpc.training.uncertainty_eval import (
     crop_last,
     evaluate_export,
@@ -135,7 +135,7 @@ def run_shift(name: str, recorder: RecordingEngine, image: np.ndarray, label: np
     flags = [s["flag"] for s in extra["slices"]]
     out = {
         "shift": name,
-        "description": SHIFTS[name].description,
+        "description": shift_named(name).description,
         "shape": [int(n) for n in img.shape],
         "spacing_mm": [round(float(v), 4) for v in spacing(aff)],
         "block": list(block),

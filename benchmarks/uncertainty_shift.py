@@ -62,7 +62,7 @@ from sfpc.training.shift_cli import (
     read_ct_a,
     write_results,
 )
-from sfpc.training.shifts import SHIFTS, apply_shift, map_slab
+from sfpc.training.shifts import apply_shift, map_slab, shift_named
 from sfpc.training.uncertainty_eval import (
     UncertaintyScorer,
     crop_last,
@@ -279,7 +279,7 @@ def run_case(index: int, name: str, engine: Any, image: np.ndarray, label: np.nd
         seg = engine.segment(img, aff, uncertainty=has_unc, flip=flip, maps=())
         mask = crop_last(to_orientation(seg.mask, aff, "RAS")[0], block)
         dice["flip" if flip else "served"] = foreground_dice(mask, ras_label, acc.class_names)
-    return {"shift": name, "description": SHIFTS[name].description,
+    return {"shift": name, "description": shift_named(name).description,
             "shape": [int(n) for n in img.shape], "block": list(block),
             "model_slab": list(mslab), "dice": dice, "methods": methods,
             "seconds": {**{p: round(s, 4) for p, s in seconds.items()},

@@ -79,11 +79,14 @@ def export_model(
     name: str | None = None,
     version: str | None = None,
     uncertainty_graph: str = "folded",
+    serving_tau: float | None = None,
 ) -> ModelMetadata:
     """Write seg.onnx, seg_uncertainty.onnx (when the net has FLPM) and sfpc_model.json.
 
     ``uncertainty_graph`` is "folded" (default) or "stacked" (UncertaintyHead); both compute
     the same outputs and take the same inputs, and the choice is recorded in the metadata.
+    ``serving_tau`` sets the FLPM range of the uncertainty graph only (the segmentation graph
+    has no perturbation); unset, the training tau is kept. The metadata records both.
     """
     if uncertainty_graph not in UNCERTAINTY_GRAPHS:
         raise ValueError(f"uncertainty_graph must be one of {UNCERTAINTY_GRAPHS}, "
@@ -103,15 +106,24 @@ def export_model(
     meta.graphs[SEG_GRAPH] = {"file": SEG_FILE, "sha256": sha256_file(out / SEG_FILE)}
     if net.flpm() is not None:
         m = int(m or meta.perturbation.get("M") or 4)
-        tau = float(net.flpm().tau)
+        flpm = net.flpm()
+        training_tau = float(meta.perturbation.get("training_tau") or flpm.tau)
+        tau = float(flpm.tau if serving_tau is None else serving_tau)
+        if tau <= 0:
+            raise ValueError(f"serving_tau must be > 0, got {tau}")
         head = UncertaintyHead(net, m, uncertainty_graph)
         temperature = torch.ones(1, 1)
-        _export(head, (example, temperature), out / UNCERTAINTY_FILE,
-                (INPUT_NAME, TEMPERATURE_NAME), UNCERTAINTY_OUTPUTS, dynamic_spatial)
+        kept, flpm.tau = flpm.tau, tau  # the head reads tau while it is traced
+        try:
+            _export(head, (example, temperature), out / UNCERTAINTY_FILE,
+                    (INPUT_NAME, TEMPERATURE_NAME), UNCERTAINTY_OUTPUTS, dynamic_spatial)
+        finally:
+            flpm.tau = kept
         meta.uncertainty_graph = uncertainty_graph
         meta.graphs[UNCERTAINTY_GRAPH] = {"file": UNCERTAINTY_FILE,
                                           "sha256": sha256_file(out / UNCERTAINTY_FILE)}
         meta.perturbation = {"kind": "flpm", "M": m, "tau": tau, "eps_grid": eps_grid(m, tau),
+                             "training_tau": training_tau,
                              "running_dmu_mean": float(net.flpm().running_dmu.mean()),
                              "running_dsigma_mean": float(net.flpm().running_dsigma.mean())}
     else:

@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="folded (default): FLPM folded into the classifier weights, one batched "
                         "matmul for all M samples; stacked: the M perturbed feature maps "
                         "through the classifier, as the equations are written. Same outputs")
+    p.add_argument("--tau", type=float, default=None,
+                   help="FLPM range of the uncertainty graph (default: the training tau; "
+                        "docs/uncertainty.md on fitting it for serving)")
     p.add_argument("--fixed-spatial", action="store_true",
                    help="fix spatial dims to the patch size (TensorRT plans like this)")
     p.add_argument("--check", action="store_true",
@@ -45,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     net, meta = load_checkpoint(a.checkpoint)
     written = export_model(net, meta, a.out, m=a.m, dynamic_spatial=not a.fixed_spatial,
                            name=a.name, version=a.model_version,
-                           uncertainty_graph=a.uncertainty_graph)
+                           uncertainty_graph=a.uncertainty_graph, serving_tau=a.tau)
     report: dict = {"export": a.out, "graphs": written.graphs}
     if a.check:
         x = np.random.default_rng(0).normal(size=(2, meta.in_channels, *meta.patch_size))

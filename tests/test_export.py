@@ -62,11 +62,11 @@ def exports(nets, tmp_path_factory) -> dict[tuple[int, str], Path]:
     return out
 
 
-def _equations(net: SFPCNet, x: np.ndarray, m: int, temperature: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
+def _equations(net: SFPCNet, x: np.ndarray, m: int, temperature: np.ndarray,
+               tau: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean probabilities and mean entropy of M perturbed predictions, by hand in float64."""
     flpm = net.flpm()
-    tau = flpm.tau
+    tau = flpm.tau if tau is None else tau
     grid = np.linspace(-tau, tau, m)  # METHOD.md: evenly spaced over [-tau, tau]
     if m == 4:
         np.testing.assert_allclose(grid, [-tau, -tau / 3, tau / 3, tau], rtol=1e-12)
@@ -140,6 +140,30 @@ def test_onnx_matches_pytorch_and_the_equations(nets, exports, spatial_dims, gra
         assert mean_probs.shape == (batch, 3, *shape) and mean_entropy.shape == (batch, 1, *shape)
         np.testing.assert_allclose(mean_probs, ref_probs, atol=ATOL)
         np.testing.assert_allclose(mean_entropy, ref_entropy, atol=ATOL)
+
+
+def test_serving_tau_changes_only_the_uncertainty_graph(nets, exports, tmp_path):
+    net, meta = nets[2]
+    trained = net.flpm().tau
+    export_model(net, meta, tmp_path, serving_tau=0.5)
+    written = ModelMetadata.load(tmp_path)
+    assert net.flpm().tau == trained  # the network is left as it was
+    assert written.perturbation["tau"] == 0.5
+    assert written.perturbation["training_tau"] == pytest.approx(trained)
+    assert written.perturbation["eps_grid"] == pytest.approx([-0.5, -0.5 / 3, 0.5 / 3, 0.5])
+    x = np.random.default_rng(5).normal(size=(2, 1, *CASES[2])).astype(np.float32)
+    t = np.ones((2, 1), dtype=np.float32)
+    probs, entropy = _run_uncertainty(_session(tmp_path), x, t)
+    ref_probs, ref_entropy = _equations(net, x, 4, t, tau=0.5)
+    np.testing.assert_allclose(probs, ref_probs, atol=ATOL)
+    np.testing.assert_allclose(entropy, ref_entropy, atol=ATOL)
+    old_probs, _ = _run_uncertainty(_session(exports[2, "folded"]), x, t)
+    assert np.abs(probs - old_probs).max() > 10 * ATOL  # a wider range, another answer
+    seg = ort.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"])
+    old = ort.InferenceSession(str(exports[2, "folded"] / "seg.onnx"),
+                               providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(seg.run(None, {INPUT_NAME: x})[0],
+                                  old.run(None, {INPUT_NAME: x})[0])
 
 
 def test_temperature_changes_the_uncertainty_outputs(nets, exports):

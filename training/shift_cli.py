@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from sfpc.inference.contract import DEFAULT_MODEL_DIR
-from sfpc.training.shifts import SHIFTS
+from sfpc.training.shifts import CALIBRATION_SHIFTS, SHIFTS
 
 DATA = Path(os.environ.get("SFPC_SHARED_DATA",
                            Path(__file__).resolve().parents[2] / "shared" / "data")) / "organs"
@@ -35,7 +35,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, data_help: str) -> Non
                         help=f"folder with {data_help} (default: ../shared/data/organs or "
                              "$SFPC_SHARED_DATA/organs)")
     parser.add_argument("--shifts", default="all",
-                        help="comma-separated shift names or 'all'; known: "
+                        help="comma-separated shift names, 'all' (the benchmark's) or "
+                             "'calibration' (the held-apart settings the review flag is fitted "
+                             "on: " + ", ".join(CALIBRATION_SHIFTS).replace("%", "%%") + "); "
+                             "known: "
                              + ", ".join(SHIFTS).replace("%", "%%"))  # argparse %-formats
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise shifts")
@@ -47,8 +50,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, data_help: str) -> Non
 
 def chosen_shifts(parser: argparse.ArgumentParser, spec: str) -> list[str]:
     """The shift names of ``--shifts`` (a usage error names the unknown ones)."""
-    names = list(SHIFTS) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SHIFTS]
+    if spec in ("all", "calibration"):
+        return list(SHIFTS if spec == "all" else CALIBRATION_SHIFTS)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SHIFTS and n not in CALIBRATION_SHIFTS]
     if unknown:
         parser.error(f"unknown shifts {unknown}; known: {', '.join(SHIFTS)}")
     return names

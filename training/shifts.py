@@ -384,15 +384,22 @@ CALIBRATION_SHIFTS: dict[str, Shift] = _registry(
 )
 
 
+def shift_named(name: str) -> Shift:
+    """The registered shift ``name``, from :data:`SHIFTS` or :data:`CALIBRATION_SHIFTS`."""
+    shift = SHIFTS.get(name) or CALIBRATION_SHIFTS.get(name)
+    if shift is None:
+        known = ", ".join([*SHIFTS, *CALIBRATION_SHIFTS])
+        raise KeyError(f"unknown shift {name!r}; known: {known}")
+    return shift
+
+
 def apply_shift(name: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray, *,
                 seed: int = 0, organ_ids: Mapping[str, int] | None = None) -> Volume:
     """Apply the registered shift ``name`` (a key of :data:`SHIFTS` or
     :data:`CALIBRATION_SHIFTS`). ``seed`` drives the noise; ``organ_ids`` maps the contrast
     shift's organ names to the label's ids (default :data:`TOTALSEG_IDS`, ct_a's raw
     TotalSegmentator labels)."""
-    shift = SHIFTS.get(name) or CALIBRATION_SHIFTS.get(name)
-    if shift is None:
-        raise KeyError(f"unknown shift {name!r}; known: {', '.join(SHIFTS)}")
+    shift = shift_named(name)
     p = dict(shift.params)
     if shift.kind == "none":
         img, lab, aff = _check(image, label, affine)
