@@ -33,6 +33,7 @@ from sfpc.inference.contract import (
 )
 from sfpc.model.networks import UNCERTAINTY_GRAPHS, NetConfig, SFPCNet, UncertaintyHead
 from sfpc.model.perturbation import eps_grid
+from sfpc.model.shared_weights import WEIGHTS_FILE, share_weights
 
 # File names are recorded in the metadata ('graphs'), so readers never assume them.
 SEG_FILE = "seg.onnx"
@@ -80,13 +81,18 @@ def export_model(
     version: str | None = None,
     uncertainty_graph: str = "folded",
     serving_tau: float | None = None,
+    inline_weights: bool = False,
 ) -> ModelMetadata:
-    """Write seg.onnx, seg_uncertainty.onnx (when the net has FLPM) and sfpc_model.json.
+    """Write seg.onnx, seg_uncertainty.onnx (when the net has FLPM), weights.bin and
+    sfpc_model.json.
 
     ``uncertainty_graph`` is "folded" (default) or "stacked" (UncertaintyHead); both compute
     the same outputs and take the same inputs, and the choice is recorded in the metadata.
     ``serving_tau`` sets the FLPM range of the uncertainty graph only (the segmentation graph
     has no perturbation); unset, the training tau is kept. The metadata records both.
+    The graphs' weights are stored once, in weights.bin, which both graphs reference as ONNX
+    external data (sfpc.model.shared_weights); ``inline_weights`` keeps them inside each graph
+    instead (single-file graphs, the weights twice).
     """
     if uncertainty_graph not in UNCERTAINTY_GRAPHS:
         raise ValueError(f"uncertainty_graph must be one of {UNCERTAINTY_GRAPHS}, "
@@ -103,7 +109,7 @@ def export_model(
     meta.dynamic_spatial = dynamic_spatial
     meta.graphs = {}
     _export(net, (example,), out / SEG_FILE, (INPUT_NAME,), PLAIN_OUTPUTS, dynamic_spatial)
-    meta.graphs[SEG_GRAPH] = {"file": SEG_FILE, "sha256": sha256_file(out / SEG_FILE)}
+    meta.graphs[SEG_GRAPH] = {"file": SEG_FILE}
     if net.flpm() is not None:
         m = int(m or meta.perturbation.get("M") or 4)
         flpm = net.flpm()
@@ -120,8 +126,7 @@ def export_model(
         finally:
             flpm.tau = kept
         meta.uncertainty_graph = uncertainty_graph
-        meta.graphs[UNCERTAINTY_GRAPH] = {"file": UNCERTAINTY_FILE,
-                                          "sha256": sha256_file(out / UNCERTAINTY_FILE)}
+        meta.graphs[UNCERTAINTY_GRAPH] = {"file": UNCERTAINTY_FILE}
         meta.perturbation = {"kind": "flpm", "M": m, "tau": tau, "eps_grid": eps_grid(m, tau),
                              "training_tau": training_tau,
                              "running_dmu_mean": float(net.flpm().running_dmu.mean()),
@@ -129,6 +134,14 @@ def export_model(
     else:
         meta.perturbation = {"kind": None, "M": 0, "tau": 0.0, "eps_grid": []}
         meta.uncertainty_graph = ""
+    files = [entry["file"] for entry in meta.graphs.values()]
+    if inline_weights:
+        (out / WEIGHTS_FILE).unlink(missing_ok=True)  # a shared export's, written before
+        meta.weights = {}
+    else:
+        meta.weights = share_weights(out, files)
+    for entry in meta.graphs.values():  # the graphs as they are now
+        entry["sha256"] = sha256_file(out / entry["file"])
     meta.sfpc_version = sfpc.__version__
     meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meta.save(out / METADATA_FILE)

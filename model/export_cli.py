@@ -12,8 +12,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="sfpc export",
         description="Export encoder + segmentation decoder to ONNX (seg.onnx), the FLPM "
-                    "multi-sample uncertainty graph (seg_uncertainty.onnx) and sfpc_model.json; "
-                    "with --triton-repo, also write a Triton model repository.")
+                    "multi-sample uncertainty graph (seg_uncertainty.onnx), the weights both "
+                    "graphs share (weights.bin) and sfpc_model.json; with --triton-repo, also "
+                    "write a Triton model repository.")
     p.add_argument("--checkpoint", required=True, help="best.pt from `sfpc train`")
     p.add_argument("--out", required=True, help="export folder")
     p.add_argument("--name", help="model name (default: the training run's --name)")
@@ -28,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "docs/uncertainty.md on fitting it for serving)")
     p.add_argument("--fixed-spatial", action="store_true",
                    help="fix spatial dims to the patch size (TensorRT plans like this)")
+    p.add_argument("--inline-weights", action="store_true",
+                   help="keep each graph's weights inside it (single-file graphs, the weights "
+                        "stored twice) instead of one weights.bin the graphs share")
     p.add_argument("--check", action="store_true",
                    help="compare ONNX Runtime with PyTorch on a random batch and print the error")
     t = p.add_argument_group("Triton")
@@ -48,8 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     net, meta = load_checkpoint(a.checkpoint)
     written = export_model(net, meta, a.out, m=a.m, dynamic_spatial=not a.fixed_spatial,
                            name=a.name, version=a.model_version,
-                           uncertainty_graph=a.uncertainty_graph, serving_tau=a.tau)
-    report: dict = {"export": a.out, "graphs": written.graphs}
+                           uncertainty_graph=a.uncertainty_graph, serving_tau=a.tau,
+                           inline_weights=a.inline_weights)
+    report: dict = {"export": a.out, "graphs": written.graphs, "weights": written.weights}
     if a.check:
         x = np.random.default_rng(0).normal(size=(2, meta.in_channels, *meta.patch_size))
         report["max_abs_diff"] = parity(net, a.out, x.astype(np.float32),

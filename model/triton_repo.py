@@ -4,10 +4,17 @@ Layout (one model per exported graph; the gateway's TritonBackend relies on thes
 
     <repo>/<name>/config.pbtxt                   plain segmentation: image -> logits
     <repo>/<name>/1/model.onnx
+    <repo>/<name>/1/weights.bin                  the export's shared weights, when it has them
     <repo>/<name>/sfpc_model.json
     <repo>/<name>_uncertainty/config.pbtxt       image, temperature -> mean_probs, mean_entropy
     <repo>/<name>_uncertainty/1/model.onnx
+    <repo>/<name>_uncertainty/1/weights.bin
     <repo>/<name>_uncertainty/sfpc_model.json
+
+The graphs of an export written with shared weights (sfpc.model.shared_weights) point at
+``weights.bin`` as ONNX external data, which Triton's ONNX Runtime backend (loading model.onnx by
+path) and the Python backend's model.py resolve next to model.onnx: each version folder gets a
+copy under the file name the graphs reference.
 
 Tensor names, types and shapes are read from the ONNX graphs themselves (not only from the
 metadata), so the configuration cannot drift from what Triton will load. The metadata is also
@@ -33,6 +40,7 @@ from sfpc.inference.contract import (
     ModelMetadata,
     load_metadata,
     verify_graph_file,
+    verify_weights_file,
 )
 
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
@@ -254,8 +262,8 @@ def write_triton_repository(
 
     The TensorRT accelerator (ONNX Runtime's TensorRT execution provider inside Triton) is enabled
     by `tensorrt=True`, or implied by `tensorrt_fp16` or `trt_engine_cache_dir`; it needs
-    `instance_kind="KIND_GPU"`. Graph checksums are verified before copying. Existing model
-    folders of the same names are replaced. Returns every file written.
+    `instance_kind="KIND_GPU"`. Graph and weights checksums are verified before copying.
+    Existing model folders of the same names are replaced. Returns every file written.
     """
     export_dir = Path(export_dir)
     repo_dir = Path(repo_dir)
@@ -273,6 +281,7 @@ def write_triton_repository(
 
     # Every graph is verified and every config rendered before anything is written, so a bad
     # export or option leaves an existing repository untouched.
+    weights = verify_weights_file(export_dir, metadata)
     planned: list[tuple[str, Path, str]] = []
     for kind, name in models:
         graph = verify_graph_file(export_dir, metadata, kind)
@@ -307,9 +316,14 @@ def write_triton_repository(
         config_path.write_text(config, encoding="utf-8")
         onnx_path = model_dir / "1" / "model.onnx"
         shutil.copyfile(graph, onnx_path)
+        written += [config_path, onnx_path]
+        if weights is not None:  # under the name the graph's external data gives
+            weights_copy = model_dir / "1" / weights.name
+            shutil.copyfile(weights, weights_copy)
+            written.append(weights_copy)
         meta_path = model_dir / METADATA_FILE
         shutil.copyfile(export_dir / METADATA_FILE, meta_path)
-        written += [config_path, onnx_path, meta_path]
+        written.append(meta_path)
     return written
 
 

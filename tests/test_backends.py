@@ -196,6 +196,53 @@ def test_checksum_mismatch_is_refused(export_3d, tmp_path) -> None:
         OnnxRuntimeBackend(tmp_path)
 
 
+def test_shared_weights_file_is_verified(export_3d, tmp_path) -> None:
+    """The graphs' shared weights file is checked like the graphs: one changed byte, or no
+    file, and the backend refuses to start, naming the file."""
+    source = export_3d[0]
+    meta = json.loads((source / "sfpc_model.json").read_text())
+    assert meta["weights"]["file"] == "weights.bin"
+    for item in source.iterdir():
+        (tmp_path / item.name).write_bytes(item.read_bytes())
+    OnnxRuntimeBackend(tmp_path).close()  # the copy itself is fine
+    weights = tmp_path / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BackendError, match="checksum mismatch for .*weights.bin.*re-copy"):
+        OnnxRuntimeBackend(tmp_path)
+    weights.unlink()
+    with pytest.raises(BackendError, match="weights file .*weights.bin .*missing"):
+        OnnxRuntimeBackend(tmp_path)
+    unrecorded = dict(meta, weights={"file": "weights.bin"})
+    (tmp_path / "sfpc_model.json").write_text(json.dumps(unrecorded))
+    weights.write_bytes((source / "weights.bin").read_bytes())
+    with pytest.raises(BackendError, match="records no sha256 for weights.bin"):
+        OnnxRuntimeBackend(tmp_path)
+
+
+def test_inline_export_still_loads(export_3d, backend_3d, tmp_path) -> None:
+    """Exports whose graphs carry their own weights (older ones, --inline-weights) load as
+    before and compute the same outputs."""
+    from sfpc.model.shared_weights import convert_export
+
+    for item in export_3d[0].iterdir():
+        (tmp_path / item.name).write_bytes(item.read_bytes())
+    convert_export(tmp_path, inline=True)
+    meta = json.loads((tmp_path / "sfpc_model.json").read_text())
+    assert meta["weights"] == {} and not (tmp_path / "weights.bin").exists()
+    del meta["weights"]  # metadata written before the field existed
+    (tmp_path / "sfpc_model.json").write_text(json.dumps(meta))
+    inline = OnnxRuntimeBackend(tmp_path, intra_op_threads=1, inter_op_threads=1)
+    batch = np.random.default_rng(9).normal(size=(2, 1, 8, 8, 8)).astype(np.float32)
+    for uncertainty in (False, True):
+        served = inline.infer(batch, uncertainty=uncertainty, temperature=1.2)
+        for name, value in backend_3d.infer(batch, uncertainty=uncertainty,
+                                            temperature=1.2).items():
+            np.testing.assert_array_equal(served[name], value)
+    inline.close()
+
+
 def test_missing_metadata_names_the_exporter(tmp_path) -> None:
     with pytest.raises(BackendError, match="sfpc_model.json not found"):
         OnnxRuntimeBackend(tmp_path)

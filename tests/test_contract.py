@@ -91,11 +91,35 @@ def test_load_reads_a_valid_export_and_its_file(tmp_path: Path) -> None:
       "perturbation": {"kind": "flpm", "M": 0}}, "perturbation.M 0"),
     ({"quality": {"measure": "boundary_uncertainty"}}, "quality.threshold None"),
     ({"inference": {"overlap": 1.0}}, r"inference.overlap 1.0 \(in \[0, 1\)\)"),
+    ({"weights": {"file": "../weights.bin", "sha256": "0" * 64}},
+     r"weights.file '../weights.bin' \(the name of a file in the export directory\)"),
+    ({"weights": "weights.bin"}, r"weights 'weights.bin' \(a dict"),
 ])
 def test_load_names_what_to_fix(tmp_path: Path, changes: dict, words: str) -> None:
     with pytest.raises(BackendError, match=words) as info:
         load_metadata(_write(tmp_path, **changes))
     assert str(tmp_path / METADATA_FILE) in str(info.value)
+
+
+def test_weights_record_is_optional_and_checked(tmp_path: Path) -> None:
+    """Metadata from before the shared weights file loads with no record (graphs carry their
+    own weights); a recorded file is read only when its SHA-256 matches."""
+    from sfpc.inference.contract import read_weights_bytes, sha256_bytes, verify_weights_file
+
+    meta = load_metadata(_write(tmp_path, weights=None))
+    assert meta.weights == {}
+    assert read_weights_bytes(tmp_path, meta) is None
+    assert verify_weights_file(tmp_path, meta) is None
+    data = b"\1\2\3" * 100
+    (tmp_path / "w.bin").write_bytes(data)
+    meta = load_metadata(_write(tmp_path, weights={"file": "w.bin", "sha256": sha256_bytes(data)}))
+    assert read_weights_bytes(tmp_path, meta) == ("w.bin", data)
+    assert verify_weights_file(tmp_path, meta) == tmp_path / "w.bin"
+    assert ModelMetadata.from_dict(meta.to_dict()) == meta
+    (tmp_path / "w.bin").write_bytes(data[:-1])
+    for read in (read_weights_bytes, verify_weights_file):
+        with pytest.raises(BackendError, match=r"checksum mismatch for .*w\.bin"):
+            read(tmp_path, meta)
 
 
 def test_load_without_graphs_for_a_remote_model(tmp_path: Path) -> None:

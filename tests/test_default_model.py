@@ -31,12 +31,28 @@ def meta() -> ModelMetadata:
 
 
 def test_shipped_files_match_their_metadata(meta: ModelMetadata) -> None:
+    import onnx
+
     assert set(meta.graphs) == {"seg", "uncertainty"}
     for graph in meta.graphs.values():
         assert sha256_file(MODEL / graph["file"]) == graph["sha256"], graph["file"]
+    # The weights are stored once, in the file both graphs reference as external data.
+    weights = meta.weights["file"]
+    assert sha256_file(MODEL / weights) == meta.weights["sha256"]
+    for graph in meta.graphs.values():
+        model = onnx.load(str(MODEL / graph["file"]), load_external_data=False)
+        locations = {entry.value for tensor in model.graph.initializer
+                     for entry in tensor.external_data if entry.key == "location"}
+        assert locations == {weights}, graph["file"]
     assert meta.class_names == ["background", "spleen", "liver", "stomach"]
+    files = {p.name for p in MODEL.iterdir()}
+    assert files == {METADATA_FILE, "MODEL_CARD.md", weights,
+                     *(g["file"] for g in meta.graphs.values())}
     size = sum(p.stat().st_size for p in MODEL.iterdir())
-    assert size < 20e6, f"the shipped model is {size / 1e6:.1f} MB"
+    graphs = sum((MODEL / g["file"]).stat().st_size for g in meta.graphs.values())
+    # The graphs without their weights are small; the weights once are what the model weighs.
+    assert graphs < 0.02 * size and size < 1.05 * (MODEL / weights).stat().st_size
+    assert size < 10e6, f"the shipped model is {size / 1e6:.1f} MB"
     card = (MODEL / "MODEL_CARD.md").read_text()
     for word in ("silver standard", "Apache-2.0", "spleen", "liver", "stomach"):
         assert word in card

@@ -1,6 +1,8 @@
 """The exported graphs against PyTorch and against FLPM's equations written out by hand.
 
 - seg.onnx: ONNX Runtime equals the PyTorch network's eval logits.
+- weights.bin: the initializers of both graphs, each distinct tensor once, against the inline
+  export of the same net (same bytes, same outputs bit for bit).
 - seg_uncertainty.onnx, both graph kinds ("folded", the default, and "stacked"): equal to
   PyTorch's stacked UncertaintyHead (``parity``) and to a float64 NumPy transcription of the
   paper's equations 1-3 with METHOD.md's serving choices (running dMu/dSigma buffers, the eps grid
@@ -19,10 +21,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from sfpc.errors import BackendError
 from sfpc.inference.contract import INPUT_NAME, TEMPERATURE_NAME, ModelMetadata, sha256_file
 from sfpc.model import export_cli
 from sfpc.model.export import export_model, parity
 from sfpc.model.networks import SFPCNet
+from sfpc.model.shared_weights import INLINE_BELOW, WEIGHTS_FILE, convert_export
 from tests.support.models import train_tiny_net
 
 # Stated tolerance: float32 graphs, same ops; differences come from kernel summation order.
@@ -236,3 +240,198 @@ def test_exported_graph_has_no_reconstruction_decoder_and_dynamic_batch(tmp_path
     n_params = sum(np.prod(i.dims) for i in model.graph.initializer)
     seg_only = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("recon"))
     assert n_params <= seg_only + 1000  # constants folded in, no G2 weights
+
+
+# --- one weights file for both graphs -----------------------------------------------------------
+def _initializers(path: Path) -> list[onnx.TensorProto]:
+    return list(onnx.load(str(path), load_external_data=False).graph.initializer)
+
+
+def _external(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+@pytest.fixture(scope="module")
+def inline_exports(nets, tmp_path_factory) -> dict[int, Path]:
+    out = {}
+    for d, (net, meta) in nets.items():
+        out[d] = tmp_path_factory.mktemp(f"inline{d}d")
+        export_model(net, meta, out[d], inline_weights=True)
+    return out
+
+
+@pytest.mark.parametrize("spatial_dims", sorted(CASES))
+def test_weights_are_stored_once_for_both_graphs(exports, inline_exports, spatial_dims):
+    """Oracle: the inline export of the same net. Every initializer of >= INLINE_BELOW bytes of
+    either graph lives in weights.bin with the inline graph's bytes, each distinct tensor once."""
+    shared, inline = exports[spatial_dims, "folded"], inline_exports[spatial_dims]
+    files = ("seg.onnx", "seg_uncertainty.onnx")
+    assert sorted(p.name for p in shared.iterdir()) == sorted(
+        [*files, WEIGHTS_FILE, "sfpc_model.json"])
+    assert not (inline / WEIGHTS_FILE).exists()
+    meta, inline_meta = ModelMetadata.load(shared), ModelMetadata.load(inline)
+    assert meta.weights == {"file": WEIGHTS_FILE, "sha256": sha256_file(shared / WEIGHTS_FILE)}
+    assert inline_meta.weights == {}
+    blob = (shared / WEIGHTS_FILE).read_bytes()
+    distinct: set[tuple[int, tuple[int, ...], bytes]] = set()
+    places: dict[tuple[int, tuple[int, ...], bytes], set[tuple[int, int]]] = {}
+    for name in files:
+        reference = {t.name: t for t in _initializers(inline / name)}
+        tensors = _initializers(shared / name)
+        assert sorted(t.name for t in tensors) == sorted(reference)
+        for tensor in tensors:
+            raw = reference[tensor.name].raw_data
+            key = (tensor.data_type, tuple(tensor.dims), raw)
+            if len(raw) < INLINE_BELOW:
+                assert tensor.data_location == onnx.TensorProto.DEFAULT
+                assert tensor.raw_data == raw
+                continue
+            assert tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data
+            where = _external(tensor)
+            assert where["location"] == WEIGHTS_FILE
+            offset, length = int(where["offset"]), int(where["length"])
+            assert offset % 64 == 0 and blob[offset:offset + length] == raw
+            distinct.add(key)
+            places.setdefault(key, set()).add((offset, length))
+    # One place per distinct tensor, and the file holds nothing else (alignment aside).
+    assert all(len(p) == 1 for p in places.values())
+    payload = sum(len(key[2]) for key in distinct)
+    assert payload <= len(blob) < payload + 64 * len(distinct)
+    # The two graphs share the encoder/decoder: the file is far smaller than their sum inline.
+    inline_bytes = sum((inline / name).stat().st_size for name in files)
+    shared_bytes = sum(p.stat().st_size for p in shared.iterdir() if p.suffix != ".json")
+    assert shared_bytes < 0.6 * inline_bytes
+
+
+@pytest.mark.parametrize("spatial_dims", sorted(CASES))
+def test_shared_weights_give_the_inline_export_outputs_exactly(
+        exports, inline_exports, spatial_dims):
+    shared, inline = exports[spatial_dims, "folded"], inline_exports[spatial_dims]
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2, 1, *OTHER_SHAPE[spatial_dims])).astype(np.float32)
+    t = np.asarray([[0.7], [1.9]], dtype=np.float32)
+    for name in ("seg.onnx", "seg_uncertainty.onnx"):  # loaded by path: weights.bin resolved
+        runs = []
+        for folder in (shared, inline):
+            sess = ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
+            feeds = {INPUT_NAME: x}
+            if len(sess.get_inputs()) == 2:
+                feeds[TEMPERATURE_NAME] = t
+            runs.append(sess.run(None, feeds))
+        for a, b in zip(*runs, strict=True):
+            np.testing.assert_array_equal(a, b)
+    # The gateway's backend: graphs from verified bytes, the weights handed over in memory.
+    from sfpc.inference.backends import OnnxRuntimeBackend
+
+    backends = [OnnxRuntimeBackend(folder, intra_op_threads=1) for folder in (shared, inline)]
+    for uncertainty in (False, True):
+        a, b = (bk.infer(x, uncertainty=uncertainty, temperature=1.4) for bk in backends)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    for bk in backends:
+        bk.close()
+
+
+def test_inline_export_over_a_shared_one_removes_the_weights_file(nets, tmp_path):
+    net, meta = nets[2]
+    export_model(net, meta, tmp_path)
+    assert (tmp_path / WEIGHTS_FILE).is_file()
+    written = export_model(net, meta, tmp_path, inline_weights=True)
+    assert written.weights == {} and not (tmp_path / WEIGHTS_FILE).exists()
+    for name in ("seg.onnx", "seg_uncertainty.onnx"):
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL
+                       for t in _initializers(tmp_path / name))
+    x = np.random.default_rng(2).normal(size=(1, 1, *CASES[2])).astype(np.float32)
+    assert max(parity(net, tmp_path, x).values()) < ATOL
+
+
+def test_export_cli_inline_weights_flag(nets, tmp_path, capsys):
+    net, meta = nets[2]
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"net_config": net.cfg.to_dict(), "model": net.state_dict(),
+                "metadata": meta.to_dict()}, checkpoint)
+    out = tmp_path / "export"
+    assert export_cli.main(["--checkpoint", str(checkpoint), "--out", str(out), "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weights"]["file"] == WEIGHTS_FILE and (out / WEIGHTS_FILE).is_file()
+    assert max(report["max_abs_diff"].values()) < ATOL
+    assert export_cli.main(["--checkpoint", str(checkpoint), "--out", str(out),
+                            "--inline-weights", "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weights"] == {} and not (out / WEIGHTS_FILE).exists()
+    assert max(report["max_abs_diff"].values()) < ATOL
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_convert_export_shares_and_inlines_without_changing_outputs(inline_exports, tmp_path):
+    import shutil
+
+    folder = tmp_path / "export"
+    shutil.copytree(inline_exports[3], folder)
+    before = _snapshot(folder)
+    report = convert_export(folder)
+    meta = ModelMetadata.load(folder)
+    assert report["weights"] == meta.weights and meta.weights["file"] == WEIGHTS_FILE
+    assert sha256_file(folder / WEIGHTS_FILE) == meta.weights["sha256"]
+    assert report["bytes_after"] < 0.6 * report["bytes_before"]
+    for entry in meta.graphs.values():
+        assert sha256_file(folder / entry["file"]) == entry["sha256"]
+    assert {p.name for p in folder.iterdir()} == {*before, WEIGHTS_FILE}
+    # Everything but the graphs' checksums and the weights record is as it was.
+    old = json.loads(before["sfpc_model.json"])
+    new = json.loads((folder / "sfpc_model.json").read_text())
+    assert {k: v for k, v in new.items() if k not in ("graphs", "weights")} == \
+        {k: v for k, v in old.items() if k not in ("graphs", "weights")}
+    assert convert_export(folder)["weights"] == meta.weights  # sharing twice: the same files
+    # Back to inline: single-file graphs again, computing what the original files computed.
+    assert convert_export(folder, inline=True)["weights"] == {}
+    assert not (folder / WEIGHTS_FILE).exists() and ModelMetadata.load(folder).weights == {}
+    x = np.random.default_rng(4).normal(size=(1, 1, *CASES[3])).astype(np.float32)
+    t = np.ones((1, 1), np.float32)
+    for name in ("seg.onnx", "seg_uncertainty.onnx"):
+        ref = ort.InferenceSession(str(inline_exports[3] / name),
+                                   providers=["CPUExecutionProvider"])
+        now = ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
+        feeds = {INPUT_NAME: x, TEMPERATURE_NAME: t}
+        feeds = {i.name: feeds[i.name] for i in ref.get_inputs()}
+        for a, b in zip(ref.run(None, feeds), now.run(None, feeds), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_convert_export_leaves_the_export_alone_when_outputs_would_change(
+        inline_exports, tmp_path, monkeypatch):
+    import shutil
+
+    from sfpc.model import shared_weights
+
+    folder = tmp_path / "export"
+    shutil.copytree(inline_exports[2], folder)
+    before = _snapshot(folder)
+    real = shared_weights.share_weights
+
+    def corrupting(scratch, files, **kwargs):
+        record = real(scratch, files, **kwargs)
+        data = bytearray((Path(scratch) / WEIGHTS_FILE).read_bytes())
+        data[:4] = np.float32(1e3).tobytes()  # the first conv weight, as a broken writer would
+        (Path(scratch) / WEIGHTS_FILE).write_bytes(bytes(data))
+        return record
+
+    monkeypatch.setattr(shared_weights, "share_weights", corrupting)
+    with pytest.raises(RuntimeError, match="outputs differ .*left as it was"):
+        convert_export(folder)
+    assert _snapshot(folder) == before
+
+
+def test_convert_export_refuses_a_tampered_export(exports, tmp_path):
+    import shutil
+
+    folder = tmp_path / "export"
+    shutil.copytree(exports[2, "folded"], folder)
+    weights = folder / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\1")
+    with pytest.raises(BackendError, match=f"checksum mismatch for .*{WEIGHTS_FILE}"):
+        convert_export(folder)

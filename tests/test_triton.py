@@ -79,6 +79,12 @@ def _parse(path: Path):
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
+def _external_locations(path: Path) -> set[str]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {entry.value for tensor in graph.initializer for entry in tensor.external_data
+            if entry.key == "location"}
+
+
 def _onnx_io(path: Path) -> dict[str, list[tuple[str, int, list[int]]]]:
     """(name, Triton data type enum, dims minus batch; -1 dynamic) for inputs and outputs."""
     graph = onnx.load(str(path)).graph
@@ -119,12 +125,15 @@ def test_configs_parse_and_match_the_onnx_graphs(which, export_3d, export_2d_fix
     assert {p.relative_to(tmp_path).as_posix() for p in written} == {
         "seg/config.pbtxt",
         "seg/1/model.onnx",
+        "seg/1/weights.bin",
         "seg/sfpc_model.json",
         "seg_uncertainty/config.pbtxt",
         "seg_uncertainty/1/model.onnx",
+        "seg_uncertainty/1/weights.bin",
         "seg_uncertainty/sfpc_model.json",
     }
     metadata = json.loads((export_dir / "sfpc_model.json").read_text())
+    assert metadata["weights"]["file"] == "weights.bin"
     for name, graph in (("seg", "seg.onnx"), ("seg_uncertainty", "seg_uncertainty.onnx")):
         config = _parse(tmp_path / name / "config.pbtxt")
         assert config.name == name
@@ -138,6 +147,10 @@ def test_configs_parse_and_match_the_onnx_graphs(which, export_3d, export_2d_fix
         assert not config.HasField("optimization")
         model_file = tmp_path / name / "1" / "model.onnx"
         assert model_file.read_bytes() == (export_dir / graph).read_bytes()
+        # The graph's external data resolves next to model.onnx, as Triton loads it.
+        weights = model_file.with_name("weights.bin")
+        assert weights.read_bytes() == (export_dir / "weights.bin").read_bytes()
+        assert _external_locations(model_file) == {"weights.bin"}
         assert _config_io(config) == _onnx_io(model_file)
         embedded = json.loads(config.parameters[METADATA_PARAMETER].string_value)
         assert embedded == json.loads((tmp_path / name / "sfpc_model.json").read_text())
@@ -201,6 +214,26 @@ def test_checksum_is_verified_before_copying(export_3d, tmp_path) -> None:
     with pytest.raises(BackendError, match="checksum mismatch"):
         write_triton_repository(broken, tmp_path / "repo", "seg")
     assert not (tmp_path / "repo" / "seg").exists()
+    (broken / "seg.onnx").write_bytes((export_3d / "seg.onnx").read_bytes())
+    (broken / "weights.bin").write_bytes((export_3d / "weights.bin").read_bytes() + b"\0")
+    with pytest.raises(BackendError, match="checksum mismatch for .*weights.bin"):
+        write_triton_repository(broken, tmp_path / "repo", "seg")
+    assert not (tmp_path / "repo" / "seg").exists()
+
+
+def test_inline_export_writes_no_weights_file(export_3d, tmp_path) -> None:
+    from sfpc.model.shared_weights import convert_export
+
+    inline = tmp_path / "export"
+    inline.mkdir()
+    for item in export_3d.iterdir():
+        (inline / item.name).write_bytes(item.read_bytes())
+    convert_export(inline, inline=True)
+    written = write_triton_repository(inline, tmp_path / "repo", "seg")
+    assert not any(p.name == "weights.bin" for p in written)
+    assert not list((tmp_path / "repo").rglob("weights.bin"))
+    for name in ("seg", "seg_uncertainty"):
+        assert _external_locations(tmp_path / "repo" / name / "1" / "model.onnx") == set()
 
 
 def test_tensorrt_plan_config_and_trtexec_command(export_3d) -> None:
@@ -269,10 +302,49 @@ def test_python_backend_copy_changes_only_the_execution(export_2d_fixed, tmp_pat
             assert getattr(after, field) == getattr(before, field), field
         assert (served / name / "1" / "model.py").read_bytes() == \
             PYTHON_MODEL_SOURCE.read_bytes()
-        assert (served / name / "1" / "model.onnx").read_bytes() == \
-            (production / name / "1" / "model.onnx").read_bytes()
+        for file in ("model.onnx", "weights.bin"):  # the graph and its external data
+            assert (served / name / "1" / file).read_bytes() == \
+                (production / name / "1" / file).read_bytes()
     with pytest.raises(ValueError, match="intra_op_threads"):
         python_backend_repository(production, tmp_path / "bad", intra_op_threads=0)
+
+
+def test_python_backend_model_loads_the_graph_with_its_weights(
+        export_3d, tmp_path, monkeypatch) -> None:
+    """The served model.py, run here with a stand-in for Triton's utilities module: it loads
+    model.onnx by path from the version folder, where weights.bin resolves, and computes what
+    the gateway's ONNX Runtime backend computes from the export."""
+    import importlib.util
+    import sys
+    import types
+
+    from google.protobuf import json_format
+
+    production, served = tmp_path / "production", tmp_path / "served"
+    write_triton_repository(export_3d, production, MODEL, max_batch_size=MAX_BATCH)
+    python_backend_repository(production, served)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils",
+                        types.ModuleType("triton_python_backend_utils"))
+    reference = OnnxRuntimeBackend(export_3d, intra_op_threads=1)
+    batch = np.random.default_rng(3).normal(size=(2, 1, 8, 8, 8)).astype(np.float32)
+    for name, uncertainty in ((MODEL, False), (MODEL + "_uncertainty", True)):
+        spec = importlib.util.spec_from_file_location(f"served_{name}",
+                                                      served / name / "1" / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = json_format.MessageToDict(_parse(served / name / "config.pbtxt"),
+                                           preserving_proto_field_name=True)
+        model = module.TritonPythonModel()
+        model.initialize({"model_config": json.dumps(config),
+                          "model_repository": str(served / name), "model_version": "1"})
+        feeds = {"image": batch, "temperature": np.full((2, 1), 1.5, np.float32)}
+        outputs = model.session.run(model.output_names,
+                                    {k: feeds[k] for k in model.input_names})
+        expected = reference.infer(batch, uncertainty=uncertainty, temperature=1.5)
+        assert list(expected) == model.output_names
+        for value, want in zip(outputs, expected.values(), strict=True):
+            np.testing.assert_array_equal(value, want)
+    reference.close()
 
 
 # --- a real tritonserver ------------------------------------------------------------------------

@@ -3,14 +3,16 @@
 ``sfpc_model.json`` is written once (at training, completed by ``sfpc export``) and read
 everywhere else: classes, spatial dims and plane, patch size, spacing, orientation,
 normalisation, perturbation settings, calibration, training provenance and the sha256 of each
-exported graph. This module is the single source of truth for
+exported graph and of the weights file the graphs share. This module is the single source of
+truth for
 
 - the metadata schema (:class:`ModelMetadata`) and its one loader, :func:`load_metadata`, which
   reads the file once and checks it once (:func:`metadata_problems`);
 - the names the exported graphs and the Triton repository use (inputs, outputs, the metadata
   parameter of the model configuration);
 - the plane -> array axis rule (:func:`plane_axis`), in the model's orientation;
-- the checksummed reading of the graphs (:func:`read_graph_bytes`, :func:`verify_graph_file`).
+- the checksummed reading of the graphs (:func:`read_graph_bytes`, :func:`verify_graph_file`) and
+  of their shared weights (:func:`read_weights_bytes`, :func:`verify_weights_file`).
 
 Torch-free, numpy-free and nibabel-free, so that the gateway, the clients and the exporter all
 import it.
@@ -182,6 +184,10 @@ class ModelMetadata:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     graphs: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The ONNX external data file the graphs' weights live in, stored once for all of them
+    # (sfpc.model.shared_weights): {"file": "weights.bin", "sha256": hex}. Empty: every graph
+    # carries its own weights (exports from before it existed, or `--inline-weights`).
+    weights: dict[str, str] = field(default_factory=dict)
     net: dict[str, Any] = field(default_factory=dict)
     sfpc_version: str = ""
     created: str = ""
@@ -307,6 +313,7 @@ def metadata_problems(meta: ModelMetadata) -> list[str]:
             problems.append(str(exc))
     problems += _inference_problems(meta.inference)
     problems += _graph_problems(meta)
+    problems += _weights_problems(meta)
     problems += _perturbation_problems(meta)
     if not isinstance(meta.quality, Mapping):
         problems.append(f"quality {meta.quality!r} (a dict, empty for no review flag)")
@@ -327,6 +334,18 @@ def _graph_problems(meta: ModelMetadata) -> list[str]:
         elif not isinstance(entry, Mapping) or not isinstance(entry.get("file"), str):
             problems.append(f"graphs.{kind} {entry!r} (needs 'file' and 'sha256')")
     return problems
+
+
+def _weights_problems(meta: ModelMetadata) -> list[str]:
+    weights = meta.weights
+    if not isinstance(weights, Mapping):
+        return [f"weights {weights!r} (a dict {{file, sha256}}, empty for inline weights)"]
+    if not weights:
+        return []
+    file = weights.get("file")
+    if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+        return [f"weights.file {file!r} (the name of a file in the export directory)"]
+    return []
 
 
 def _perturbation_problems(meta: ModelMetadata) -> list[str]:
@@ -363,7 +382,7 @@ def load_metadata(path: str | Path, *, require_graphs: bool = True) -> ModelMeta
     if not file.is_file():
         raise BackendError(
             f"{file} not found: point at a directory written by `sfpc export` (it holds "
-            f"seg.onnx, seg_uncertainty.onnx and {METADATA_FILE})"
+            f"seg.onnx, seg_uncertainty.onnx, their weights.bin and {METADATA_FILE})"
         )
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
@@ -425,12 +444,11 @@ def graph_path(export_dir: str | Path, meta: ModelMetadata, kind: str) -> Path:
     return path
 
 
-def _check_digest(path: Path, actual: str, meta: ModelMetadata, kind: str) -> None:
-    expected = meta.graphs[kind].get("sha256")
+def _check_digest(path: Path, actual: str, expected: Any) -> None:
     if not expected:
         raise BackendError(
             f"{METADATA_FILE} records no sha256 for {path.name}; re-export the model so the "
-            "graph can be verified before it is served"
+            "file can be verified before it is served"
         )
     if actual != str(expected).lower():
         raise BackendError(
@@ -448,14 +466,47 @@ def read_graph_bytes(export_dir: str | Path, meta: ModelMetadata, kind: str) -> 
     """
     path = graph_path(export_dir, meta, kind)
     data = path.read_bytes()
-    _check_digest(path, sha256_bytes(data), meta, kind)
+    _check_digest(path, sha256_bytes(data), meta.graphs[kind].get("sha256"))
     return data
 
 
 def verify_graph_file(export_dir: str | Path, meta: ModelMetadata, kind: str) -> Path:
     """Path of graph ``kind`` after checking its SHA-256 (streamed, for copying large graphs)."""
     path = graph_path(export_dir, meta, kind)
-    _check_digest(path, sha256_file(path), meta, kind)
+    _check_digest(path, sha256_file(path), meta.graphs[kind].get("sha256"))
+    return path
+
+
+def weights_path(export_dir: str | Path, meta: ModelMetadata) -> Path | None:
+    """Where the graphs' shared weights file lives (None: the graphs carry their own weights);
+    BackendError when the metadata names one that is missing."""
+    if not meta.weights:
+        return None
+    path = Path(export_dir) / meta.weights["file"]
+    if not path.is_file():
+        raise BackendError(f"weights file {path} listed in {METADATA_FILE} is missing; copy the "
+                           "whole export directory")
+    return path
+
+
+def read_weights_bytes(export_dir: str | Path, meta: ModelMetadata) -> tuple[str, bytes] | None:
+    """The shared weights file's name (as the graphs' external data locations give it) and its
+    bytes, verified against the recorded SHA-256; None when the graphs carry their own weights.
+    """
+    path = weights_path(export_dir, meta)
+    if path is None:
+        return None
+    data = path.read_bytes()
+    _check_digest(path, sha256_bytes(data), meta.weights.get("sha256"))
+    return path.name, data
+
+
+def verify_weights_file(export_dir: str | Path, meta: ModelMetadata) -> Path | None:
+    """Path of the shared weights file after checking its SHA-256 (streamed); None when the
+    graphs carry their own weights."""
+    path = weights_path(export_dir, meta)
+    if path is not None:
+        _check_digest(path, sha256_file(path), meta.weights.get("sha256"))
     return path
 
 

@@ -23,8 +23,10 @@ from sfpc.inference.contract import (
     TEMPERATURE_NAME,
     UNCERTAINTY_GRAPH,
     ModelMetadata,
+    graph_path,
     load_metadata,
     read_graph_bytes,
+    read_weights_bytes,
 )
 
 # Fastest first: TensorRT and CUDA only appear with the onnxruntime-gpu build.
@@ -113,9 +115,12 @@ def resolve_providers(
 class OnnxRuntimeBackend:
     """Both SFPC graphs of an export directory in ONNX Runtime sessions.
 
-    Both graphs are verified and loaded at construction, so a broken or tampered export fails at
-    start-up rather than on the first request. Sessions are thread-safe for `run`. An uncertainty
-    graph exported before the `temperature` input existed still loads, and serves temperature 1.
+    Both graphs, and the weights file they share when the export has one, are verified and
+    loaded at construction, so a broken or tampered export fails at start-up rather than on the
+    first request. The verified bytes are what ONNX Runtime loads: the graph from memory, with
+    the weights file's contents handed over as its external data. Sessions are thread-safe for
+    `run`. An uncertainty graph exported before the `temperature` input existed still loads, and
+    serves temperature 1.
     ``metadata`` is the export's, when the caller has already loaded it (`load_metadata`).
     """
 
@@ -141,10 +146,14 @@ class OnnxRuntimeBackend:
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
         self._closed = False
-        self._sessions: dict[str, Any] = {SEG_GRAPH: self._load(SEG_GRAPH)}
+        kinds = [SEG_GRAPH, *([UNCERTAINTY_GRAPH] if self.metadata.has_uncertainty else [])]
+        graphs = {kind: read_graph_bytes(self.export_dir, self.metadata, kind) for kind in kinds}
+        # Read once for both graphs and dropped once they are loaded (ONNX Runtime copies it).
+        weights = read_weights_bytes(self.export_dir, self.metadata)
+        self._sessions: dict[str, Any] = {
+            kind: self._load(kind, graphs[kind], weights) for kind in kinds}
         self.takes_temperature = False
         if self.metadata.has_uncertainty:
-            self._sessions[UNCERTAINTY_GRAPH] = self._load(UNCERTAINTY_GRAPH)
             inputs = {i.name for i in self._sessions[UNCERTAINTY_GRAPH].get_inputs()}
             self.takes_temperature = TEMPERATURE_NAME in inputs
 
@@ -160,11 +169,21 @@ class OnnxRuntimeBackend:
         options.enable_mem_pattern = self.memory_pattern
         return options
 
-    def _load(self, kind: str) -> Any:
-        data = read_graph_bytes(self.export_dir, self.metadata, kind)
+    def _load(self, kind: str, data: bytes, weights: tuple[str, bytes] | None) -> Any:
+        """A session of graph ``kind`` from its verified bytes and those of the weights file."""
+        options = self._session_options()
+        model: bytes | str = data
+        if weights is not None:
+            name, blob = weights
+            if hasattr(options, "add_external_initializers_from_files_in_memory"):
+                options.add_external_initializers_from_files_in_memory([name], [blob], [len(blob)])
+            else:
+                # Builds whose Python API lacks that call read the weights file themselves, next
+                # to the graph, which is then loaded by path; both were verified just above.
+                model = str(graph_path(self.export_dir, self.metadata, kind))
         try:
             return onnxruntime.InferenceSession(
-                data, sess_options=self._session_options(), providers=list(self.providers)
+                model, sess_options=options, providers=list(self.providers)
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BackendError(
