@@ -26,7 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sfpc.inference.contract import DEFAULT_MODEL_DIR, SEG_GRAPH, load_metadata, read_graph_bytes
+from sfpc.inference.contract import (
+    DEFAULT_MODEL_DIR,
+    SEG_GRAPH,
+    load_metadata,
+    read_graph_bytes,
+    read_weights_bytes,
+)
 
 # (name, batch, session config): the settings compared. ORT's default is ENABLE_ALL with
 # spinning threads and its memory pattern; "basic" keeps the graph as exported but for
@@ -102,10 +108,14 @@ def sgemm_rate(threads: int, seconds: float) -> float:
     return best
 
 
-def make_session(model_bytes: bytes, threads: int, config: dict[str, str]):
+def make_session(model_bytes: bytes, threads: int, config: dict[str, str],
+                 weights: tuple[str, bytes] | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if weights is not None:  # an export whose graphs share one weights file (verified bytes)
+        name, blob = weights
+        options.add_external_initializers_from_files_in_memory([name], [blob], [len(blob)])
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     for key, value in config.items():
@@ -137,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = load_metadata(a.model)
     model_bytes = read_graph_bytes(a.model, meta, SEG_GRAPH)
+    weights = read_weights_bytes(a.model, meta)
     patch = [int(n) for n in meta.patch_size]
     rng = np.random.default_rng(0)
     flops = {batch: graph_flops(model_bytes, batch, patch, meta.in_channels)
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for threads in a.threads:
         peak = sgemm_rate(threads, seconds=1.0)
-        sessions = {name: (make_session(model_bytes, threads, config), batch)
+        sessions = {name: (make_session(model_bytes, threads, config, weights), batch)
                     for name, batch, config in SETTINGS}
         feeds = {batch: rng.standard_normal((batch, meta.in_channels, *patch),
                                             dtype=np.float32)

@@ -40,6 +40,7 @@ from sfpc.training.organ_task import CLASS_NAMES, LABEL_MAP, VAL_BLOCK
 from sfpc.training.shift_cli import (
     add_common_arguments,
     chosen_shifts,
+    command_line,
     log,
     read_ct_a,
     read_nifti,
@@ -278,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(args.json, {
         "model": {"name": meta.name, "version": meta.version, "export": str(args.export),
                   "quality_threshold": (meta.quality or {}).get("threshold")},
-        "settings": {"val_block": list(VAL_BLOCK), "seed": args.seed,
+        "settings": {"command": command_line(), "val_block": list(VAL_BLOCK), "seed": args.seed,
                      "threads": args.threads, "data": str(args.data)},
         "shifts": rows,
         "ct_b": ct_b,

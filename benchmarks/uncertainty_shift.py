@@ -58,6 +58,7 @@ from sfpc.training.organ_task import LABEL_MAP, VAL_BLOCK
 from sfpc.training.shift_cli import (
     add_common_arguments,
     chosen_shifts,
+    command_line,
     log,
     read_ct_a,
     write_results,
@@ -446,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(args.json, {
         "model": {"name": meta.name, "version": meta.version, "export": str(args.export),
                   "temperature": float(meta.temperature or 1.0), "quality": quality},
-        "settings": {"val_block": list(VAL_BLOCK), "seed": args.seed,
+        "settings": {"command": command_line(), "val_block": list(VAL_BLOCK), "seed": args.seed,
                      "threads": args.threads, "bootstrap": args.bootstrap,
                      "data": str(args.data), "shifts": names, "band": engine.band},
         "availability": availability,

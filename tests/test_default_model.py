@@ -108,3 +108,32 @@ def test_serve_with_no_model_segments_ct_with_uncertainty(tmp_path: Path) -> Non
     assert png.format == "PNG" and min(png.size) >= 256
     report = json.loads(z.read("report.json"))
     assert report["model"]["name"] == "sfpc-organs-ct"
+
+
+def test_card_is_rendered_from_the_metadata_and_the_robustness_json(tmp_path: Path) -> None:
+    import shutil
+
+    from sfpc.training.default_model import render_card
+
+    export = tmp_path / "export"
+    shutil.copytree(MODEL, export)
+    noisy = {"mean": 0.5, "spleen": 0.61, "liver": 0.72, "stomach": 0.17}
+    clean = {"mean": 0.9, "spleen": 0.91, "liver": 0.92, "stomach": 0.87}
+    rows = [{"shift": "noise 30HU", "dice": noisy, "review": {"review_recommended": True}},
+            {"shift": "none", "dice": clean, "review": {"review_recommended": False}}]
+    robustness = {"settings": {"command": "python benchmarks/robustness.py --json r.json"},
+                  "shifts": rows, "ct_b": {"volumes_ml": {"spleen": 201.4, "liver": 1500.2,
+                                                          "stomach": 90.0},
+                                           "review": {"review_recommended": False}}}
+    (tmp_path / "r.json").write_text(json.dumps(robustness))
+    card = render_card(export, tmp_path / "r.json").read_text()
+    meta = ModelMetadata.load(export)
+    assert "| noise 30HU | 0.500 | 0.610 | 0.720 | 0.170 | fires |" in card
+    assert "| none | 0.900 | 0.910 | 0.920 | 0.870 | silent |" in card
+    assert "spleen 201 mL, liver 1500 mL, stomach 90 mL; review flag silent" in card
+    assert "`python benchmarks/robustness.py --json r.json`" in card
+    mean = meta.metrics["validation"]["mean"]["dice"]
+    assert f"| mean | {mean:.3f} |" in card
+    assert f"{meta.quality['threshold']:.4f}" in card
+    without = render_card(export).read_text()
+    assert "Not measured for this export" in without

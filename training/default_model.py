@@ -34,6 +34,7 @@ DEFAULT_CONFIG = REPO / "configs" / "default_organ_ct.yaml"
 DEFAULT_OUT = REPO / "sfpc" / "default_model"
 MODEL_NAME = "sfpc-organs-ct"
 CARD_FILE = "MODEL_CARD.md"
+COMMAND = "make default-model"
 
 
 def validate_export(export_dir: str | Path, data_dir: str | Path,
@@ -79,9 +80,79 @@ RESAMPLING_TEXT = {
 }
 
 
+def calibration_record(calibration: dict[str, Any]) -> dict[str, Any]:
+    """What the card says about the temperature fit, kept in the metadata (``metrics``) so that
+    the card can be rendered again from the export alone."""
+    summary = calibration.get("summary") or {}
+    b, a = summary.get("before", {}).get("flpm", {}), summary.get("after", {}).get("flpm", {})
+    return {"mode": calibration.get("mode", "slices"), "cases": summary.get("cases"),
+            "ece_before": b.get("ece"), "ece_after": a.get("ece"),
+            "ece_organ_before": b.get("ece_foreground_region"),
+            "ece_organ_after": a.get("ece_foreground_region")}
+
+
+def _calibration_text(meta: Any) -> str:
+    quality = meta.quality or {}
+    flag = (f"Cases whose mean boundary uncertainty exceeds {quality['threshold']:.4f} are "
+            f"flagged \"review recommended\" ({quality.get('rule', '')}); on the cases it was "
+            f"fitted on: sensitivity {quality.get('sensitivity', float('nan')):.2f}, specificity "
+            f"{quality.get('specificity', float('nan')):.2f}, {quality.get('poor_cases')} of "
+            f"{quality.get('cases')} cases below the Dice target {quality.get('dice_target')}."
+            if quality.get("threshold") is not None else
+            "No review threshold has been calibrated for this export.")
+    c = (meta.metrics or {}).get("calibration")
+    if not c or c.get("ece_before") is None:
+        return f"Temperature {meta.temperature:.3f}. {flag}"
+    n = c.get("cases")
+    if c.get("mode") == "shifts":
+        fitted = (f"Temperature and threshold were fitted on {n} cases that the model never "
+                  f"trained on: the held-apart block under each of the calibration shifts of "
+                  f"`sfpc.training.shifts` (noise, grids, simulated contrast, field-of-view "
+                  f"crops, body size), settings that differ from the robustness benchmark's "
+                  f"below, where the flag is then tested.")
+    else:
+        fitted = (f"Temperature and threshold were fitted on the same {n} validation slices "
+                  f"they are reported on (there is no other labelled CT), so they are "
+                  f"optimistic.")
+    return (f"Temperature {meta.temperature:.3f}. Expected calibration error of the "
+            f"uncertainty-mode mean probabilities on those cases, before -> after: "
+            f"{c['ece_before']:.4f} -> {c['ece_after']:.4f} over all voxels, "
+            f"{c['ece_organ_before']:.3f} -> {c['ece_organ_after']:.3f} in the organ region "
+            f"(voxels predicted or labelled as an organ). {fitted} {flag}")
+
+
+def _robustness_text(robustness: dict[str, Any] | None) -> str:
+    if not robustness:
+        return ("Not measured for this export: run `python benchmarks/robustness.py --export "
+                "<this folder> --json r.json` and `sfpc build-default-model --card-only "
+                "--robustness r.json`.")
+    rows = ["| shift of ct_a's block | mean Dice | spleen | liver | stomach | review flag |",
+            "|---|---|---|---|---|---|"]
+    for r in robustness["shifts"]:
+        d, review = r["dice"], r.get("review") or {}
+        flag = {True: "fires", False: "silent"}.get(review.get("review_recommended"), "-")
+        rows.append(f"| {r['shift']} | {d['mean']:.3f} | {d['spleen']:.3f} | {d['liver']:.3f} "
+                    f"| {d['stomach']:.3f} | {flag} |")
+    text = "\n".join(rows)
+    ct_b = robustness.get("ct_b")
+    if ct_b:
+        v = ct_b["volumes_ml"]
+        fired = (ct_b.get("review") or {}).get("review_recommended")
+        text += (f"\n\nct_b (the unlabelled chest-abdomen CT of another patient, 1.5 mm, "
+                 f"contrast-enhanced; in the unlabelled training pool): predicted spleen "
+                 f"{v['spleen']:.0f} mL, liver {v['liver']:.0f} mL, stomach {v['stomach']:.0f} "
+                 f"mL; review flag {'fires' if fired else 'silent'}. There are no labels to "
+                 f"score it against.")
+    settings = robustness.get("settings", {})
+    return (f"`{settings.get('command', 'python benchmarks/robustness.py')}`, the held-out "
+            f"block [96, 106) of ct_a under synthetic shifts (docs/robustness.md says what "
+            f"each is; silver-standard labels):\n\n{text}")
+
+
 def model_card(meta: Any, validation: dict[str, Any], command: str,
-               calibration: dict[str, Any] | None = None) -> str:
-    """The model card, from the metadata and the measured validation numbers."""
+               robustness: dict[str, Any] | None = None) -> str:
+    """The model card, from the metadata, the measured validation numbers and (optionally)
+    the robustness benchmark's JSON."""
     m = validation["metrics"]
     rows = ["| class | Dice | HD95 (mm) | ASD (mm) | boundary Dice |", "|---|---|---|---|---|"]
     for name in [*meta.class_names[1:], "mean"]:
@@ -89,30 +160,23 @@ def model_card(meta: Any, validation: dict[str, Any], command: str,
         rows.append(f"| {name} | {v['dice']:.3f} | {v['hd95']:.1f} | {v['asd']:.2f} | "
                     f"{v['boundary_dice']:.3f} |")
     t = meta.training
-    quality = meta.quality or {}
-    flag = (f"Cases whose mean boundary uncertainty exceeds {quality['threshold']:.4f} are "
-            f"flagged \"review recommended\" ({quality.get('rule', '')})."
-            if quality.get("threshold") is not None else
-            "No review threshold has been calibrated for this export.")
-    ece = ""
-    if calibration and calibration.get("summary"):
-        b, a = calibration["summary"]["before"], calibration["summary"]["after"]
-        n = calibration["summary"].get("cases")
-        if calibration.get("mode", "slices") == "shifts":
-            fitted = (f"Temperature and threshold were fitted on {n} cases: the held-apart "
-                      f"block under the calibration shifts of `sfpc.training.shifts` (noise, "
-                      f"grids, simulated contrast, field-of-view crops, body size), settings "
-                      f"that differ from the robustness benchmark's, where the flag is then "
-                      f"tested (docs/robustness.md). ")
-        else:
-            fitted = (f"Temperature and threshold were fitted on the same {n} validation "
-                      f"slices they are reported on (there is no other labelled CT), so they "
-                      f"are optimistic. ")
-        ece = (f"Expected calibration error of the uncertainty-mode mean probabilities, before -> "
-               f"after: {b['flpm']['ece']:.4f} -> {a['flpm']['ece']:.4f} over all voxels, "
-               f"{b['flpm']['ece_foreground_region']:.3f} -> "
-               f"{a['flpm']['ece_foreground_region']:.3f} in the organ region (voxels predicted "
-               f"or labelled as an organ), on those cases. {fitted}")
+    aug = t.get("augment") or {}
+    n_lab = len(t.get("labelled_slices", []))
+    rest = t.get("n_unlabelled_ct_a_slices")
+    unlabelled = ("all of ct_b" if rest == 0 else
+                  f"{'the' if rest is None else f'the other {rest}'} slices of ct_a outside the "
+                  f"validation block and all of ct_b")
+    contrast = ""
+    if aug.get("enhance"):
+        contrast = (" Because ct_a was scanned without contrast and most clinical abdominal "
+                    "CTs are portal-venous, training simulates intravenous contrast on the "
+                    "labelled slices (`augment.enhance`: every enhancing tissue of ct_a's full "
+                    "TotalSegmentator label map - vessels, kidneys, spleen, liver, pancreas, "
+                    "bowel wall, muscle - brightened by a random phase strength times a "
+                    "per-tissue range, training/enhancement.py)"
+                    + (", and replaces the stomach's content with gas, water, positive oral "
+                       "contrast or an air-fluid level" if aug["enhance"].get("p_fill") else "")
+                    + ".")
     return f"""# Model card: {meta.name} {meta.version}
 
 **Task.** {meta.task}. 2D model run slice by slice on axial slices; classes
@@ -128,42 +192,47 @@ DICOM reader does), any orientation, any spacing: the engine reorients to {meta.
 resamples in-plane to {meta.spacing[0]} x {meta.spacing[1]} mm ({RESAMPLING_TEXT[meta.resampling]};
 slices keep their own spacing),
 clips to the window {meta.normalisation.get("window")} HU and scales to [0, 1]. Abdominal field of
-view. Not for MR (intensities are meaningless to it), contrast phases or paediatric anatomy it has
-not seen.
+view. Not for MR (intensities are meaningless to it) or paediatric anatomy.
 
 **Training data and licences.** The TotalSegmentator 2.18.0 test CTs (Apache-2.0):
-`ct_a` (abdominal CT, 122x101x112 at 3 mm) with TotalSegmentator's own 'total' labels
-(ids 1, 5, 6 -> spleen, liver, stomach) - model outputs, a *silver standard*, not manual
-tracing - and `ct_b` (chest-abdomen CT, 1.5 mm, no labels). Labelled: {t.get("n_labelled")}
-runs of slices = {len(t.get("labelled_slices", []))} axial slices of ct_a
+`ct_a` (abdominal CT without contrast, 122x101x112 at 3 mm) with TotalSegmentator's own 'total'
+labels (ids 1, 5, 6 -> spleen, liver, stomach) - model outputs, a *silver standard*, not manual
+tracing - and `ct_b` (chest-abdomen CT with contrast, 1.5 mm, no labels).
+Labelled: {t.get("n_labelled")} runs of slices = {n_lab} axial slices of ct_a
 (a fraction {t.get("labelled_fraction_slices")} of its {t.get("n_slices", 112)} slices; selection
-"{t.get("selection")}": {t.get("organ_share")} of the budget on slices with organs, evenly
-spaced, as sparse annotation would give); unlabelled: the rest of ct_a and all of ct_b.
-Augmentation: {json.dumps(t.get("augment"))}. No left-right flips (they would swap liver and
-spleen). Iterations: {t.get("iterations")}.
+"{t.get("selection")}"); unlabelled: {unlabelled}.
+Augmentation: {json.dumps(aug)}. No left-right flips (they would swap liver and
+spleen).{contrast} Iterations: {t.get("iterations")}.
 
 **Validation.** {validation["case"]}: a block of slices held apart from training
 (never labelled, never in the unlabelled pool, with a {t.get("gap")}-slice gap on each side),
 scored on the exported ONNX graphs through the serving engine, from the raw HU volume, against
-the silver-standard labels:
+the silver-standard labels (`{command}` prints it; the test suite re-scores it):
 
 {chr(10).join(rows)}
 
 This is one patient; figures on other patients and scanners will differ, and the labels are
 themselves model outputs.
 
-**Calibration and review flag.** Temperature {meta.temperature:.3f}. {ece}{flag}
+**Robustness.** {_robustness_text(robustness)}
 
-**Known limits.** Trained on two CTs: expect lower accuracy on unusual anatomy, strong
-pathology, contrast phases, metal artefacts and fields of view that cut organs. The stomach's
-appearance depends on its filling (gas, fluid, contrast) and is the least reliable class. On
-ct_a's own lower slices it marks small false positives in bowel loops (liver / stomach labels
-on gas-filled bowel below the organs): check the overlay.
-The uncertainty maps flag where the model's perturbed predictions disagree; they are not a
-guarantee of correctness. The review flag measures uncertainty along the predicted boundaries;
-small, confident false positives barely move it: on ct_a's slices 66-67, below the organs, the
-model labels 12 and 5 voxels as spleen / liver (Dice 0 for those classes, as the empty-case rule
-scores them) and the flag stays silent (docs/uncertainty.md).
+**Calibration and review flag.** {_calibration_text(meta)}
+
+**Known limits.** One labelled patient, scanned without contrast, with silver-standard labels:
+the contrast, noise, field-of-view and body-size variation above is simulated, not seen. No
+labelled second patient exists in this project, so accuracy on other patients is not measured;
+expect lower accuracy on unusual anatomy, strong pathology, metal artefacts and fields of view
+that cut organs. The stomach's appearance depends on its filling (gas, fluid, contrast) and is
+the least reliable class. The uncertainty maps flag where the model's perturbed predictions
+disagree; they are not a guarantee of correctness. The review flag measures uncertainty along
+the predicted boundaries; small, confident false positives (e.g. labels on bowel loops below
+the organs) barely move it: check the overlay.
+
+**What to do.** Review every case the flag marks, and look at the overlay of the others.
+For your own scanners and patients, fine-tune on a few labelled cases of your own:
+`sfpc train --data your_cases/ --init sfpc/default_model --iterations 300 --out runs/mine`
+then `sfpc export --checkpoint runs/mine/last.pt --out my_model` and
+`sfpc calibrate --model my_model --data your_validation_cases/` (README, "Fine-tune").
 
 **Reproduce.** `{command}` re-creates every file of this folder from `shared/data/organs`
 (bit-identical graphs are not guaranteed across torch builds; the validation numbers are checked
@@ -199,6 +268,7 @@ def build(data_dir: str | Path, config: str | Path = DEFAULT_CONFIG,
     meta = export_checkpoint(work / "run" / "last.pt", tmp, name=MODEL_NAME)
     meta.training.update(
         labelled_slices=split["labelled_slices"], n_slices=split["n_slices"],
+        n_unlabelled_ct_a_slices=split["n_unlabelled_ct_a_slices"],
         val_block=split["val_block"], gap=split["gap"],
         labelled_fraction_slices=round(len(split["labelled_slices"]) / split["n_slices"], 4),
         selection=split["selection"], organ_share=split["organ_share"], augment=cfg.augment,
@@ -209,14 +279,32 @@ def build(data_dir: str | Path, config: str | Path = DEFAULT_CONFIG,
     meta.metrics = {"validation": validation["metrics"], "validated_on": validation["case"],
                     "checkpoint": "last", "labels": "silver standard"}
     meta.save(tmp)
-    calibration = calibrate_export(tmp, data_dir, work, split["val_block"], calibration)
-    command = "make default-model"
-    (tmp / CARD_FILE).write_text(model_card(ModelMetadata.load(tmp), validation, command,
-                                            calibration))
+    fitted = calibrate_export(tmp, data_dir, work, split["val_block"], calibration)
+    meta = ModelMetadata.load(tmp)  # calibrate wrote temperature and quality into it
+    meta.metrics["calibration"] = calibration_record(fitted)
+    meta.save(tmp)
+    (tmp / CARD_FILE).write_text(model_card(meta, validation, COMMAND))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return {"out": str(out), "validation": validation,
-            "calibration": {k: calibration.get(k) for k in ("temperature", "quality")}}
+            "calibration": {k: fitted.get(k) for k in ("temperature", "quality")}}
+
+
+def render_card(export_dir: str | Path, robustness: str | Path | None = None) -> Path:
+    """Write the export's MODEL_CARD.md again from its metadata and, if given, the robustness
+    benchmark's JSON (``benchmarks/robustness.py --json``)."""
+    from sfpc.inference.contract import ModelMetadata
+
+    meta = ModelMetadata.load(export_dir)
+    metrics = meta.metrics or {}
+    if "validation" not in metrics:
+        raise ValueError(f"{export_dir}: no validation figures in its metadata; build it with "
+                         "`sfpc build-default-model` first")
+    validation = {"metrics": metrics["validation"], "case": metrics.get("validated_on", "")}
+    robust = json.loads(Path(robustness).read_text()) if robustness else None
+    path = Path(export_dir) / CARD_FILE
+    path.write_text(model_card(meta, validation, COMMAND, robust))
+    return path
 
 
 def calibrate_export(export_dir: Path, data_dir: str | Path, work: Path,
@@ -274,9 +362,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="fit temperature and review threshold on the held-apart block under "
                         "the calibration shifts (default), or on its single slices (the "
                         "earlier rule)")
+    p.add_argument("--card-only", action="store_true",
+                   help="only write MODEL_CARD.md of --out again from its metadata")
+    p.add_argument("--robustness", default=None,
+                   help="with --card-only: the JSON of benchmarks/robustness.py for the card")
     p.add_argument("--validate-only", action="store_true",
                    help="only re-score an existing export on the validation block")
     a = p.parse_args(argv)
+    if a.card_only:
+        print(render_card(a.out, a.robustness))
+        return 0
     if a.validate_only:
         print(json.dumps(validate_export(a.out, a.data), indent=2))
         return 0

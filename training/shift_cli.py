@@ -80,6 +80,18 @@ def read_ct_a(parser: argparse.ArgumentParser, data: Path
     return image, label, affine
 
 
+def command_line() -> str:
+    """The command as typed (script path relative to the repository), for the JSON's record."""
+    import shlex
+
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(Path(__file__).resolve().parents[1])
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *(shlex.quote(a) for a in sys.argv[1:])])
+
+
 def write_results(path: Path | None, result: Mapping[str, Any], started: float) -> None:
     """``result`` plus the run's seconds as JSON at ``path`` (if given), and the closing line."""
     if path is not None:
