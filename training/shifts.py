@@ -435,7 +435,7 @@ def write_shifted_cases(image: np.ndarray, label: np.ndarray, affine: np.ndarray
     would dominate the run."""
     import nibabel as nib
 
-    out = Path(folder)
+    out = Path(folder).resolve()  # the dataset JSON may live elsewhere: absolute paths
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in names:
