@@ -58,8 +58,11 @@ demo: setup
 # Re-create the shipped default model (sfpc/default_model/) from data/organs (`sfpc sample-data
 # data`) or ../shared/data/organs.
 ORGANS ?= $(or $(wildcard data/organs),../shared/data/organs)
+# Then the robustness benchmark on the new export, and its table into the model card.
 default-model: setup
 	$(BIN)/sfpc build-default-model --data $(ORGANS) --no-progress
+	$(BIN)/python benchmarks/robustness.py --data $(ORGANS) --json benchmarks/robustness_default_model.json
+	$(BIN)/sfpc build-default-model --card-only --robustness benchmarks/robustness_default_model.json
 
 # The main job: the gateway on http://127.0.0.1:8000 with the embedded default model
 # (sfpc/default_model/), or another export with: make serve MODEL=runs/demo/export

@@ -218,7 +218,10 @@ themselves model outputs.
 
 **Calibration and review flag.** {_calibration_text(meta)}
 
-**Known limits.** One labelled patient, scanned without contrast, with silver-standard labels:
+**Known limits.** Abdominal field of view only: ct_a holds no heart and no upper chest, and on
+ct_b's chest slices the model labels the contrast-filled heart and great vessels as liver and
+chest-wall muscle as stomach or spleen (ct_b's overlay, docs/robustness.md); crop uploads to the
+abdomen. One labelled patient, scanned without contrast, with silver-standard labels:
 the contrast, noise, field-of-view and body-size variation above is simulated, not seen. No
 labelled second patient exists in this project, so accuracy on other patients is not measured;
 expect lower accuracy on unusual anatomy, strong pathology, metal artefacts and fields of view
