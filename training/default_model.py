@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default_organ_ct.yaml"
 DEFAULT_OUT = REPO / "sfpc" / "default_model"
 MODEL_NAME = "sfpc-organs-ct"
+# 0.1.0: 20 labelled slices, light augmentation; 0.2.0: every label, augmentation for shift.
+MODEL_VERSION = "0.2.0"
 CARD_FILE = "MODEL_CARD.md"
 COMMAND = "make default-model"
 
@@ -268,7 +270,7 @@ def build(data_dir: str | Path, config: str | Path = DEFAULT_CONFIG,
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    meta = export_checkpoint(work / "run" / "last.pt", tmp, name=MODEL_NAME)
+    meta = export_checkpoint(work / "run" / "last.pt", tmp, name=MODEL_NAME, version=MODEL_VERSION)
     meta.training.update(
         labelled_slices=split["labelled_slices"], n_slices=split["n_slices"],
         n_unlabelled_ct_a_slices=split["n_unlabelled_ct_a_slices"],
