@@ -200,12 +200,34 @@ def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path, capsys,
     assert main(["train", "--data", str(data), "--out", str(first), "--iterations", "2",
                  "--val-every", "2", "--val-count", "0", *SMALL]) == 0
     saved = torch.load(first / "last.pt", weights_only=False)
+    assert saved["metadata"]["training"]["augment"]["flip"] is True  # the sampler's default
     cfg = TrainConfig(**{**saved["config"], "out": str(tmp_path / "second"),
                          "init": str(first / "last.pt"), "split_file": None})
     trainer = Trainer(cfg)
     state = trainer.net.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved["model"].items())
     assert "init: " in trainer.init_notes[0]
+
+
+def test_a_model_trained_without_flips_says_so_and_the_engine_refuses_flip(
+        tmp_path, one_torch_thread) -> None:
+    from sfpc.inference.backends import make_backend
+    from sfpc.inference.contract import ModelMetadata
+    from sfpc.inference.engine import Engine
+    from sfpc.model.export import export_checkpoint
+
+    data = write_cases(tmp_path / "data", 2)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--iterations", "1",
+                 "--val-every", "1", "--val-count", "0", "--augment", '{"flip": false}',
+                 *SMALL]) == 0
+    export_checkpoint(run / "last.pt", tmp_path / "export")
+    meta = ModelMetadata.load(tmp_path / "export")
+    assert meta.training["augment"]["flip"] is False
+    engine = Engine(make_backend("onnxruntime", export_dir=str(tmp_path / "export")), meta)
+    image = np.zeros((1, 32, 32, 2), dtype=np.float32)
+    with pytest.raises(Exception, match="trained without flips"):
+        engine.segment(image, np.eye(4), flip=True)
 
 
 def test_init_reads_the_default_model_back_from_its_onnx_graph() -> None:

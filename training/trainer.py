@@ -91,7 +91,10 @@ def make_metadata(cfg: TrainConfig, data: TrainData, net: SFPCNet) -> ModelMetad
         training={"method": cfg.method, "data": cfg.data, "iterations": cfg.iterations,
                   "labelled_fraction": cfg.labelled_fraction, "labelled_count": cfg.labelled_count,
                   "n_labelled": data.n_labelled, "n_unlabelled": data.n_unlabelled,
-                  "n_val": len(data.val_cases), "seed": cfg.seed},
+                  "n_val": len(data.val_cases), "seed": cfg.seed,
+                  # The engine refuses flip TTA for a model trained without flips: every export
+                  # must say, not only the default model's build (flip is on unless turned off).
+                  "augment": {"flip": True, **dict(cfg.augment)}},
         net=net.cfg.to_dict(), sfpc_version=sfpc.__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
