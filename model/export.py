@@ -126,6 +126,7 @@ def export_model(
         finally:
             flpm.tau = kept
         meta.uncertainty_graph = uncertainty_graph
+        meta.uncertainty_method = "flpm"
         meta.graphs[UNCERTAINTY_GRAPH] = {"file": UNCERTAINTY_FILE}
         meta.perturbation = {"kind": "flpm", "M": m, "tau": tau, "eps_grid": eps_grid(m, tau),
                              "training_tau": training_tau,
@@ -134,6 +135,7 @@ def export_model(
     else:
         meta.perturbation = {"kind": None, "M": 0, "tau": 0.0, "eps_grid": []}
         meta.uncertainty_graph = ""
+        meta.uncertainty_method = ""
     files = [entry["file"] for entry in meta.graphs.values()]
     if inline_weights:
         (out / WEIGHTS_FILE).unlink(missing_ok=True)  # a shared export's, written before

@@ -161,3 +161,15 @@ def test_registry_parses_once_and_shares_the_metadata(tmp_path: Path) -> None:
         assert model.engine.metadata is model.metadata
     finally:
         registry.close()
+
+
+def test_maps_method_names_what_produces_the_maps() -> None:
+    meta = ModelMetadata(graphs={"seg": {"file": "seg.onnx"},
+                                 "uncertainty": {"file": "seg_uncertainty.onnx"}},
+                         perturbation={"kind": "flpm", "M": 4, "tau": 0.1})
+    # An export from before the field: the perturbation's kind names the method.
+    assert meta.maps_method()["method"] == "flpm"
+    assert meta.maps_method()["samples"] == 4 and meta.maps_method()["tau"] == 0.1
+    meta.uncertainty_method = "ensemble"
+    assert meta.maps_method()["method"] == "ensemble"
+    assert ModelMetadata(graphs={"seg": {"file": "seg.onnx"}}).maps_method() is None

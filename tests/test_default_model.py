@@ -108,6 +108,8 @@ def test_serve_with_no_model_segments_ct_with_uncertainty(tmp_path: Path) -> Non
     assert png.format == "PNG" and min(png.size) >= 256
     report = json.loads(z.read("report.json"))
     assert report["model"]["name"] == "sfpc-organs-ct"
+    assert report["model"]["uncertainty_method"]["method"] == "flpm"
+    assert report["model"]["uncertainty_method"]["samples"] == 4
 
 
 def test_card_is_rendered_from_the_metadata_and_the_robustness_json(tmp_path: Path) -> None:

@@ -30,6 +30,9 @@ class ModelInfo(BaseModel):
     patch_size: list[int]
     normalisation: dict[str, Any] | None = None
     uncertainty: bool = Field(description="Whether the FLPM uncertainty graph is served.")
+    uncertainty_method: dict[str, Any] | None = Field(None, description="What produces the "
+                                                      "uncertainty maps: method, samples per "
+                                                      "pass, tau, graph kind and the maps.")
     flip: bool = Field(True, description="Whether requests may ask for flip=true (false for "
                        "models trained without flips).")
     perturbation: dict[str, Any] = Field(default_factory=dict)

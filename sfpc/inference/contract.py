@@ -178,6 +178,10 @@ class ModelMetadata:
     # How the uncertainty graph computes its M predictions: "folded" (FLPM folded into the
     # classifier weights) or "stacked" (perturbed feature stack); "" when there is none.
     uncertainty_graph: str = "folded"
+    # Which method produced the uncertainty maps (issue 18): "flpm" (M feature-level
+    # perturbations in one pass, the paper's); "" in exports from before the field, read as
+    # the perturbation's kind (see ``maps_method``).
+    uncertainty_method: str = ""
     # Per-case quality flag: {"measure": "boundary_uncertainty", "threshold": float, ...}, chosen
     # on validation data (issue 7); empty = the server reports no flag.
     quality: dict[str, Any] = field(default_factory=dict)
@@ -201,6 +205,18 @@ class ModelMetadata:
     @property
     def has_uncertainty(self) -> bool:
         return UNCERTAINTY_GRAPH in self.graphs
+
+    def maps_method(self) -> dict[str, Any] | None:
+        """What produces the uncertainty maps, for reports and /v1/models; None without an
+        uncertainty graph."""
+        if not self.has_uncertainty:
+            return None
+        p = self.perturbation or {}
+        return {"method": self.uncertainty_method or str(p.get("kind") or ""),
+                "samples": int(p.get("M") or 0), "tau": p.get("tau"),
+                "graph": self.uncertainty_graph,
+                "maps": ["entropy (of the mean prediction)",
+                         "mutual_information (entropy minus mean sample entropy)"]}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

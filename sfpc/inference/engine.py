@@ -534,6 +534,7 @@ class Engine:
             model={"name": meta.name, "version": meta.version, "spatial_dims": meta.spatial_dims,
                    "temperature": float(meta.temperature or 1.0),
                    "perturbations": int(meta.perturbation.get("M") or 0) if uncertainty else 0,
+                   "uncertainty_method": meta.maps_method() if uncertainty else None,
                    "flip": bool(flip)},
             geometry={
                 "input_shape": list(geometry.input_shape),

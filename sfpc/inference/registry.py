@@ -148,6 +148,7 @@ class LoadedModel:
             "patch_size": list(m.patch_size),
             "normalisation": m.normalisation,
             "uncertainty": m.has_uncertainty,
+            "uncertainty_method": m.maps_method(),
             "flip": flip_unavailable(m) is None,
             "perturbation": {k: m.perturbation.get(k) for k in ("kind", "M", "tau", "eps_grid")},
             "temperature": m.temperature,
