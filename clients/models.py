@@ -59,6 +59,9 @@ class ModelInfo(_Body):
     patch_size: list[int] = Field(default_factory=list)
     normalisation: dict[str, Any] | None = None
     uncertainty: bool = False
+    # What produces the uncertainty maps (method, samples per pass, tau, graph, maps); None
+    # without an uncertainty graph.
+    uncertainty_method: dict[str, Any] | None = None
     # As the gateway declares it: flip=true is allowed unless the model's metadata says it was
     # trained without flips (GET /v1/models always states it; the default is for bodies that
     # omit it).
