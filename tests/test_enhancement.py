@@ -16,7 +16,7 @@ import pytest
 
 from sfpc.training import shifts
 from sfpc.training.config import ConfigError, check_values
-from sfpc.training.data import SliceDataset2D, cut_field_of_view, load_volume
+from sfpc.training.data import SliceDataset2D, cut_field_of_view, elastic_deform_2d, load_volume
 from sfpc.training.enhancement import (
     PORTAL_VENOUS_HU,
     TOTALSEG_TISSUES,
@@ -191,3 +191,30 @@ def test_stomach_filling_replaces_only_the_lumen_with_a_plausible_content(seed: 
     if gas.any() and not gas.all():  # an air-fluid level: all gas lies anterior (higher y)
         ys = np.broadcast_to(np.arange(20), (20, 20))[lumen]
         assert ys[gas].min() > ys[~gas].max()
+
+
+def test_elastic_deformation_with_zero_alpha_is_the_identity() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 30, 40)).astype(np.float32)
+    label = (rng.random((30, 40)) > 0.5).astype(np.int16)
+    out, lab = elastic_deform_2d(image, label, np.random.default_rng(1), 0.0, 10.0)
+    np.testing.assert_allclose(out, image, atol=1e-6)
+    assert np.array_equal(lab, label)
+
+
+def test_elastic_deformation_is_smooth_and_keeps_labels_and_area() -> None:
+    image = np.zeros((1, 80, 80), dtype=np.float32)
+    label = np.zeros((80, 80), dtype=np.int16)
+    yy, xx = np.mgrid[:80, :80]
+    disc = (yy - 40) ** 2 + (xx - 40) ** 2 <= 15 ** 2
+    label[disc], image[0, disc] = 2, 1.0
+    areas = []
+    for seed in range(10):
+        out, lab = elastic_deform_2d(image, label, np.random.default_rng(seed), 200.0, 10.0)
+        assert set(np.unique(lab)) <= {0, 2}
+        areas.append((lab == 2).sum())
+        # Image and label move together: the thresholded image is the label up to its edge.
+        assert np.mean((lab == 2) != (out[0] > 0.5)) < 0.01
+        assert (lab != label).any()  # it moved something
+    # A smooth displacement of a few voxels changes the disc's area by little (oracle: pi r^2).
+    assert abs(np.mean(areas) / (np.pi * 15 ** 2) - 1) < 0.15

@@ -151,7 +151,8 @@ HELP: dict[str, str] = {
                "fraction of the resolution), each with p_noise / p_blur / p_lowres}, enhance "
                "{p, ranges, p_fill} (simulated intravenous contrast on cases with a tissue_map, "
                "and with p_fill the stomach's content replaced; CT window only), fov_cut "
-               "{p, max} (a side of the slice cut off, up to max of it); 3D keys: "
+               "{p, max} (a side of the slice cut off, up to max of it), elastic {p, alpha "
+               "[lo, hi], sigma [lo, hi] voxels} (nnU-Net's elastic deformation); 3D keys: "
                "flip, rotate90, intensity. "
                "E.g. '{\"flip\": false, \"rotation\": 15}'",
     "num_workers": "data loader processes (0: sample in the training process)",
@@ -200,7 +201,7 @@ HELP: dict[str, str] = {
 LAYOUT_CHOICES = ("auto", "folder", "msd", "json", "csv", "brats", "acdc")
 PERTURBATIONS = ("flpm", "fnoise", "fdrop", "sdrop")
 AUGMENT_KEYS = {2: ("flip", "rotate90", "rotation", "scale", "intensity", "empty_slice_prob",
-                    "enhance", "fov_cut"),
+                    "enhance", "fov_cut", "elastic"),
                 3: ("flip", "rotate90", "intensity")}
 INTENSITY_KEYS = ("brightness", "contrast", "gamma", "p", "noise", "p_noise", "blur", "p_blur",
                   "lowres", "p_lowres")
@@ -666,7 +667,8 @@ def _check_augment(value: Any, dims: int | None) -> None:
             raise ConfigError("augment", f"intensity takes the keys {', '.join(INTENSITY_KEYS)}, "
                                          f"e.g. {{\"brightness\": 0.1, \"p\": 0.3}}; got "
                                          f"{intensity!r}")
-    for key, keys in (("enhance", ("p", "ranges", "sigma", "p_fill")), ("fov_cut", ("p", "max"))):
+    for key, keys in (("enhance", ("p", "ranges", "sigma", "p_fill")), ("fov_cut", ("p", "max")),
+                      ("elastic", ("p", "alpha", "sigma"))):
         if value.get(key):
             sub = value[key]
             if not isinstance(sub, Mapping) or set(sub) - set(keys):

@@ -718,9 +718,13 @@ class SliceDataset2D(_SampleStream):
         foreground_fraction: float = 0.0,
         enhance: ContrastEnhance | None = None,
         fov_cut: Mapping[str, float] | None = None,
+        elastic: Mapping[str, Any] | None = None,
     ) -> None:
         self.volumes = _check_volumes(volumes, labelled, "SliceDataset2D")
         self.enhance = enhance
+        self.elastic = None if not elastic else (
+            float(elastic.get("p", 0.2)), tuple(float(v) for v in elastic.get("alpha", (0, 200))),
+            tuple(float(v) for v in elastic.get("sigma", (9, 13))))
         self.fov_cut = None if not fov_cut else (float(fov_cut.get("p", 0.2)),
                                                  float(fov_cut.get("max", 0.35)))
         self.foreground_fraction = float(foreground_fraction)
@@ -796,6 +800,10 @@ class SliceDataset2D(_SampleStream):
                 if len(points):
                     centre = points[int(rng.integers(len(points)))]
             image, label = _crop_or_pad(image, label, self.spatial_shape, rng, centre)
+        if self.elastic is not None and rng.random() < self.elastic[0]:
+            p, alpha, sigma = self.elastic
+            image, label = elastic_deform_2d(image, label, rng, float(rng.uniform(*alpha)),
+                                             float(rng.uniform(*sigma)))
         image, label = augment_2d(
             image,
             label,
@@ -807,6 +815,25 @@ class SliceDataset2D(_SampleStream):
             intensity=self.intensity,
         )
         return image, label
+
+
+def elastic_deform_2d(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator,
+                      alpha: float, sigma: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Elastic deformation (Simard et al. 2003, as batchgenerators / nnU-Net apply it): a
+    displacement field of uniform noise in [-1, 1] per axis, smoothed by a Gaussian of ``sigma``
+    voxels and scaled by ``alpha``; the image sampled linearly, the label by nearest neighbour,
+    0 outside (the engine's padding)."""
+    shape = image.shape[-2:]
+    grid = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
+    coords = []
+    for axis in range(2):
+        noise = rng.uniform(-1.0, 1.0, size=shape)
+        coords.append(grid[axis] + alpha * ndimage.gaussian_filter(noise, sigma, mode="constant"))
+    image = np.stack([ndimage.map_coordinates(c, coords, order=1, mode="constant", cval=0.0)
+                      for c in image]).astype(np.float32)
+    if label is not None:
+        label = ndimage.map_coordinates(label, coords, order=0, mode="constant", cval=0)
+    return image, label
 
 
 def cut_field_of_view(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator,
