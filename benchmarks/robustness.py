@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from sfpc.inference.preprocess import Geometry, prepare_label, to_orientation
@@ -46,7 +45,7 @@ from sfpc.training.shift_cli import (
     read_nifti,
     write_results,
 )
-from sfpc.training.shifts import apply_shift, map_slab, shift_named, spacing
+from sfpc.training.shifts import apply_shift, map_slab, shift_named, spacing, write_case
 from sfpc.training.uncertainty_eval import (
     crop_last,
     evaluate_export,
@@ -115,13 +114,8 @@ def run_shift(name: str, recorder: RecordingEngine, image: np.ndarray, label: np
     img, lab, aff = apply_shift(name, image, label, affine, seed=seed)
     block = map_slab(VAL_BLOCK, affine, image.shape, aff, img.shape)
     t_shift = time.perf_counter() - t0
-    stem = workdir / name.replace(" ", "_").replace("/", "_").replace("%", "pc")
-    image_path, label_path = Path(f"{stem}_image.nii"), Path(f"{stem}_label.nii")
-    # Uncompressed: the 0.7 mm volume is 25 M voxels, and gzip would dominate the run.
-    nib.save(nib.Nifti1Image(img, aff), str(image_path))
-    nib.save(nib.Nifti1Image(lab.astype(np.uint8), aff), str(label_path))
-    case = Case(id=name, image=(image_path,), label=label_path, slices=block,
-                label_map=LABEL_MAP)
+    entry = write_case(name, (img, lab, aff), block, workdir, LABEL_MAP)
+    case = Case.from_dict(entry)
     result = evaluate_export(recorder, [case])
     flpm = result["sources"]["flpm"]
     c = flpm["cases"][0]
@@ -156,8 +150,8 @@ def run_shift(name: str, recorder: RecordingEngine, image: np.ndarray, label: np
         "slices_with_boundary": sum(f is not None for f in flags),
         "seconds": {"shift": round(t_shift, 2), "total": round(time.perf_counter() - t0, 2)},
     }
-    for path in (image_path, label_path):
-        path.unlink()
+    for key in ("image", "label"):
+        Path(entry[key]).unlink()
     return out
 
 

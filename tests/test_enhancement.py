@@ -52,7 +52,8 @@ def test_contrast_enhance_adds_hu_over_the_window_width_and_spares_clipped_voxel
     image[0, 0, :] = 0.0  # gas, clipped at the window's lower end
     image[0, 1, :] = 1.0  # bone, clipped at the upper end
     tissue = np.ones((8, 8), dtype=np.int16)  # all "liver"
-    aug = ContrastEnhance(p=1.0, ranges={"liver": (60.0, 60.0)}, hu_per_unit=600.0, sigma=0.0)
+    aug = ContrastEnhance(p=1.0, ranges={"liver": (60.0, 60.0)}, window=(-250.0, 350.0),
+                          sigma=0.0)
     rng = np.random.default_rng(3)
     strength = np.random.default_rng(3)
     strength.random()  # the p draw
@@ -179,7 +180,7 @@ def test_stomach_filling_replaces_only_the_lumen_with_a_plausible_content(seed: 
     image = np.full((1, 20, 20), 0.45, dtype=np.float32)
     tissue = np.zeros((20, 20), dtype=np.int16)
     tissue[5:15, 4:16] = 1
-    aug = ContrastEnhance(p=0.0, p_fill=1.0, hu_per_unit=600.0, window_low=-250.0)
+    aug = ContrastEnhance(p=0.0, p_fill=1.0, window=(-250.0, 350.0))
     out = aug(image, tissue, ["stomach"], np.random.default_rng(seed))
     lumen = np.zeros((20, 20), dtype=bool)
     lumen[6:14, 5:15] = True  # the label eroded by one voxel (4-connected)
@@ -218,3 +219,17 @@ def test_elastic_deformation_is_smooth_and_keeps_labels_and_area() -> None:
         assert (lab != label).any()  # it moved something
     # A smooth displacement of a few voxels changes the disc's area by little (oracle: pi r^2).
     assert abs(np.mean(areas) / (np.pi * 15 ** 2) - 1) < 0.15
+
+
+def test_enhancement_refuses_a_window_that_is_not_scaled_to_unit_range() -> None:
+    from sfpc.training.config import TrainConfig
+    from sfpc.training.datamodule import _window
+
+    scaled = TrainConfig(data="x", normalisation={"kind": "ct_window", "window": [-100, 300]})
+    assert _window(scaled) == (-100.0, 300.0)
+    zscored = TrainConfig(data="x", normalisation={"kind": "ct_window", "window": [-100, 300],
+                                                   "mean": 50.0, "std": 40.0})
+    with pytest.raises(ValueError, match="mean/std"):
+        _window(zscored)
+    with pytest.raises(ValueError, match="zscore"):
+        _window(TrainConfig(data="x", normalisation={"kind": "zscore"}))

@@ -213,11 +213,16 @@ def test_unknown_uncertainty_graph_is_refused(nets, tmp_path):
         export_model(net, meta, tmp_path, uncertainty_graph="looped")
 
 
+def _checkpoint(net: SFPCNet, meta: ModelMetadata, path: Path) -> Path:
+    """A checkpoint as `sfpc train` writes it, with the fields `sfpc export` reads."""
+    torch.save({"net_config": net.cfg.to_dict(), "model": net.state_dict(),
+                "metadata": meta.to_dict()}, path)
+    return path
+
+
 def test_export_cli_records_the_graph_kind_and_checks_parity(nets, tmp_path, capsys):
     net, meta = nets[3]
-    checkpoint = tmp_path / "best.pt"
-    torch.save({"net_config": net.cfg.to_dict(), "model": net.state_dict(),
-                "metadata": meta.to_dict()}, checkpoint)
+    checkpoint = _checkpoint(net, meta, tmp_path / "best.pt")
     out = tmp_path / "export"
     assert export_cli.main(["--checkpoint", str(checkpoint), "--out", str(out),
                             "--uncertainty-graph", "stacked", "--check"]) == 0
@@ -348,9 +353,7 @@ def test_inline_export_over_a_shared_one_removes_the_weights_file(nets, tmp_path
 
 def test_export_cli_inline_weights_flag(nets, tmp_path, capsys):
     net, meta = nets[2]
-    checkpoint = tmp_path / "best.pt"
-    torch.save({"net_config": net.cfg.to_dict(), "model": net.state_dict(),
-                "metadata": meta.to_dict()}, checkpoint)
+    checkpoint = _checkpoint(net, meta, tmp_path / "best.pt")
     out = tmp_path / "export"
     assert export_cli.main(["--checkpoint", str(checkpoint), "--out", str(out), "--check"]) == 0
     report = json.loads(capsys.readouterr().out)

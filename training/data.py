@@ -34,7 +34,7 @@ from sfpc.inference.preprocess import (
     resample_to_shape,
     spacing_from_affine,
 )
-from sfpc.training.enhancement import ContrastEnhance
+from sfpc.training.enhancement import ContrastEnhance, group_tissues
 from sfpc.training.layouts import (
     LAYOUTS,
     Case,
@@ -340,9 +340,8 @@ def load_volume(
             )
         label = prepare_label(apply_label_map(raw_label, case.label_map), geometry)
         if case.tissue_map:
-            tissue_names = tuple(sorted(set(case.tissue_map.values())))
-            groups = {src: tissue_names.index(name) + 1 for src, name in case.tissue_map.items()}
-            tissue = prepare_label(apply_label_map(raw_label, groups), geometry)
+            tissue, tissue_names = group_tissues(raw_label, case.tissue_map)
+            tissue = prepare_label(tissue, geometry)
     model_affine = np.asarray(geometry.affine)
     slab = None
     if case.slices is not None:

@@ -49,14 +49,14 @@ def _label_map(cfg: TrainConfig) -> Any:
 
 
 def _window(cfg: TrainConfig) -> tuple[float, float]:
-    """The CT window's lower end and HU per normalised unit: the contrast enhancement adds HU
-    to a windowed image."""
+    """The CT window the images are scaled to [0, 1] with: the contrast enhancement adds HU."""
     norm = cfg.normalisation or {}
-    if norm.get("kind") != "ct_window":
-        raise ValueError("augment.enhance simulates contrast in HU and needs the ct_window "
-                         f"normalisation; this config normalises with {norm.get('kind')!r}")
+    if norm.get("kind") != "ct_window" or "mean" in norm:
+        kind = "ct_window with mean/std" if "mean" in norm else norm.get("kind")
+        raise ValueError("augment.enhance simulates contrast in HU on a CT window scaled to "
+                         f"[0, 1]; this config normalises with {kind!r}")
     lo, hi = norm["window"]
-    return float(lo), float(hi) - float(lo)
+    return float(lo), float(hi)
 
 
 def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
@@ -101,8 +101,7 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
     aug = dict(cfg.augment)
     intensity = IntensityAugment(**aug.pop("intensity")) if aug.get("intensity") else None
     if aug.get("enhance"):
-        low, width = _window(cfg)
-        aug["enhance"] = ContrastEnhance(**aug["enhance"], hu_per_unit=width, window_low=low)
+        aug["enhance"] = ContrastEnhance(**aug["enhance"], window=_window(cfg))
     else:
         aug.pop("enhance", None)
 

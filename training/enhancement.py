@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from sfpc.inference.preprocess import normalise
+
 # TotalSegmentator 2.x 'total' ids per tissue group (ct_a's raw labels).
 TOTALSEG_TISSUES: dict[str, tuple[int, ...]] = {
     "artery": (52, 65, 66),  # aorta, iliac arteries
@@ -58,6 +60,17 @@ def tissue_map_for(groups: Sequence[str] | None = None) -> dict[int, str]:
     return {i: name for name in names for i in TOTALSEG_TISSUES[name]}
 
 
+def group_tissues(label: np.ndarray, tissue_map: Mapping[int, str]
+                  ) -> tuple[np.ndarray, tuple[str, ...]]:
+    """A raw label's voxels as tissue group indices: ``k`` for ``names[k - 1]``, 0 for voxels of
+    no group; ``names`` sorted."""
+    names = tuple(sorted(set(tissue_map.values())))
+    tissue = np.zeros(label.shape, dtype=np.int16)
+    for src, name in tissue_map.items():
+        tissue[label == int(src)] = names.index(name) + 1
+    return tissue, names
+
+
 def enhancement_hu(tissue: np.ndarray, names: Sequence[str],
                    added_hu: Mapping[str, float], sigma: float = 0.7) -> np.ndarray:
     """The HU to add: ``added_hu[name]`` on each voxel of tissue ``names[k - 1]`` (``tissue`` holds
@@ -78,7 +91,8 @@ class ContrastEnhance:
     """Random contrast phase on a normalised CT slice or patch (the training augmentation).
 
     With probability ``p``: strength ``s ~ U(0, 1)``, each group's HU ``s * U(lo, hi)`` from
-    ``ranges``, converted to normalised units by ``hu_per_unit`` (the CT window's width) and
+    ``ranges``, converted to normalised units by the width of ``window`` (the CT window the
+    image was normalised with) and
     added where the normalised image is strictly inside (0, 1): voxels clipped by the window
     (gas below it, bone above) would show an enhancement that the clipping hid, so they keep
     their values. The result is clipped to [0, 1] as the window clips.
@@ -86,10 +100,13 @@ class ContrastEnhance:
 
     p: float = 0.5
     ranges: Mapping[str, tuple[float, float]] | None = None
-    hu_per_unit: float = 600.0
+    window: tuple[float, float] = (-250.0, 350.0)
     sigma: float = 0.7
     p_fill: float = 0.0
-    window_low: float = -250.0
+
+    @property
+    def hu_per_unit(self) -> float:
+        return float(self.window[1]) - float(self.window[0])
 
     def __call__(self, image: np.ndarray, tissue: np.ndarray, names: Sequence[str],
                  rng: np.random.Generator) -> np.ndarray:
@@ -114,11 +131,6 @@ class ContrastEnhance:
         lumen = ndimage.binary_erosion(organ, iterations=1)
         if not lumen.any():
             return image
-
-        def units(hu: np.ndarray | float) -> np.ndarray:
-            return np.clip((np.asarray(hu, dtype=np.float32) - self.window_low)
-                           / self.hu_per_unit, 0.0, 1.0)
-
         n = int(lumen.sum())
         noise = rng.normal(0.0, 10.0, n).astype(np.float32)
         kind = int(rng.integers(4))
@@ -131,5 +143,5 @@ class ContrastEnhance:
             level = rng.uniform(ys.min(), ys.max() + 1)
             content[ys >= level] = -900.0
         out = image.copy()
-        out[..., lumen] = units(content)
+        out[..., lumen] = normalise(content, {"kind": "ct_window", "window": list(self.window)})
         return out

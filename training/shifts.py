@@ -24,8 +24,13 @@ import numpy as np
 from nibabel.orientations import io_orientation
 from scipy import ndimage
 
-from sfpc.training.enhancement import PORTAL_VENOUS_HU, TOTALSEG_TISSUES, enhancement_hu
-from sfpc.training.organ_task import CLASS_NAMES, LABEL_MAP
+from sfpc.training.enhancement import (
+    PORTAL_VENOUS_HU,
+    enhancement_hu,
+    group_tissues,
+    tissue_map_for,
+)
+from sfpc.training.organ_task import CLASS_NAMES, CT_WINDOW, LABEL_MAP
 
 Volume = tuple[np.ndarray, np.ndarray, np.ndarray]
 """(image float32, label, affine float64)."""
@@ -206,19 +211,17 @@ def contrast_offset(image: np.ndarray, label: np.ndarray, affine: np.ndarray,
 
 def simulate_enhancement(image: np.ndarray, label: np.ndarray, affine: np.ndarray,
                          strength: float = 1.0) -> Volume:
-    """Every tissue group of :data:`~sfpc.training.enhancement.TOTALSEG_TISSUES` brightened by
+    """Every tissue group of ``sfpc.training.enhancement.TOTALSEG_TISSUES`` brightened by
     ``strength`` times the midpoint of its :data:`PORTAL_VENOUS_HU` range, smoothed over a
-    voxel, on voxels above -250 HU (gas inside the bowel does not enhance). ``label`` must hold
-    ct_a's raw TotalSegmentator ids."""
+    voxel, on voxels above the organ task's CT window (gas inside the bowel does not enhance,
+    as the training augmentation spares clipped voxels). ``label`` must hold ct_a's raw
+    TotalSegmentator ids."""
     img, lab, aff = _check(image, label, affine)
-    names = list(TOTALSEG_TISSUES)
-    tissue = np.zeros(lab.shape, dtype=np.int16)
-    for k, name in enumerate(names, start=1):
-        tissue[np.isin(lab, TOTALSEG_TISSUES[name])] = k
+    tissue, names = group_tissues(lab, tissue_map_for())
     added = {n: strength * 0.5 * (lo + hi) for n, (lo, hi) in PORTAL_VENOUS_HU.items()}
     delta = enhancement_hu(tissue, names, added)
     out = img.astype(np.float32)
-    out = np.where(out > -250.0, out + delta, out).astype(np.float32)
+    out = np.where(out > CT_WINDOW[0], out + delta, out).astype(np.float32)
     return out, lab.copy(), aff.copy()
 
 
@@ -426,26 +429,33 @@ def apply_shift(name: str, image: np.ndarray, label: np.ndarray, affine: np.ndar
     raise ValueError(f"shift {name!r} has unknown kind {shift.kind!r}")
 
 
+def write_case(name: str, volume: Volume, block: tuple[int, int], folder: str | Path,
+               label_map: Mapping[int, int]) -> dict[str, Any]:
+    """One shifted volume written to ``folder`` as NIfTI, and its dataset entry (layout "json",
+    role "val") restricted to ``block``, the slices of the shifted grid to score. Uncompressed:
+    gzip of a 0.7 mm volume would dominate the run."""
+    import nibabel as nib
+
+    img, lab, aff = volume
+    out = Path(folder).resolve()  # the dataset JSON may live elsewhere: absolute paths
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / "".join(c if c.isalnum() else "_" for c in name)
+    image_path, label_path = Path(f"{stem}_image.nii"), Path(f"{stem}_label.nii")
+    nib.save(nib.Nifti1Image(img, aff), str(image_path))
+    nib.save(nib.Nifti1Image(lab.astype(np.int16), aff), str(label_path))
+    return {"id": name, "image": str(image_path), "label": str(label_path),
+            "slices": list(block), "role": "val",
+            "label_map": {str(k): int(v) for k, v in label_map.items()}}
+
+
 def write_shifted_cases(image: np.ndarray, label: np.ndarray, affine: np.ndarray,
                         block: tuple[int, int], names: Sequence[str], folder: str | Path,
                         label_map: Mapping[int, int], seed: int = 0) -> list[dict[str, Any]]:
-    """Each shift of ``names`` applied to the volume and written to ``folder`` as NIfTI, with a
-    dataset entry (layout "json", role "val") restricted to the block's slices in the shifted
-    grid: cases for ``sfpc calibrate`` or the evaluator. Uncompressed: gzip of a 0.7 mm volume
-    would dominate the run."""
-    import nibabel as nib
-
-    out = Path(folder).resolve()  # the dataset JSON may live elsewhere: absolute paths
-    out.mkdir(parents=True, exist_ok=True)
+    """Each shift of ``names`` applied to the volume and written by :func:`write_case`, the
+    block mapped into the shifted grid: cases for ``sfpc calibrate`` or the evaluator."""
     entries = []
     for name in names:
-        img, lab, aff = apply_shift(name, image, label, affine, seed=seed)
-        slab = map_slab(block, affine, image.shape, aff, img.shape)
-        stem = out / "".join(c if c.isalnum() else "_" for c in name)
-        image_path, label_path = Path(f"{stem}_image.nii"), Path(f"{stem}_label.nii")
-        nib.save(nib.Nifti1Image(img, aff), str(image_path))
-        nib.save(nib.Nifti1Image(lab.astype(np.int16), aff), str(label_path))
-        entries.append({"id": name, "image": str(image_path), "label": str(label_path),
-                        "slices": list(slab), "role": "val",
-                        "label_map": {str(k): int(v) for k, v in label_map.items()}})
+        shifted = apply_shift(name, image, label, affine, seed=seed)
+        slab = map_slab(block, affine, image.shape, shifted[2], shifted[0].shape)
+        entries.append(write_case(name, shifted, slab, folder, label_map))
     return entries
