@@ -14,6 +14,11 @@ pass the methods need, each pass timed:
 - ``flpm_flip``: ``flip=True`` in uncertainty mode -> **FLPM + flip** (entropy of the 2M-sample
   mean).
 
+- ``--candidate KEY=EXPORT``: another export of the same contract whose uncertainty graph is a
+  different method (``sfpc export --uncertainty-method mc_dropout|flpm_stages``, ``--ensemble``)
+  -> its entropy (``KEY``) and mutual information (``KEY_mi``), one pass of that export, its
+  Dice from its own served mask, its flag from its own calibrated threshold.
+
 Flip passes are asked of the engine once before the run; when it refuses (a model trained
 without flips) both flip methods are reported unavailable with the engine's reason.
 
@@ -38,6 +43,8 @@ labelled patient exists. Usage::
     OMP_NUM_THREADS=1 python benchmarks/uncertainty_shift.py \\
         --json benchmarks/uncertainty_shift_default_model.json
     python benchmarks/uncertainty_shift.py --shifts "none,noise 30HU" --export path/to/export
+    python benchmarks/uncertainty_shift.py --candidate mc_dropout=runs/mc --candidate \
+        ensemble=runs/ens/export --json benchmarks/uncertainty_shift_candidates.json
 """
 
 from __future__ import annotations
@@ -84,6 +91,23 @@ PASSES: dict[str, tuple[bool, bool]] = {
 REFERENCE_PASS = "plain"
 
 
+CANDIDATE_PREFIX = "candidate:"
+
+
+def pass_spec(name: str) -> tuple[bool, bool]:
+    """(uncertainty, flip) of an engine pass; a candidate export's pass is its uncertainty
+    graph, unflipped."""
+    return (True, False) if name.startswith(CANDIDATE_PREFIX) else PASSES[name]
+
+
+def candidate_methods(key: str, title: str) -> tuple[Method, Method]:
+    """The entropy and the mutual information of candidate export ``key``'s pass."""
+    source = CANDIDATE_PREFIX + key
+    return (Method(key, f"{title} entropy", source, "entropy", (source,)),
+            Method(f"{key}_mi", f"{title} mutual information", source, "mutual_information",
+                   (source,)))
+
+
 @dataclass(frozen=True)
 class Method:
     """An uncertainty method: the map ``map_name`` of engine pass ``source`` (its argmax gives
@@ -119,7 +143,7 @@ def method_availability(methods: Sequence[Method], has_uncertainty: bool,
     engine's reason when it refused)."""
     out: dict[str, str | None] = {}
     for m in methods:
-        uncertainty, flip = PASSES[m.source]
+        uncertainty, flip = pass_spec(m.source)
         reasons = []
         if uncertainty and not has_uncertainty:
             reasons.append("the export has no uncertainty graph (no FLPM)")
@@ -251,9 +275,11 @@ def probe_flip(engine: Any, model_image: np.ndarray) -> str | None:
 
 def run_case(index: int, name: str, engine: Any, image: np.ndarray, label: np.ndarray,
              affine: np.ndarray, passes: Sequence[str], acc: Accumulator,
-             seed: int) -> dict[str, Any]:
+             seed: int, candidates: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Shift ct_a, run the passes (timed, order rotated by ``index``) and the served segment
-    call(s), and feed the accumulator."""
+    call(s), and feed the accumulator. ``candidates`` maps a candidate pass's name to its
+    engine (same contract as ``engine``, so the same model-grid image feeds it)."""
+    candidates = candidates or {}
     t0 = time.perf_counter()
     img, lab, aff = apply_shift(name, image, label, affine, seed=seed)
     block = map_slab(VAL_BLOCK, affine, image.shape, aff, img.shape)
@@ -265,9 +291,10 @@ def run_case(index: int, name: str, engine: Any, image: np.ndarray, label: np.nd
     seconds: dict[str, float] = {}
     methods: dict[str, Any] = {}
     for p in [*passes[k:], *passes[:k]]:  # rotated: no pass always runs first or last
-        uncertainty, flip = PASSES[p]
+        uncertainty, flip = pass_spec(p)
         t = time.perf_counter()
-        out = engine.infer_model_grid(model_image, uncertainty=uncertainty, flip=flip)
+        out = candidates.get(p, engine).infer_model_grid(model_image, uncertainty=uncertainty,
+                                                         flip=flip)
         seconds[p] = time.perf_counter() - t
         methods.update(acc.add(p, *pass_outputs(out, mslab), label_model))
         del out
@@ -275,11 +302,15 @@ def run_case(index: int, name: str, engine: Any, image: np.ndarray, label: np.nd
     ras_label = crop_last(to_orientation(mapped, aff, "RAS")[0], block)
     dice: dict[str, dict[str, float]] = {}
     has_unc = bool(engine.metadata.has_uncertainty)
-    for flip in sorted({PASSES[p][1] for p in passes}):
+    for flip in sorted({pass_spec(p)[1] for p in passes if p not in candidates}):
         # The served mask of the request that carries the flag; no maps restored (unused).
         seg = engine.segment(img, aff, uncertainty=has_unc, flip=flip, maps=())
         mask = crop_last(to_orientation(seg.mask, aff, "RAS")[0], block)
         dice["flip" if flip else "served"] = foreground_dice(mask, ras_label, acc.class_names)
+    for p, other in candidates.items():
+        seg = other.segment(img, aff, uncertainty=True, maps=())
+        mask = crop_last(to_orientation(seg.mask, aff, "RAS")[0], block)
+        dice[p] = foreground_dice(mask, ras_label, acc.class_names)
     return {"shift": name, "description": shift_named(name).description,
             "shape": [int(n) for n in img.shape], "block": list(block),
             "model_slab": list(mslab), "dice": dice, "methods": methods,
@@ -289,10 +320,13 @@ def run_case(index: int, name: str, engine: Any, image: np.ndarray, label: np.nd
 
 def summarise(methods: Sequence[Method], availability: Mapping[str, str | None],
               acc: Accumulator, cases: Sequence[Mapping[str, Any]],
-              quality: Mapping[str, Any] | None, *, n_boot: int, seed: int
+              quality: Mapping[str, Any] | None, *, n_boot: int, seed: int,
+              candidate_quality: Mapping[str, Mapping[str, Any] | None] | None = None
               ) -> dict[str, Any]:
     """Per method: detection (overall and organ region, with the bootstrap against softmax
-    entropy), ECE, flag outcome, cost; unavailable methods carry their reason only."""
+    entropy), ECE, flag outcome, cost; unavailable methods carry their reason only. A
+    candidate's flag uses its own export's threshold (``candidate_quality``, by pass name)."""
+    candidate_quality = candidate_quality or {}
     ref = next(m for m in methods if m.key == REFERENCE)
     ref_overall = acc.scorers[ref.source].volume_histograms[ref.map_name]
     seconds = {p: [c["seconds"][p] for c in cases] for p in acc.scorers}
@@ -303,7 +337,8 @@ def summarise(methods: Sequence[Method], availability: Mapping[str, str | None],
             continue
         scorer = acc.scorers[m.source]
         is_ref = m.key == REFERENCE
-        family = "flip" if PASSES[m.source][1] else "served"
+        candidate = m.source.startswith(CANDIDATE_PREFIX)
+        family = m.source if candidate else ("flip" if PASSES[m.source][1] else "served")
         dice = [c["dice"][family]["mean"] for c in cases]
         calib = scorer.summary()["calibration"]
         entry: dict[str, Any] = {
@@ -316,12 +351,14 @@ def summarise(methods: Sequence[Method], availability: Mapping[str, str | None],
             "mean_dice": float(np.mean(dice)),
             "cost": cost(seconds, m.passes),
         }
-        if quality:
-            entry["flag"] = flag_outcome(acc.boundary[m.key], dice, quality)
+        q = candidate_quality.get(m.source) if candidate else quality
+        if q:
+            entry["flag"] = flag_outcome(acc.boundary[m.key], dice, q)
             # The export's threshold was chosen on the single-pass entropy map: on another
             # map's scale it is applied as the brief asks, but it is not calibrated there.
             entry["flag"]["threshold_chosen_on_this_map"] = (
-                m.source == "flpm" and m.map_name == quality.get("map", "entropy"))
+                m.source in ("flpm", m.source if candidate else "")
+                and m.map_name == q.get("map", "entropy"))
         out[m.key] = entry
     return out
 
@@ -405,7 +442,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, "ct_a_image/ct_a_label")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates")
+    parser.add_argument("--candidate", action="append", default=[], metavar="KEY=EXPORT",
+                        help="another export of the same contract whose uncertainty graph is "
+                             "a different method (repeatable)")
     args = parser.parse_args(argv)
+    wanted = {}
+    for spec in args.candidate:
+        key, sep, path = spec.partition("=")
+        if not sep or not key or not path:
+            parser.error(f"--candidate {spec!r}: expected KEY=EXPORT_DIR")
+        wanted[key] = path
     names = chosen_shifts(parser, args.shifts)
     image, label, affine = read_ct_a(parser, args.data)
 
@@ -420,9 +466,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     flip_refusal = probe_flip(engine, warm)
     if flip_refusal is None and meta.has_uncertainty:
         engine.infer_model_grid(warm, uncertainty=True, flip=True)
+    candidates: dict[str, Any] = {}
+    all_methods = list(METHODS)
+    for key, path in wanted.items():
+        other = load_engine(path, threads=args.threads)
+        if not other.metadata.has_uncertainty:
+            parser.error(f"--candidate {key}: {path} has no uncertainty graph")
+        other.infer_model_grid(warm, uncertainty=True)  # warm-up, untimed
+        candidates[CANDIDATE_PREFIX + key] = other
+        method = other.metadata.uncertainty_method or "flpm"
+        samples = other.metadata.perturbation["M"]
+        all_methods += candidate_methods(key, f"{key} ({method}, M={samples})")
     del warm
-    availability = method_availability(METHODS, bool(meta.has_uncertainty), flip_refusal)
-    methods = [m for m in METHODS if not availability[m.key]]
+    availability = method_availability(all_methods, bool(meta.has_uncertainty), flip_refusal)
+    methods = [m for m in all_methods if not availability[m.key]]
     passes = list(dict.fromkeys(p for m in methods for p in m.passes))
     log(f"model {meta.name} {meta.version}; {len(names)} shifts; passes {passes}; "
         f"{args.threads} thread(s)" + (f"; flip refused: {flip_refusal}" if flip_refusal else ""))
@@ -430,14 +487,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     acc = Accumulator([str(c) for c in meta.class_names], methods, engine.band)
     cases = []
     for i, name in enumerate(names):
-        c = run_case(i, name, engine, image, label, affine, passes, acc, args.seed)
+        c = run_case(i, name, engine, image, label, affine, passes, acc, args.seed, candidates)
         cases.append(c)
         log(f"[{i + 1}/{len(names)}] {name}: Dice {c['dice']['served']['mean']:.3f}, organ "
             "AUROC " + ", ".join(f"{k} {_f(v['organ_auroc'])}" for k, v in c["methods"].items())
             + f" ({c['seconds']['total']:.1f} s)")
     quality = meta.quality or None
-    summary = summarise(METHODS, availability, acc, cases, quality, n_boot=args.bootstrap,
-                        seed=args.seed)
+    summary = summarise(all_methods, availability, acc, cases, quality, n_boot=args.bootstrap,
+                        seed=args.seed, candidate_quality={
+                            p: e.metadata.quality or None for p, e in candidates.items()})
     threshold = None if quality is None else float(quality["threshold"])
     print(f"\nUncertainty under shift: {len(cases)} shifted copies of ct_a, held-out block "
           f"{list(VAL_BLOCK)}, model {meta.name} {meta.version}\n")
@@ -450,6 +508,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {"command": command_line(), "val_block": list(VAL_BLOCK), "seed": args.seed,
                      "threads": args.threads, "bootstrap": args.bootstrap,
                      "data": str(args.data), "shifts": names, "band": engine.band},
+        "candidates": {p[len(CANDIDATE_PREFIX):]: {
+            "export": wanted[p[len(CANDIDATE_PREFIX):]],
+            "method": e.metadata.maps_method(), "temperature": float(e.metadata.temperature or 1),
+            "quality": e.metadata.quality or None} for p, e in candidates.items()},
         "availability": availability,
         "summary": summary,
         "cases": cases,

@@ -26,6 +26,7 @@ from sfpc.inference.contract import (
     SEG_GRAPH,
     TEMPERATURE_NAME,
     UNCERTAINTY_GRAPH,
+    UNCERTAINTY_METHODS,
     UNCERTAINTY_OUTPUTS,
     ModelMetadata,
     load_metadata,
@@ -34,6 +35,13 @@ from sfpc.inference.contract import (
 from sfpc.model.networks import UNCERTAINTY_GRAPHS, NetConfig, SFPCNet, UncertaintyHead
 from sfpc.model.perturbation import eps_grid
 from sfpc.model.shared_weights import WEIGHTS_FILE, share_weights
+from sfpc.model.uncertainty_heads import (
+    EnsembleHead,
+    EnsembleNet,
+    MCDropoutHead,
+    StageFLPMHead,
+    dropout_rates,
+)
 
 # File names are recorded in the metadata ('graphs'), so readers never assume them.
 SEG_FILE = "seg.onnx"
@@ -82,6 +90,8 @@ def export_model(
     uncertainty_graph: str = "folded",
     serving_tau: float | None = None,
     inline_weights: bool = False,
+    uncertainty_method: str = "flpm",
+    stage_spreads: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> ModelMetadata:
     """Write seg.onnx, seg_uncertainty.onnx (when the net has FLPM), weights.bin and
     sfpc_model.json.
@@ -93,7 +103,18 @@ def export_model(
     The graphs' weights are stored once, in weights.bin, which both graphs reference as ONNX
     external data (sfpc.model.shared_weights); ``inline_weights`` keeps them inside each graph
     instead (single-file graphs, the weights twice).
+    ``uncertainty_method`` picks what the uncertainty graph samples (contract
+    UNCERTAINTY_METHODS, sfpc.model.uncertainty_heads): "flpm" (default), "flpm_stages" (FLPM
+    at the decoder depths of ``stage_spreads``, which :func:`stage_spreads` measures; depth 0
+    is the trained module), "mc_dropout" (M encoder-dropout samples). Ensembles:
+    :func:`export_ensemble`.
     """
+    if uncertainty_method not in UNCERTAINTY_METHODS or uncertainty_method == "ensemble":
+        choices = [m for m in UNCERTAINTY_METHODS if m != "ensemble"]
+        raise ValueError(f"uncertainty_method must be one of {choices} (ensembles: "
+                         f"export_ensemble), not {uncertainty_method!r}")
+    if uncertainty_method == "flpm_stages" and not stage_spreads:
+        raise ValueError("flpm_stages needs the spreads of its decoder depths (stage_spreads)")
     if uncertainty_graph not in UNCERTAINTY_GRAPHS:
         raise ValueError(f"uncertainty_graph must be one of {UNCERTAINTY_GRAPHS}, "
                          f"not {uncertainty_graph!r}")
@@ -110,32 +131,66 @@ def export_model(
     meta.graphs = {}
     _export(net, (example,), out / SEG_FILE, (INPUT_NAME,), PLAIN_OUTPUTS, dynamic_spatial)
     meta.graphs[SEG_GRAPH] = {"file": SEG_FILE}
-    if net.flpm() is not None:
-        m = int(m or meta.perturbation.get("M") or 4)
+    m = int(m or meta.perturbation.get("M") or 4)
+    if uncertainty_method == "mc_dropout":
+        head: torch.nn.Module | None = MCDropoutHead(net, m)
+        meta.uncertainty_graph = "stacked"
+        meta.perturbation = {"kind": "mc_dropout", "M": m, "tau": None, "eps_grid": [],
+                             "dropout": dropout_rates(net),
+                             "training_tau": meta.perturbation.get("training_tau")
+                             or meta.perturbation.get("tau")}
+    elif net.flpm() is not None:
         flpm = net.flpm()
         training_tau = float(meta.perturbation.get("training_tau") or flpm.tau)
         tau = float(flpm.tau if serving_tau is None else serving_tau)
         if tau <= 0:
             raise ValueError(f"serving_tau must be > 0, got {tau}")
-        head = UncertaintyHead(net, m, uncertainty_graph)
-        temperature = torch.ones(1, 1)
-        kept, flpm.tau = flpm.tau, tau  # the head reads tau while it is traced
-        try:
-            _export(head, (example, temperature), out / UNCERTAINTY_FILE,
-                    (INPUT_NAME, TEMPERATURE_NAME), UNCERTAINTY_OUTPUTS, dynamic_spatial)
-        finally:
-            flpm.tau = kept
-        meta.uncertainty_graph = uncertainty_graph
-        meta.uncertainty_method = "flpm"
-        meta.graphs[UNCERTAINTY_GRAPH] = {"file": UNCERTAINTY_FILE}
         meta.perturbation = {"kind": "flpm", "M": m, "tau": tau, "eps_grid": eps_grid(m, tau),
                              "training_tau": training_tau,
-                             "running_dmu_mean": float(net.flpm().running_dmu.mean()),
-                             "running_dsigma_mean": float(net.flpm().running_dsigma.mean())}
+                             "running_dmu_mean": float(flpm.running_dmu.mean()),
+                             "running_dsigma_mean": float(flpm.running_dsigma.mean())}
+        if uncertainty_method == "flpm_stages":
+            head = StageFLPMHead(net, m, stage_spreads or {}, tau)
+            meta.uncertainty_graph = "stacked"
+            meta.perturbation["depths"] = head.depths
+            meta.perturbation["stage_spreads"] = {
+                str(d): {"dmu": getattr(head, f"dmu{d}").tolist(),
+                         "dsigma": getattr(head, f"dsigma{d}").tolist()}
+                for d in head.depths if d != 0}
+        else:
+            head = UncertaintyHead(net, m, uncertainty_graph)
+            meta.uncertainty_graph = uncertainty_graph
+    else:
+        if uncertainty_method != "flpm":
+            raise ValueError(f"{uncertainty_method} needs a network trained with FLPM")
+        head = None
+    if head is not None:
+        _export_uncertainty(head, net, example, out, dynamic_spatial,
+                            tau=meta.perturbation.get("tau"))
+        meta.uncertainty_method = uncertainty_method
+        meta.graphs[UNCERTAINTY_GRAPH] = {"file": UNCERTAINTY_FILE}
     else:
         meta.perturbation = {"kind": None, "M": 0, "tau": 0.0, "eps_grid": []}
         meta.uncertainty_graph = ""
         meta.uncertainty_method = ""
+    return _finish(meta, out, inline_weights)
+
+
+def _export_uncertainty(head: torch.nn.Module, net: SFPCNet, example: torch.Tensor, out: Path,
+                        dynamic_spatial: bool, tau: float | None) -> None:
+    flpm = net.flpm()
+    kept = flpm.tau if flpm is not None else None
+    if flpm is not None and tau is not None:
+        flpm.tau = float(tau)  # the folded and stacked heads read tau while they are traced
+    try:
+        _export(head, (example, torch.ones(1, 1)), out / UNCERTAINTY_FILE,
+                (INPUT_NAME, TEMPERATURE_NAME), UNCERTAINTY_OUTPUTS, dynamic_spatial)
+    finally:
+        if flpm is not None:
+            flpm.tau = kept
+
+
+def _finish(meta: ModelMetadata, out: Path, inline_weights: bool) -> ModelMetadata:
     files = [entry["file"] for entry in meta.graphs.values()]
     if inline_weights:
         (out / WEIGHTS_FILE).unlink(missing_ok=True)  # a shared export's, written before
@@ -153,6 +208,64 @@ def export_model(
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, **kwargs) -> ModelMetadata:
     net, meta = load_checkpoint(checkpoint)
     return export_model(net, meta, out_dir, **kwargs)
+
+
+def export_ensemble(
+    checkpoints: list[str | Path],
+    out_dir: str | Path,
+    *,
+    dynamic_spatial: bool = True,
+    name: str | None = None,
+    version: str | None = None,
+    inline_weights: bool = False,
+) -> ModelMetadata:
+    """A deep ensemble of ``checkpoints`` as one export: the segmentation graph returns the log
+    of the members' mean probabilities, the uncertainty graph their mean and mean entropy (one
+    sample per member). The members must share the serving contract (grid, window, classes)."""
+    if len(checkpoints) < 2:
+        raise ValueError("an ensemble needs at least two checkpoints")
+    loaded = [load_checkpoint(c) for c in checkpoints]
+    first = loaded[0][1].to_dict()
+    keys = ("spatial_dims", "in_channels", "num_classes", "class_names", "orientation", "plane",
+            "spacing", "input_mode", "resampling", "patch_size", "normalisation")
+    for path, (_, meta) in zip(checkpoints[1:], loaded[1:], strict=True):
+        differ = [k for k in keys if meta.to_dict()[k] != first[k]]
+        if differ:
+            raise ValueError(f"{path} serves differently from {checkpoints[0]}: {differ}")
+    nets = [net.cpu().eval() for net, _ in loaded]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = ModelMetadata.from_dict(first)
+    meta.name, meta.version = name or meta.name, version or meta.version
+    meta.dynamic_spatial = dynamic_spatial
+    example = torch.zeros(1, meta.in_channels, *meta.patch_size)
+    _export(EnsembleNet(nets), (example,), out / SEG_FILE, (INPUT_NAME,), PLAIN_OUTPUTS,
+            dynamic_spatial)
+    _export(EnsembleHead(nets), (example, torch.ones(1, 1)), out / UNCERTAINTY_FILE,
+            (INPUT_NAME, TEMPERATURE_NAME), UNCERTAINTY_OUTPUTS, dynamic_spatial)
+    meta.graphs = {SEG_GRAPH: {"file": SEG_FILE}, UNCERTAINTY_GRAPH: {"file": UNCERTAINTY_FILE}}
+    meta.uncertainty_method, meta.uncertainty_graph = "ensemble", "stacked"
+    meta.perturbation = {"kind": "ensemble", "M": len(nets), "tau": None, "eps_grid": []}
+    meta.net = {"ensemble": [m.net for _, m in loaded]}
+    meta.training = {"ensemble": [{"checkpoint": str(c), **m.training}
+                                  for c, (_, m) in zip(checkpoints, loaded, strict=True)]}
+    meta.metrics, meta.quality, meta.temperature, meta.created = {}, {}, 1.0, ""
+    return _finish(meta, out, inline_weights)
+
+
+def reference_head(net: SFPCNet, meta: ModelMetadata) -> torch.nn.Module:
+    """The torch module an export's uncertainty graph was traced from (FLPM: the "stacked"
+    equations as written, whichever graph was exported)."""
+    p, method = meta.perturbation, meta.uncertainty_method or "flpm"
+    if method == "mc_dropout":
+        return MCDropoutHead(net, p["M"])
+    if method == "flpm_stages":
+        spreads = {int(d): (torch.tensor(v["dmu"]), torch.tensor(v["dsigma"]))
+                   for d, v in p.get("stage_spreads", {}).items()}
+        return StageFLPMHead(net, p["M"], spreads, p["tau"])
+    if method != "flpm":
+        raise ValueError(f"no single-network reference for {method!r}")
+    return UncertaintyHead(net, p["M"], "stacked")
 
 
 def parity(
@@ -175,7 +288,7 @@ def parity(
     with torch.no_grad():
         ref = {PLAIN_OUTPUTS[0]: net(x).numpy()}
         if meta.has_uncertainty:
-            head = UncertaintyHead(net, meta.perturbation["M"], "stacked").eval()
+            head = reference_head(net, meta).eval()
             mp, me = head(x, torch.from_numpy(t))
             ref.update(zip(UNCERTAINTY_OUTPUTS, (mp.numpy(), me.numpy()), strict=True))
     for key, graph in meta.graphs.items():

@@ -7,6 +7,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from sfpc.inference.contract import UNCERTAINTY_METHODS
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
@@ -27,6 +29,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tau", type=float, default=None,
                    help="FLPM range of the uncertainty graph (default: the training tau; "
                         "docs/uncertainty.md on fitting it for serving)")
+    p.add_argument("--uncertainty-method", default="flpm",
+                   choices=[m for m in UNCERTAINTY_METHODS if m != "ensemble"],
+                   help="what the uncertainty graph samples: flpm (default, the paper's FLPM "
+                        "before the classifier), flpm_stages (FLPM at more decoder depths; "
+                        "needs --stage-spreads), mc_dropout (M encoder-dropout samples, "
+                        "deterministic masks). docs/uncertainty.md compares them")
+    p.add_argument("--stage-spreads", type=Path,
+                   help="JSON of `sfpc stage-spreads` (for --uncertainty-method flpm_stages)")
+    p.add_argument("--ensemble", nargs="+", metavar="CHECKPOINT",
+                   help="more checkpoints: export --checkpoint and these as one deep ensemble "
+                        "(one graph; the members' mean probabilities and their spread)")
     p.add_argument("--fixed-spatial", action="store_true",
                    help="fix spatial dims to the patch size (TensorRT plans like this)")
     p.add_argument("--inline-weights", action="store_true",
@@ -45,15 +58,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.fp16 and not a.gpu:
         p.error("--fp16 (TensorRT) runs on GPU instances: add --gpu")
 
+    if a.uncertainty_method == "flpm_stages" and not a.stage_spreads:
+        p.error("--uncertainty-method flpm_stages needs --stage-spreads (sfpc stage-spreads)")
     import numpy as np
 
-    from sfpc.model.export import export_model, load_checkpoint, parity
+    from sfpc.model.export import export_ensemble, export_model, load_checkpoint, parity
 
+    if a.ensemble:
+        try:
+            written = export_ensemble([a.checkpoint, *a.ensemble], a.out,
+                                      dynamic_spatial=not a.fixed_spatial, name=a.name,
+                                      version=a.model_version, inline_weights=a.inline_weights)
+        except ValueError as exc:  # members that serve differently
+            p.error(str(exc))
+        print(json.dumps({"export": a.out, "graphs": written.graphs,
+                          "members": len(a.ensemble) + 1}, indent=2))
+        return 0
+    spreads = None
+    if a.stage_spreads:
+        import torch
+
+        depths = json.loads(a.stage_spreads.read_text())["depths"]
+        spreads = {int(d): (torch.tensor(v["dmu"]), torch.tensor(v["dsigma"]))
+                   for d, v in depths.items()}
     net, meta = load_checkpoint(a.checkpoint)
-    written = export_model(net, meta, a.out, m=a.m, dynamic_spatial=not a.fixed_spatial,
-                           name=a.name, version=a.model_version,
-                           uncertainty_graph=a.uncertainty_graph, serving_tau=a.tau,
-                           inline_weights=a.inline_weights)
+    try:
+        written = export_model(net, meta, a.out, m=a.m, dynamic_spatial=not a.fixed_spatial,
+                               name=a.name, version=a.model_version,
+                               uncertainty_graph=a.uncertainty_graph, serving_tau=a.tau,
+                               inline_weights=a.inline_weights,
+                               uncertainty_method=a.uncertainty_method, stage_spreads=spreads)
+    except ValueError as exc:  # a method this network cannot run (e.g. no dropout, no FLPM)
+        p.error(str(exc))
     report: dict = {"export": a.out, "graphs": written.graphs, "weights": written.weights}
     if a.check:
         x = np.random.default_rng(0).normal(size=(2, meta.in_channels, *meta.patch_size))

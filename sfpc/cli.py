@@ -110,6 +110,12 @@ def _cmd_export(argv: Sequence[str]) -> int:
     return export_cli.main(list(argv))
 
 
+def _cmd_stage_spreads(argv: Sequence[str]) -> int:
+    from sfpc.training import stage_spreads
+
+    return stage_spreads.main(list(argv))
+
+
 def _cmd_organ_split(argv: Sequence[str]) -> int:
     from sfpc.training import organ_task
 
@@ -189,6 +195,8 @@ COMMANDS = {
     "demo": (_cmd_demo, "synthetic data -> short training -> evaluation, end to end"),
     "uncertainty-eval": (_cmd_uncertainty_eval, "score uncertainty maps (error AUROC/AP, ECE) of "
                                                 "an export on labelled cases"),
+    "stage-spreads": (_cmd_stage_spreads, "measure FLPM spreads at more decoder depths "
+                                           "(for export --uncertainty-method flpm_stages)"),
     "calibrate": (_cmd_calibrate, "fit an export's temperature and review-flag threshold"),
     "build-default-model": (_cmd_build_default_model, "re-create the shipped organ CT model "
                                                       "from shared/data/organs"),

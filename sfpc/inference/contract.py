@@ -41,6 +41,10 @@ SCHEMA_VERSION = 1
 
 SEG_GRAPH = "seg"  # image -> logits
 UNCERTAINTY_GRAPH = "uncertainty"  # image, temperature -> mean_probs, mean_entropy
+# What can produce the uncertainty graph's samples (issue 18; docs/uncertainty.md compares them):
+# FLPM before the classifier (the paper's, served by default), FLPM at several decoder depths,
+# Monte Carlo dropout, and a deep ensemble exported as one graph.
+UNCERTAINTY_METHODS = ("flpm", "flpm_stages", "mc_dropout", "ensemble")
 GRAPH_KINDS = (SEG_GRAPH, UNCERTAINTY_GRAPH)
 INPUT_NAME = "image"  # [B, C_in, *spatial] float32
 TEMPERATURE_NAME = "temperature"  # [B, 1] float32, uncertainty graph only
@@ -178,9 +182,9 @@ class ModelMetadata:
     # How the uncertainty graph computes its M predictions: "folded" (FLPM folded into the
     # classifier weights) or "stacked" (perturbed feature stack); "" when there is none.
     uncertainty_graph: str = "folded"
-    # Which method produced the uncertainty maps (issue 18): "flpm" (M feature-level
-    # perturbations in one pass, the paper's); "" in exports from before the field, read as
-    # the perturbation's kind (see ``maps_method``).
+    # Which method produced the uncertainty maps (issue 18), one of UNCERTAINTY_METHODS: "flpm"
+    # (M feature-level perturbations in one pass, the paper's); "" in exports from before the
+    # field, read as the perturbation's kind (see ``maps_method``).
     uncertainty_method: str = ""
     # Per-case quality flag: {"measure": "boundary_uncertainty", "threshold": float, ...}, chosen
     # on validation data (issue 7); empty = the server reports no flag.

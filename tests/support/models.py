@@ -44,8 +44,10 @@ def smooth_batch(rng: np.random.Generator, count: int, patch: Sequence[int],
 
 def train_tiny_net(spatial_dims: int, num_classes: int, patch: Sequence[int], *,
                    in_channels: int = 1, channels: Sequence[int] = GATEWAY_CHANNELS,
-                   steps: int = 8, seed: int = 0) -> Any:
-    """A narrow SFPCNet trained ``steps`` SGD steps at one torch thread; eval mode."""
+                   steps: int = 8, seed: int = 0,
+                   encoder_dropout: Sequence[float] | None = None) -> Any:
+    """A narrow SFPCNet trained ``steps`` SGD steps at one torch thread; eval mode. No encoder
+    dropout unless ``encoder_dropout`` gives its rates."""
     import torch
 
     from sfpc.model.networks import NetConfig, SFPCNet
@@ -56,7 +58,7 @@ def train_tiny_net(spatial_dims: int, num_classes: int, patch: Sequence[int], *,
     try:
         cfg = NetConfig(spatial_dims=spatial_dims, in_channels=in_channels,
                         num_classes=num_classes, channels=tuple(channels),
-                        encoder_dropout=(0.0,) * len(channels))
+                        encoder_dropout=tuple(encoder_dropout or (0.0,) * len(channels)))
         net = SFPCNet(cfg)
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         rng = np.random.default_rng(seed)
