@@ -145,7 +145,8 @@ def method_availability(methods: Sequence[Method], has_uncertainty: bool,
     for m in methods:
         uncertainty, flip = pass_spec(m.source)
         reasons = []
-        if uncertainty and not has_uncertainty:
+        # A candidate's pass runs its own export's uncertainty graph (checked when loaded).
+        if uncertainty and not has_uncertainty and not m.source.startswith(CANDIDATE_PREFIX):
             reasons.append("the export has no uncertainty graph (no FLPM)")
         if flip and flip_refusal:
             reasons.append(f"the engine refuses flip: {flip_refusal}")

@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 
 from benchmarks.uncertainty_shift import (
+    CANDIDATE_PREFIX,
     METHODS,
     Accumulator,
     Method,
+    candidate_methods,
     cost,
     detection,
     flag_outcome,
     method_availability,
+    pass_spec,
+    summarise,
     summary_table,
 )
 from sfpc.training.uncertainty_metrics import ScoreHistogram
@@ -114,3 +118,41 @@ def test_summary_table_marks_unavailable_methods_once_per_reason() -> None:
     assert "| flip TTA | unavailable |" in text
     assert text.count("unavailable (no flips)") == 1
     assert "flip TTA, FLPM + flip: unavailable (no flips)" in text
+
+
+def test_a_candidate_export_is_one_unflipped_uncertainty_pass_with_its_own_flag() -> None:
+    ent, mi = candidate_methods("ens", "ensemble")
+    assert ent.source == mi.source == CANDIDATE_PREFIX + "ens"
+    assert (ent.key, mi.key) == ("ens", "ens_mi")
+    assert (ent.map_name, mi.map_name) == ("entropy", "mutual_information")
+    assert pass_spec(ent.source) == (True, False)
+    # Available even when the main export has no uncertainty graph: the candidate has its own.
+    assert method_availability([ent], False, "no flips") == {"ens": None}
+
+    # Two cases, one voxel row each; the served (plain) and the candidate pass score the same
+    # errors. The candidate's flag uses its own threshold 0.5, the main export's is 0.08.
+    label = np.array([0, 0, 1, 1])[..., None, None]
+    probs = np.array([[0.9, 0.4, 0.2, 0.6], [0.1, 0.6, 0.8, 0.4]], np.float32)[..., None, None]
+    soft = Method("softmax_entropy", "softmax entropy", "plain", "entropy", ("plain",))
+    acc = Accumulator(["bg", "fg"], [soft, ent, mi], band=1)
+    cases = []
+    for u in (0.3, 0.7):
+        maps = {"entropy": np.full((4, 1, 1), u, np.float32),
+                "mutual_information": np.full((4, 1, 1), u / 10, np.float32)}
+        acc.add("plain", probs, {"entropy": maps["entropy"]}, label)
+        acc.add(ent.source, probs, maps, label)
+        cases.append({"dice": {"served": {"mean": 0.9}, ent.source: {"mean": 0.6 if u > 0.5
+                                                                      else 0.9}},
+                      "seconds": {"plain": 1.0, ent.source: 1.5}})
+    availability = {"softmax_entropy": None, "ens": None, "ens_mi": None}
+    out = summarise([soft, ent, mi], availability, acc, cases, QUALITY, n_boot=20, seed=0,
+                    candidate_quality={ent.source: {**QUALITY, "threshold": 0.5}})
+    # Boundary uncertainty is the map's value (constant): 0.3 and 0.7 -> fires on case 2 only,
+    # the one below the Dice target: sensitivity 1, specificity 1.
+    assert out["ens"]["flag"]["sensitivity"] == 1.0 and out["ens"]["flag"]["specificity"] == 1.0
+    assert out["ens"]["flag"]["threshold_chosen_on_this_map"] is True
+    assert out["ens_mi"]["flag"]["threshold_chosen_on_this_map"] is False
+    assert out["ens"]["mean_dice"] == pytest.approx(0.75)
+    assert out["ens"]["cost"]["relative"] == pytest.approx(1.5)
+    # Under the main export's 0.08 both softmax cases fire: specificity 0 on the Dice-0.9 case.
+    assert out["softmax_entropy"]["flag"]["specificity"] == 0.0
