@@ -326,7 +326,8 @@ def summarise(methods: Sequence[Method], availability: Mapping[str, str | None],
               ) -> dict[str, Any]:
     """Per method: detection (overall and organ region, with the bootstrap against softmax
     entropy), ECE, flag outcome, cost; unavailable methods carry their reason only. A
-    candidate's flag uses its own export's threshold (``candidate_quality``, by pass name)."""
+    candidate's flag uses its own export's threshold (``candidate_quality``, by pass name),
+    or the main export's when it has none."""
     candidate_quality = candidate_quality or {}
     ref = next(m for m in methods if m.key == REFERENCE)
     ref_overall = acc.scorers[ref.source].volume_histograms[ref.map_name]
@@ -352,13 +353,15 @@ def summarise(methods: Sequence[Method], availability: Mapping[str, str | None],
             "mean_dice": float(np.mean(dice)),
             "cost": cost(seconds, m.passes),
         }
-        q = candidate_quality.get(m.source) if candidate else quality
+        # An uncalibrated candidate borrows the main export's threshold (marked as such).
+        own = candidate_quality.get(m.source) if candidate else None
+        q = own or quality
         if q:
             entry["flag"] = flag_outcome(acc.boundary[m.key], dice, q)
             # The export's threshold was chosen on the single-pass entropy map: on another
             # map's scale it is applied as the brief asks, but it is not calibrated there.
             entry["flag"]["threshold_chosen_on_this_map"] = (
-                m.source in ("flpm", m.source if candidate else "")
+                (bool(own) if candidate else m.source == "flpm")
                 and m.map_name == q.get("map", "entropy"))
         out[m.key] = entry
     return out

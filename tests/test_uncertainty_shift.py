@@ -156,3 +156,8 @@ def test_a_candidate_export_is_one_unflipped_uncertainty_pass_with_its_own_flag(
     assert out["ens"]["cost"]["relative"] == pytest.approx(1.5)
     # Under the main export's 0.08 both softmax cases fire: specificity 0 on the Dice-0.9 case.
     assert out["softmax_entropy"]["flag"]["specificity"] == 0.0
+    # Uncalibrated, the candidate borrows 0.08: both fire, and the table says it was not
+    # chosen on this map.
+    borrowed = summarise([soft, ent], availability, acc, cases, QUALITY, n_boot=20, seed=0)
+    assert borrowed["ens"]["flag"]["specificity"] == 0.0
+    assert borrowed["ens"]["flag"]["threshold_chosen_on_this_map"] is False
