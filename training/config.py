@@ -40,6 +40,9 @@ class TrainConfig:
     patch_size: list[int] = field(default_factory=lambda: [112, 112, 112])
     spacing: list[float | None] | None = None  # resample to this grid (mm); None = keep
     input_mode: str = "spacing"  # 2D: "resize" scales each slice to patch_size (paper's ACDC)
+    # 2.5D: k neighbouring slices on each side as extra channels (the contract's
+    # context_slices); they are taken on the model grid, so the spacing fixes the slice axis too.
+    context_slices: int = 0
     # "area" averages what a coarser voxel covers when an axis shrinks; "linear" is the old
     # trilinear resampling (docs/robustness.md measured the difference on noisy thin scans).
     resampling: str = "area"
@@ -128,6 +131,10 @@ HELP: dict[str, str] = {
                "axes; none: keep each image's own grid",
     "input_mode": "2D: spacing (resample to --spacing, then crop or pad to --patch-size) or "
                   "resize (scale each whole slice to --patch-size, the paper's ACDC recipe)",
+    "context_slices": "2D, --input-mode spacing: k, the neighbouring slices on each side of a "
+                      "slice that the network sees with it as extra channels (2.5D; 0: none), "
+                      "e.g. 1 for three slices; --spacing must then fix the slice axis too, "
+                      "e.g. --spacing 3,3,3 for axial slices 3 mm apart",
     "resampling": "how images reach --spacing: area (an output voxel is the mean of the input "
                   "voxels it covers where an axis shrinks, linear where it grows: a fine, noisy "
                   "scan reaches the model as a coarse acquisition would) or linear (trilinear "
@@ -413,6 +420,7 @@ def check_values(values: Mapping[str, Any]) -> None:
         "spatial_dims": _check_dims,
         "plane": lambda x: _choice("plane", x, tuple(PLANES)),
         "input_mode": lambda x: _choice("input_mode", x, ("spacing", "resize")),
+        "context_slices": lambda x: _number("context_slices", x, int, 0, example="1"),
         "resampling": lambda x: _choice("resampling", x, RESAMPLING_MODES),
         "foreground_fraction": lambda x: x is None or _number("foreground_fraction", x, float,
                                                               0, 1, example="0.33"),
@@ -478,6 +486,9 @@ def check_values(values: Mapping[str, Any]) -> None:
     if v.get("input_mode") == "resize" and dims == 3:
         raise ConfigError("input_mode", "resize is for 2D models (--spatial-dims 2); 3D models "
                                         "resample to --spacing")
+    if v.get("context_slices"):
+        check_context(v["context_slices"], dims, v.get("input_mode"), v.get("spacing"),
+                      v.get("plane"), given="spacing" in v)
     if "augment" in v:
         _check_augment(v["augment"], dims)
     if v.get("labelled_fraction") is not None and v.get("labelled_count") is not None:
@@ -632,6 +643,37 @@ def _check_spacing(value: Any, dims: int | None) -> None:
         raise ConfigError("spacing", f"both in-plane values are needed, {example}; got {value}")
 
 
+def check_context(context_slices: Any, dims: int | None, input_mode: str | None,
+                  spacing: Any, plane: str | None, given: bool = True) -> None:
+    """The fields a 2.5D model (``context_slices`` > 0) needs: a 2D model, resampled to a fixed
+    spacing whose slice axis is set too (its neighbours are model-grid slices). None for a field
+    not known yet (the plan chooses it); ``given`` False: the spacing is not known yet."""
+    _number("context_slices", context_slices, int, 0, example="1")
+    if not context_slices:
+        return
+    k = context_slices
+    if dims is not None and dims != 2:
+        raise ConfigError("context_slices", f"{k} neighbouring slices are for 2D models (a 3D "
+                                            "model sees them already): add --spatial-dims 2 or "
+                                            "use --context-slices 0")
+    if input_mode == "resize":
+        raise ConfigError("context_slices", "neighbouring slices are taken on the model grid, "
+                                            "which --input-mode resize does not fix: use "
+                                            "--input-mode spacing with e.g. --spacing 3,3,3")
+    if not given:
+        return
+    axis = PLANES.get(plane or "axial", 2)
+    values = list(spacing) if isinstance(spacing, (list, tuple)) else []
+    fixed = (len(values) == 1 and values[0] is not None) or (
+        len(values) == 3 and values[axis] is not None)
+    if not fixed:
+        raise ConfigError("context_slices", f"needs the slice spacing of the model grid: "
+                                            f"--spacing {spacing!r} leaves the {plane or 'axial'} "
+                                            f"slice axis (RAS axis {axis}) at each scan's own; "
+                                            "give three values, e.g. --spacing 3,3,3 (or one "
+                                            "for all axes)")
+
+
 def _check_augment(value: Any, dims: int | None) -> None:
     if not isinstance(value, Mapping):
         raise ConfigError("augment", "expected a JSON object, e.g. --augment "
@@ -686,16 +728,20 @@ def _check_augment(value: Any, dims: int | None) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_spacing(spacing: Any, spatial_dims: int, plane: str) -> list[float | None] | None:
+def resolve_spacing(spacing: Any, spatial_dims: int, plane: str,
+                    context_slices: int = 0) -> list[float | None] | None:
     """The internal per-RAS-axis spacing from what a user typed: a 2D model's two in-plane values
     (in RAS axis order, the plane's own axis left out) become ``[x, y, None]`` for axial slices,
     one value applies to every axis the model resamples; the through-plane entry of a 2D model is
-    always None (slices keep their thickness)."""
+    None (slices keep their thickness), except for a 2.5D model (``context_slices`` > 0), which
+    resamples every axis so that its neighbouring slices lie a fixed distance apart."""
     if spacing is None:
         return None
     _check_spacing(list(spacing), spatial_dims)
     values = [None if s is None else float(s) for s in spacing]
-    if spatial_dims == 3:
+    if spatial_dims == 3 or (spatial_dims == 2 and context_slices):
+        if spatial_dims == 2:
+            check_context(context_slices, spatial_dims, "spacing", values, plane)
         return values * 3 if len(values) == 1 else values
     axis = PLANES[plane]
     in_plane = [a for a in range(3) if a != axis]
@@ -713,7 +759,8 @@ def resolve_spacing(spacing: Any, spatial_dims: int, plane: str) -> list[float |
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Bring a complete config to its internal form (spacing per RAS axis) and check the
     combinations of its fields; ConfigError names the flag to change."""
-    cfg.spacing = resolve_spacing(cfg.spacing, cfg.spatial_dims, cfg.plane)
+    check_context(cfg.context_slices, cfg.spatial_dims, cfg.input_mode, cfg.spacing, cfg.plane)
+    cfg.spacing = resolve_spacing(cfg.spacing, cfg.spatial_dims, cfg.plane, cfg.context_slices)
     if len(cfg.patch_size) != cfg.spatial_dims:
         example = "128,128" if cfg.spatial_dims == 2 else "96,96,96"
         raise ConfigError("patch_size", f"a {cfg.spatial_dims}D model takes {cfg.spatial_dims} "

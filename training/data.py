@@ -233,8 +233,10 @@ class Volume:
     """A preprocessed case in memory, on the model grid (RAS, resampled, normalised).
 
     ``slices`` is the case's slab in model-grid axial indices (None: the whole volume). When
-    ``cropped`` the arrays hold only that slab (training); otherwise they hold the whole volume
-    and only the slab is to be scored (evaluation keeps the context around the slab).
+    ``cropped`` the arrays hold only that slab (training) and the ``context`` slices before and
+    after it (a 2.5D model's neighbours, never drawn or scored themselves); otherwise they hold
+    the whole volume and only the slab is to be scored (evaluation keeps the context around the
+    slab).
     """
 
     id: str
@@ -249,16 +251,26 @@ class Volume:
     # enhancement augmentation; None when the case has no tissue_map.
     tissue: np.ndarray | None = None
     tissue_names: tuple[str, ...] = ()
+    context: tuple[int, int] = (0, 0)
+
+    @property
+    def own_slices(self) -> tuple[int, int]:
+        """The axial rows of the arrays as held that belong to the case (all but ``context``)."""
+        return self.context[0], self.image.shape[3] - self.context[1]
 
     def to_dict(self) -> dict[str, Any]:
-        """The case dict of training/evaluate.py: ``slices`` set only when still to be applied."""
+        """The case dict of training/evaluate.py: ``slices`` set only when still to be applied
+        (relative to the arrays as held)."""
+        slices = self.slices
+        if self.cropped:
+            slices = self.own_slices if any(self.context) else None
         return {
             "id": self.id,
             "image": self.image,
             "label": self.label,
             "spacing": self.spacing,
             "affine": self.affine,
-            "slices": None if self.cropped else self.slices,
+            "slices": slices,
         }
 
 
@@ -319,6 +331,7 @@ def load_volume(
     with_label: bool = True,
     crop_to_slices: bool = True,
     resampling: str = "linear",
+    margin: int = 0,
 ) -> Volume:
     """Read, reorient to RAS, resample, normalise (whole volume) and crop a case's slab.
 
@@ -326,6 +339,8 @@ def load_volume(
     the resampled grid; normalisation statistics come from the whole volume, as at serving time.
     With ``crop_to_slices=False`` the whole volume is kept and ``Volume.slices`` says what to score.
     ``resampling``: "linear" or "area", as the export's metadata will tell the engine.
+    ``margin``: axial slices kept on each side of a cropped slab (where the volume has them), the
+    neighbours a 2.5D model with that many ``context_slices`` sees beside the slab's own.
     """
     raw, affine = read_image(case.image)
     tissue, tissue_names = None, ()
@@ -350,13 +365,16 @@ def load_volume(
         stop = min(max(int(round(case.slices[1] * scale)), start + 1), geometry.model_shape[2])
         slab = (start, stop)
     cropped = slab is not None and crop_to_slices
+    context = (0, 0)
     if cropped:
         start, stop = slab
-        image = np.ascontiguousarray(image[..., start:stop])
-        label = None if label is None else np.ascontiguousarray(label[..., start:stop])
-        tissue = None if tissue is None else np.ascontiguousarray(tissue[..., start:stop])
+        lo, hi = max(0, start - int(margin)), min(geometry.model_shape[2], stop + int(margin))
+        context = (start - lo, hi - stop)
+        image = np.ascontiguousarray(image[..., lo:hi])
+        label = None if label is None else np.ascontiguousarray(label[..., lo:hi])
+        tissue = None if tissue is None else np.ascontiguousarray(tissue[..., lo:hi])
         model_affine = model_affine.copy()
-        model_affine[:3, 3] += model_affine[:3, 2] * start
+        model_affine[:3, 3] += model_affine[:3, 2] * lo
     return Volume(
         id=case.id,
         image=image,
@@ -368,6 +386,7 @@ def load_volume(
         cropped=cropped,
         tissue=tissue,
         tissue_names=tissue_names,
+        context=context,
     )
 
 
@@ -379,11 +398,12 @@ def load_volumes(
     with_labels: bool = True,
     crop_to_slices: bool = True,
     resampling: str = "linear",
+    margin: int = 0,
 ) -> list[Volume]:
     """:func:`load_volume` for each case (``with_labels=False`` for the unlabelled pool)."""
     return [
         load_volume(c, normalisation, target_spacing, resample_axes, with_labels, crop_to_slices,
-                    resampling)
+                    resampling, margin)
         for c in cases
     ]
 
@@ -395,17 +415,20 @@ def load_eval_cases(
     resample_axes: Sequence[int] | None = None,
     crop_to_slices: bool = False,
     resampling: str = "linear",
+    margin: int = 0,
 ) -> list[Volume]:
     """Whole preprocessed volumes with labels, for sliding-window / slice-by-slice evaluation.
 
-    A case with a slab keeps the whole volume as context and carries the slab to score in
-    ``Volume.slices`` (``Volume.to_dict()`` is the dict training/evaluate.py expects).
+    A case with a slab keeps the whole volume as context (with ``crop_to_slices``, ``margin``
+    slices of it on each side) and carries the slab to score in ``Volume.slices``
+    (``Volume.to_dict()`` is the dict training/evaluate.py expects).
     """
     missing = [c.id for c in cases if c.label is None]
     if missing:
         raise ValueError(f"evaluation cases need labels; none for {missing[:5]}")
     return load_volumes(
-        cases, normalisation, target_spacing, resample_axes, True, crop_to_slices, resampling
+        cases, normalisation, target_spacing, resample_axes, True, crop_to_slices, resampling,
+        margin
     )
 
 
@@ -696,7 +719,13 @@ class SliceDataset2D(_SampleStream):
     relative weight ``empty_slice_prob`` (1 = uniform over slices, 0 = never). A labelled slice
     larger than the patch is cropped around one of its foreground pixels with probability
     ``foreground_fraction`` (else uniformly), so small structures are not cropped away.
-    Yields ``(x (C, H, W) float32, y (H, W) int64)`` or ``x`` alone when ``labelled`` is False.
+    With ``context_slices`` k (2.5D) each slice comes with its k neighbours on both sides as
+    channels, slice-major (the C channels of slice s-k first, ..., of s+k last), the volume's
+    edge slice repeated past its ends as the engine does; the stack is taken before any
+    augmentation, so every channel gets the same crop, rotation, zoom, deformation and flips,
+    and the intensity jitter is drawn once for the stack. The label is the centre slice's.
+    Yields ``(x (C * (2k + 1), H, W) float32, y (H, W) int64)`` or ``x`` alone when
+    ``labelled`` is False.
     """
 
     def __init__(
@@ -718,8 +747,12 @@ class SliceDataset2D(_SampleStream):
         enhance: ContrastEnhance | None = None,
         fov_cut: Mapping[str, float] | None = None,
         elastic: Mapping[str, Any] | None = None,
+        context_slices: int = 0,
     ) -> None:
         self.volumes = _check_volumes(volumes, labelled, "SliceDataset2D")
+        if int(context_slices) < 0:
+            raise ValueError(f"context_slices must be >= 0, got {context_slices}")
+        self.context_slices = int(context_slices)
         self.enhance = enhance
         self.elastic = None if not elastic else (
             float(elastic.get("p", 0.2)), tuple(float(v) for v in elastic.get("alpha", (0, 200))),
@@ -747,12 +780,20 @@ class SliceDataset2D(_SampleStream):
         entries, weights = [], []
         for v_index, volume in enumerate(self.volumes):
             n = volume.image.shape[self.axis + 1]
+            first, last = 0, n
+            if any(volume.context):
+                # The neighbours kept around a slab lie along the axial axis; slices along
+                # another would cut through them and train on labels outside the slab.
+                if self.axis != 2:
+                    raise ValueError(f"volume {volume.id} holds context slices around its slab "
+                                     "along the axial axis; draw axial slices from it")
+                first, last = volume.own_slices
             if labelled:
                 other = tuple(a for a in range(3) if a != self.axis)
                 has_fg = (volume.label > 0).any(axis=other)
             else:
                 has_fg = np.ones(n, dtype=bool)
-            for s in range(n):
+            for s in range(first, last):
                 entries.append((v_index, s))
                 weights.append(1.0 if has_fg[s] else float(empty_slice_prob))
         total = float(np.sum(weights))
@@ -764,11 +805,26 @@ class SliceDataset2D(_SampleStream):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def neighbours(self, index: int) -> list[int]:
+        """The slices (of the volume as held) stacked for slice ``index`` of the dataset: s-k to
+        s+k, clamped to the volume."""
+        v_index, s = self._entries[index]
+        n = self.volumes[v_index].image.shape[self.axis + 1]
+        k = self.context_slices
+        return [min(max(z, 0), n - 1) for z in range(s - k, s + k + 1)]
+
     def slice(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Slice ``index`` of the dataset, before augmentation (``(C, H, W)``, ``(H, W)``)."""
+        """Slice ``index`` of the dataset, before augmentation (``(C * (2k + 1), H, W)``,
+        ``(H, W)``)."""
         v_index, s = self._entries[index]
         volume = self.volumes[v_index]
-        image = np.take(volume.image, s, axis=self.axis + 1)
+        if self.context_slices:
+            # (S, C, H, W) -> (S * C, H, W): slice-major, as the engine stacks them.
+            stack = np.take(volume.image, self.neighbours(index), axis=self.axis + 1)
+            stack = np.moveaxis(stack, self.axis + 1, 0)
+            image = stack.reshape(-1, *stack.shape[2:])
+        else:
+            image = np.take(volume.image, s, axis=self.axis + 1)
         label = None
         if self.labelled:
             label = np.take(volume.label, s, axis=self.axis)
@@ -783,8 +839,7 @@ class SliceDataset2D(_SampleStream):
             v_index, s = self._entries[pick]
             volume = self.volumes[v_index]
             if volume.tissue is not None:
-                tissue = np.take(volume.tissue, s, axis=self.axis)
-                image = self.enhance(image, tissue, volume.tissue_names, rng)
+                image = self._enhance(image, volume, s, pick, rng)
         if self.fov_cut is not None and rng.random() < self.fov_cut[0]:
             image, label = cut_field_of_view(image, label, rng, self.fov_cut[1])
         if self.resize:
@@ -814,6 +869,24 @@ class SliceDataset2D(_SampleStream):
             intensity=self.intensity,
         )
         return image, label
+
+    def _enhance(self, image: np.ndarray, volume: Volume, s: int, index: int,
+                 rng: np.random.Generator) -> np.ndarray:
+        assert self.enhance is not None and volume.tissue is not None
+        if not self.context_slices:
+            tissue = np.take(volume.tissue, s, axis=self.axis)
+            return self.enhance(image, tissue, volume.tissue_names, rng)
+        # One contrast phase for the whole stack: every slice enhanced with its own tissues by
+        # generators seeded alike, so that they draw the same strength and HU per tissue.
+        seed = int(rng.integers(2**63))
+        channels = volume.image.shape[0]
+        out = np.empty_like(image)
+        for j, z in enumerate(self.neighbours(index)):
+            tissue = np.take(volume.tissue, z, axis=self.axis)
+            part = slice(j * channels, (j + 1) * channels)
+            out[part] = self.enhance(image[part], tissue, volume.tissue_names,
+                                     np.random.default_rng(seed))
+        return out
 
 
 def elastic_deform_2d(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator,

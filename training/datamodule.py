@@ -25,7 +25,7 @@ from sfpc.training.enhancement import ContrastEnhance
 class TrainData:
     loader: TwoStreamLoader
     val_cases: list[dict[str, Any]]
-    in_channels: int
+    in_channels: int  # the network's: the image's channels times the slices stacked (2.5D)
     num_classes: int
     class_names: list[str]
     n_labelled: int
@@ -34,10 +34,20 @@ class TrainData:
 
 
 def resample_axes(cfg: TrainConfig) -> tuple[int, ...] | None:
-    """2D models resample in-plane only: the slice axis keeps its native spacing."""
-    if cfg.spatial_dims == 2:
+    """2D models resample in-plane only: the slice axis keeps its native spacing. 2.5D models
+    (``context_slices``) resample it too, so that their neighbours are a fixed distance apart
+    (the engine's rule, sfpc.inference.engine._target_spacing)."""
+    if cfg.spatial_dims == 2 and not cfg.context_slices:
         return tuple(a for a in range(3) if a != plane_axis(cfg.plane))
     return None
+
+
+def context_margin(cfg: TrainConfig) -> int:
+    """Axial slices to keep on each side of a cropped slab: a 2.5D model's neighbours. Slabs are
+    axial, so only axial slices have neighbours outside them."""
+    if cfg.spatial_dims == 2 and plane_axis(cfg.plane) == 2:
+        return cfg.context_slices
+    return 0
 
 
 def _label_map(cfg: TrainConfig) -> Any:
@@ -76,14 +86,15 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
                          "--labelled-count, or give cases with labels")
     axes = resample_axes(cfg)
     norm = cfg.normalisation
-    grid = {"resampling": cfg.resampling}
+    grid = {"resampling": cfg.resampling, "margin": context_margin(cfg)}
     labelled = load_volumes(split.labelled, norm, cfg.spacing, axes, with_labels=True, **grid)
     unlabelled = load_volumes(split.unlabelled, norm, cfg.spacing, axes, with_labels=False,
                               **grid)
-    # A 2D model sees one slice at a time, so a validation slab needs no context around it.
+    # A 2D model sees one slice at a time (2.5D: and its neighbours, the margin), so a
+    # validation slab needs no more context around it.
     val = load_eval_cases(split.val, norm, cfg.spacing, axes,
                           crop_to_slices=cfg.spatial_dims == 2, **grid)
-    in_channels = labelled[0].image.shape[0]
+    in_channels = labelled[0].image.shape[0] * (2 * cfg.context_slices + 1)
 
     if cfg.class_names:
         class_names = list(cfg.class_names)
@@ -118,8 +129,8 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
         geometry = ({"size": cfg.patch_size, "patch_size": None} if cfg.input_mode == "resize"
                     else {"size": None, "patch_size": cfg.patch_size})
         return SliceDataset2D(volumes, plane=cfg.plane, labelled=is_labelled, intensity=intensity,
-                              seed=seed, rank=rank, foreground_fraction=foreground, **geometry,
-                              **aug)
+                              seed=seed, rank=rank, foreground_fraction=foreground,
+                              context_slices=cfg.context_slices, **geometry, **aug)
 
     lab_ds = stream(labelled, True, cfg.seed)
     unl_ds = stream(unlabelled, False, cfg.seed + 1) if unlabelled and needs_unlabelled else None

@@ -37,16 +37,19 @@ def predict_probs(
     input_mode: str = "spacing",
     overlap: float = 0.5,
     sw_batch_size: int = 4,
+    context_slices: int = 0,
 ) -> dict[str, np.ndarray]:
     """Run `predict` over a channel-first preprocessed volume (C, X, Y, Z); returns dict of maps.
 
     The serving engine's own model-grid inference, so that validation scores exactly what the
-    server will compute (sliding window for 3D, slice-wise and optional resize for 2D).
+    server will compute (sliding window for 3D, slice-wise and optional resize for 2D, with
+    `context_slices` neighbours on each side of every slice as channels for 2.5D models).
     """
     return predict_model_grid(
         predict, image, spatial_dims=spatial_dims, patch_size=patch_size, plane_axis=plane_axis,
         input_mode=input_mode, overlap=overlap,
-        sw_batch_size=sw_batch_size if spatial_dims == 3 else max(sw_batch_size, 16))
+        sw_batch_size=sw_batch_size if spatial_dims == 3 else max(sw_batch_size, 16),
+        context_slices=context_slices)
 
 
 def evaluate_cases(
@@ -62,10 +65,13 @@ def evaluate_cases(
     class_names: Sequence[str] | None = None,
     device: torch.device | None = None,
     out_dir: str | Path | None = None,
+    context_slices: int | None = None,
 ) -> dict:
     """Evaluate `net` on preprocessed cases (dicts with image, label, spacing, id).
 
     Returns {"cases": [...], "summary": {...}}; with out_dir, writes cases.csv and summary.json.
+    `context_slices`: the neighbours on each side a 2.5D network takes with every slice (the
+    contract's field); None reads it from the network's input channels and the image's.
     """
     device = device or next(net.parameters()).device
     was_training = net.training
@@ -74,9 +80,13 @@ def evaluate_cases(
     rows = []
     try:
         for case in cases:
+            k = context_slices
+            if k is None:
+                stack = net.cfg.in_channels // max(1, case["image"].shape[0])
+                k = (stack - 1) // 2 if spatial_dims == 2 else 0
             probs = predict_probs(predict, case["image"], spatial_dims=spatial_dims,
                                   patch_size=patch_size, plane_axis=plane_axis,
-                                  input_mode=input_mode, overlap=overlap)
+                                  input_mode=input_mode, overlap=overlap, context_slices=k)
             pred = np.argmax(next(iter(probs.values())), axis=0)
             label = case["label"]
             if "slices" in case and case["slices"] is not None:

@@ -24,6 +24,8 @@ from sfpc.training.enhancement import tissue_map_for
 LABEL_MAP = {1: 1, 5: 2, 6: 3}
 CLASS_NAMES = ["background", "spleen", "liver", "stomach"]
 VAL_BLOCK = (96, 106)  # axial slices of ct_a (RAS), half-open; all three organs present
+# The gap also keeps the validation block's images out of a 2.5D model's training inputs as
+# long as context_slices <= GAP: a slab's neighbours reach context_slices slices beyond it.
 GAP = 2
 CT_WINDOW = [-250.0, 350.0]  # HU; soft-tissue window wide enough for gas in the stomach
 

@@ -24,7 +24,7 @@ import sfpc
 from sfpc.inference.contract import ModelMetadata, plane_axis
 from sfpc.model.networks import NetConfig, SFPCNet
 from sfpc.model.perturbation import eps_grid
-from sfpc.training.config import PLANES, TrainConfig, resolve_spacing
+from sfpc.training.config import PLANES, TrainConfig, check_context, resolve_spacing
 from sfpc.training.datamodule import TrainData, build_data
 from sfpc.training.evaluate import evaluate_cases
 from sfpc.training.methods import LossConfig, Method, TrainStep, net_config_for
@@ -82,7 +82,7 @@ def make_metadata(cfg: TrainConfig, data: TrainData, net: SFPCNet) -> ModelMetad
         in_channels=data.in_channels, num_classes=data.num_classes,
         class_names=list(data.class_names), orientation="RAS", plane=cfg.plane,
         spacing=cfg.spacing, input_mode=cfg.input_mode, resampling=cfg.resampling,
-        patch_size=list(cfg.patch_size),
+        context_slices=cfg.context_slices, patch_size=list(cfg.patch_size),
         normalisation=dict(cfg.normalisation),
         perturbation={"kind": net.cfg.perturbation, "M": cfg.m, "tau": cfg.tau,
                       "eps_grid": eps_grid(cfg.m, cfg.tau)},
@@ -183,8 +183,12 @@ class PredictionWatch:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        # The internal form of the spacing: a 2D model's two in-plane values become [x, y, None].
-        cfg.spacing = resolve_spacing(cfg.spacing, cfg.spatial_dims, cfg.plane)
+        # The internal form of the spacing: a 2D model's two in-plane values become [x, y, None]
+        # (a 2.5D model's slice axis keeps its value: its neighbours lie that far apart).
+        check_context(cfg.context_slices, cfg.spatial_dims, cfg.input_mode, cfg.spacing,
+                      cfg.plane)
+        cfg.spacing = resolve_spacing(cfg.spacing, cfg.spatial_dims, cfg.plane,
+                                      cfg.context_slices)
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -275,7 +279,7 @@ class Trainer:
                              spatial_dims=cfg.spatial_dims, patch_size=cfg.patch_size,
                              plane_axis=plane_axis(cfg.plane), input_mode=cfg.input_mode,
                              overlap=cfg.val_overlap, class_names=self.data.class_names,
-                             device=self.device)
+                             device=self.device, context_slices=cfg.context_slices)
         return res["summary"]
 
     def describe(self) -> list[str]:
@@ -286,6 +290,10 @@ class Trainer:
             grid = f"2D {cfg.plane} slices"
             if cfg.input_mode == "resize":
                 grid += " resized whole to the patch"
+            elif cfg.context_slices and cfg.spacing:
+                grid += (" on a " + " x ".join(f"{s:g}" for s in cfg.spacing if s is not None)
+                         + f" mm grid, with {cfg.context_slices} neighbouring slice"
+                         + ("s" if cfg.context_slices > 1 else "") + " on each side as channels")
             elif cfg.spacing:
                 grid += (" on a " + " x ".join(f"{s:g}" for s in cfg.spacing if s is not None)
                          + " mm grid (slices keep their thickness)")

@@ -167,6 +167,15 @@ class ModelMetadata:
     plane: str = "axial"
     spacing: list[float | None] | None = None
     input_mode: str = "spacing"
+    # 2.5D: k slices on each side of a 2D model's slice go in as extra channels, so the network
+    # sees the anatomy above and below what it labels (the one thing a 3D model sees that a 2D
+    # one does not) at a 2D model's cost. The network takes in_channels = image channels x
+    # (2k + 1), slice-major (slice z-k first, each slice's image channels together), the edge
+    # slice repeated past the volume's ends. Neighbours are taken on the model grid, so its
+    # slice spacing must be fixed (``spacing`` names the plane axis' mm): "the next slice"
+    # then means the same distance whatever the scan's slice thickness. 0 (and metadata
+    # without the field): a plain 2D model.
+    context_slices: int = 0
     resampling: str = "linear"
     patch_size: list[int] = field(default_factory=lambda: [256, 256])
     dynamic_spatial: bool = True
@@ -205,6 +214,18 @@ class ModelMetadata:
     def plane_axis(self) -> int:
         """Axis of the oriented array that 2D slices are normal to (see :func:`plane_axis`)."""
         return plane_axis(self.plane, self.orientation)
+
+    @property
+    def slice_stack(self) -> int:
+        """Slices per network input: 2k + 1 for a 2.5D model (``context_slices`` k), else 1."""
+        k = self.context_slices
+        return 2 * k + 1 if _is_int(k) and k > 0 else 1
+
+    @property
+    def image_channels(self) -> int:
+        """The channels of an image to segment: ``in_channels`` less the neighbour slices that
+        2.5D models stack onto each slice."""
+        return self.in_channels // self.slice_stack
 
     @property
     def has_uncertainty(self) -> bool:
@@ -273,6 +294,37 @@ def _spacing_problem(spacing: Any, spatial_dims: Any) -> str | None:
     return None
 
 
+def _context_problems(meta: ModelMetadata, spacing_ok: bool) -> list[str]:
+    k = meta.context_slices
+    if not (_is_int(k) and k >= 0):
+        return [f"context_slices {k!r} (an integer >= 0: neighbour slices on each side)"]
+    if k == 0:
+        return []
+    problems = []
+    if meta.spatial_dims != 2:
+        problems.append(f"context_slices {k} is for 2D models (neighbouring slices as "
+                        f"channels); a {meta.spatial_dims}D model sees them already: set it to 0")
+    if meta.input_mode != "spacing":
+        problems.append(f"context_slices {k} with input_mode {meta.input_mode!r}: neighbours "
+                        "are taken on the model grid, which only input_mode 'spacing' fixes")
+    if _is_int(meta.in_channels) and meta.in_channels % (2 * k + 1):
+        problems.append(f"in_channels {meta.in_channels} is not a multiple of the {2 * k + 1} "
+                        f"slices context_slices {k} stacks")
+    if spacing_ok and meta.spatial_dims == 2:
+        try:
+            axis = plane_axis(meta.plane, meta.orientation)
+        except ValueError:
+            return problems  # reported with the plane or the orientation
+        spacing = meta.spacing
+        fixed = _is_number(spacing) or (
+            isinstance(spacing, (list, tuple)) and len(spacing) == 3 and spacing[axis] is not None)
+        if not fixed:
+            problems.append(f"context_slices {k} needs the model grid's slice spacing: spacing "
+                            f"{spacing!r} leaves axis {axis} (normal to {meta.plane} slices) "
+                            "at the scan's own, give it in mm, e.g. [3.0, 3.0, 3.0]")
+    return problems
+
+
 def _inference_problems(inference: Any) -> list[str]:
     if not isinstance(inference, Mapping):
         return [f"inference {inference!r} (a dict of sliding-window settings)"]
@@ -326,6 +378,7 @@ def metadata_problems(meta: ModelMetadata) -> list[str]:
     spacing = _spacing_problem(meta.spacing, meta.spatial_dims)
     if spacing:
         problems.append(spacing)
+    problems += _context_problems(meta, spacing_ok=spacing is None)
     if meta.normalisation is not None:
         try:
             validate_normalisation(meta.normalisation)

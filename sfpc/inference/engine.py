@@ -5,11 +5,13 @@ anywhere is preprocessed, tiled, stitched and restored the same way:
 
 1. validate the array and its affine (:class:`InputError` with a message a user can act on);
 2. :func:`~sfpc.inference.preprocess.prepare_image`: reorient to the model's orientation,
-   resample to its spacing (in-plane only for 2D models), normalise - the trainer's own code;
-3. sliding window over the model grid (3D) or slice by slice along the model's plane (2D), with
-   Gaussian blending; plain mode blends softmax(logits / T), uncertainty mode blends the graph's
-   mean probabilities and mean per-sample entropy, the graph dividing each sample's logits by the
-   T it is fed (M never materialises here);
+   resample to its spacing (in-plane only for 2D models, except 2.5D ones: their neighbouring
+   slices lie at a fixed spacing), normalise - the trainer's own code;
+3. sliding window over the model grid (3D) or slice by slice along the model's plane (2D; a
+   2.5D model, ``context_slices`` k, gets each slice's k neighbours on both sides as channels,
+   gathered window by window), with Gaussian blending; plain mode blends softmax(logits / T),
+   uncertainty mode blends the graph's mean probabilities and mean per-sample entropy, the graph
+   dividing each sample's logits by the T it is fed (M never materialises here);
    With ``flip`` every window also runs mirrored along its first axis (left-right in RAS for 3D,
    axial and coronal models; anterior-posterior for sagittal 2D ones) and the two outputs are
    averaged (test-time augmentation): twice the cost, for models
@@ -26,8 +28,10 @@ anywhere is preprocessed, tiled, stitched and restored the same way:
    chosen, and costs a ninth of the input grid's filters for a 0.7 mm CT at 2 mm.
 
 Memory is bounded by streaming: 2D models are run, restored and reduced one slab of slices at a
-time (their through-plane axis is never resampled, so slabs are independent), and 3D probabilities
-are restored in slabs of rows. Nothing proportional to K x input voxels is ever held, only the
+time (their through-plane axis is not resampled, so slabs are independent; a 2.5D model's is, to
+its fixed slice spacing, and each slab is interpolated along it to input slices holding back the
+one or two model slices the next input slices still need), and 3D probabilities are restored in
+slabs of rows. Nothing proportional to K x input voxels is ever held, only the
 model-grid image and maps, the uint8 mask and the two uint16 maps. The input-grid outputs take
 the memory order of the upload's array (NIfTI arrays are Fortran-ordered), so that writing the
 files is a copy of contiguous slabs, not a transposition. Accumulators are float32 throughout:
@@ -262,6 +266,7 @@ def iter_model_grid(
     sigma_scale: float | Sequence[float] = 0.125,
     sw_batch_size: int = 4,
     slab_slices: int | None = None,
+    context_slices: int = 0,
 ) -> Iterator[tuple[int, int, int, dict[str, np.ndarray]]]:
     """Run ``predict`` over a preprocessed (C, X, Y, Z) volume; yields ``(axis, start, stop,
     maps)``: the blended maps {name: (K, ...)} of rows ``start:stop`` along spatial ``axis``.
@@ -271,11 +276,18 @@ def iter_model_grid(
     "resize" each slice is scaled to ``patch_size`` (bilinear, voxel edges aligned: the
     ``resample_to_shape`` the 2D trainer uses to resize its slices), predicted, and the maps are
     scaled back the same way. Results do not depend on the slab size: every window is
-    independent of the others.
+    independent of the others. ``context_slices`` k (2D, "spacing" only): each slice goes in with
+    its k neighbours on both sides as channels (the contract's ``context_slices``); a slab then
+    reads k slices beyond each of its ends, so that its border slices see the same neighbours
+    as in a single pass.
     """
     patch = tuple(int(p) for p in patch_size)
     common: dict[str, Any] = {"overlap": overlap, "mode": mode, "sigma_scale": sigma_scale,
               "sw_batch_size": sw_batch_size}
+    k = int(context_slices)
+    if k < 0 or (k and (spatial_dims != 2 or input_mode != "spacing")):
+        raise ValueError(f"context_slices {context_slices} (>= 0, and > 0 only for 2D models "
+                         "with input_mode 'spacing')")
     if spatial_dims == 3:
         yield 0, 0, image.shape[1], sliding_window_inference(image, patch, predict, **common)
         return
@@ -287,11 +299,15 @@ def iter_model_grid(
     step = n if slab_slices is None else max(1, int(slab_slices))
     for first in range(0, n, step):
         last = min(first + step, n)
-        slab = image[(slice(None),) * (plane_axis + 1) + (slice(first, last),)]
+        # The slab and up to k slices on either side, a view: clamping neighbours to it is
+        # clamping them to the volume, since it stops short of k only at the volume's ends.
+        lo, hi = max(0, first - k), min(n, last + k)
+        slab = image[(slice(None),) * (plane_axis + 1) + (slice(lo, hi),)]
         if input_mode == "resize":
             maps = _resized_slicewise(slab, plane_axis, patch, predict, common)
         else:
-            maps = slicewise_inference(slab, plane_axis, patch, predict, **common)
+            maps = slicewise_inference(slab, plane_axis, patch, predict, context_slices=k,
+                                       slices=(first - lo, last - lo), **common)
         yield plane_axis, first, last, maps
 
 
@@ -457,7 +473,7 @@ class Engine:
     # -- the three stages, public for callers that need the model grid (evaluation, tests) ----
     def preprocess(self, image: Any, affine: Any) -> tuple[np.ndarray, Geometry]:
         """Validate, then reorient / resample / normalise to the model grid (C, X', Y', Z')."""
-        arr = validate_image(image, self.metadata.in_channels)
+        arr = validate_image(image, self.metadata.image_channels)
         aff = validate_affine(affine)
         return self._prepare(arr, aff)
 
@@ -489,7 +505,7 @@ class Engine:
         self._check_flip(flip)
         timings = {"preprocess": 0.0, "inference": 0.0, "backend": 0.0, "postprocess": 0.0}
         t_start = time.perf_counter()
-        arr = validate_image(image, self.metadata.in_channels)
+        arr = validate_image(image, self.metadata.image_channels)
         aff = validate_affine(affine)
         model_image, geometry = self._prepare(arr, aff, transform)
         timings["preprocess"] = time.perf_counter() - t_start
@@ -500,6 +516,7 @@ class Engine:
         predict = self._predictor(uncertainty, counter, total, progress or self.progress,
                                   flip=flip)
         chunks = iter_model_grid(predict, model_image, **self._grid_settings(model_image))
+        rows = self._resampled_slices(geometry)
         while True:
             t0 = time.perf_counter()
             try:
@@ -509,10 +526,16 @@ class Engine:
                 break
             t1 = time.perf_counter()
             timings["inference"] += t1 - t0
-            self._restore_chunk(outputs, geometry, axis, start, stop, maps)
+            if rows is None:
+                self._restore_chunk(outputs, geometry, axis, start, stop, maps)
+            else:
+                restored = self._model_grid_maps(outputs, axis, start, stop, maps)
+                for first, last, block in rows.push(start, stop, restored):
+                    self._restore_rows(outputs, geometry, axis, (first, last), block)
+                del restored
             del maps
             timings["postprocess"] += time.perf_counter() - t1
-        del model_image, chunks
+        del model_image, chunks, rows
 
         t0 = time.perf_counter()
         voxel_ml = abs(float(np.linalg.det(aff[:3, :3]))) / 1000.0
@@ -585,6 +608,8 @@ class Engine:
             "overlap": self.overlap, "mode": self.mode, "sigma_scale": self.sigma_scale,
             "sw_batch_size": self.sw_batch_size,
         }
+        if meta.context_slices:
+            settings["context_slices"] = int(meta.context_slices)
         if meta.spatial_dims == 2:
             # Budget the larger of the model slice and the slice it is resized to.
             plane = [n for a, n in enumerate(model_image.shape[1:]) if a != self.plane_axis]
@@ -640,28 +665,59 @@ class Engine:
 
         return predict_flipped
 
+    def _resampled_slices(self, geometry: Geometry) -> _AxisRows | None:
+        """For a 2D model whose slice axis was resampled (2.5D: its slice spacing is fixed),
+        what turns its slabs into rows of the oriented input grid; None when model slices are
+        input slices (or for 3D models, restored whole)."""
+        axis = self.plane_axis
+        n_in, n_out = geometry.model_shape[axis], geometry.oriented_shape[axis]
+        if self.metadata.spatial_dims != 2 or n_in == n_out:
+            return None
+        plane = math.prod(n for a, n in enumerate(geometry.model_shape) if a != axis)
+        channels = self.metadata.num_classes + len(MAP_NAMES)
+        rows = max(1, self.slab_bytes // (channels * 4 * plane))
+        return _AxisRows(axis, n_in, n_out, rows)
+
     def _restore_chunk(self, outputs: _Outputs, geometry: Geometry, axis: int, start: int,
                        stop: int, maps: Mapping[str, np.ndarray]) -> None:
         """Resample the model-grid rows ``start:stop`` (along ``axis``) to the oriented input
         grid in slabs of rows, and write mask and maps into the outputs; in uncertainty mode
         the maps are computed here, on the model grid, and kept there for the statistics."""
+        restored = self._model_grid_maps(outputs, axis, start, stop, maps)
+        if stop - start == geometry.model_shape[axis]:
+            self._restore_rows(outputs, geometry, axis, None, restored)
+            return
+        # A 2D slab: its plane axis was not resampled, so model rows are oriented rows.
+        if geometry.model_shape[axis] != geometry.oriented_shape[axis]:
+            raise RuntimeError(f"partial chunk along axis {axis}, which was resampled")
+        self._restore_rows(outputs, geometry, axis, (start, stop), restored)
+
+    def _model_grid_maps(self, outputs: _Outputs, axis: int, start: int, stop: int,
+                         maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What is restored of the model-grid rows ``start:stop``: the probabilities, and in
+        uncertainty mode the maps asked for (stacked); the maps are computed here, on the model
+        grid, and kept there for the statistics."""
         if PLAIN_KEY in maps:
-            restored = {PLAIN_KEY: maps[PLAIN_KEY]}
-        else:
-            probs = maps["mean_probs"]
-            found = uncertainty_maps(probs, maps["mean_entropy"])
-            outputs.write_model_grid((slice(None),) * axis + (slice(start, stop),), probs, found)
-            restored = {PLAIN_KEY: probs}
-            if outputs.levels:
-                restored[MAPS_KEY] = np.stack([found[name] for name in outputs.levels])
+            return {PLAIN_KEY: maps[PLAIN_KEY]}
+        probs = maps["mean_probs"]
+        found = uncertainty_maps(probs, maps["mean_entropy"])
+        outputs.write_model_grid((slice(None),) * axis + (slice(start, stop),), probs, found)
+        restored = {PLAIN_KEY: probs}
+        if outputs.levels:
+            restored[MAPS_KEY] = np.stack([found[name] for name in outputs.levels])
+        return restored
+
+    def _restore_rows(self, outputs: _Outputs, geometry: Geometry, axis: int,
+                      oriented_rows: tuple[int, int] | None,
+                      restored: dict[str, np.ndarray]) -> None:
+        """Resample ``restored`` to the oriented input grid in slabs of rows and write mask and
+        maps into the outputs. ``oriented_rows`` None: it spans the whole model grid along
+        ``axis``; (first, last): it is already on the oriented rows first:last along ``axis``."""
         out_shape = list(geometry.oriented_shape)
         offset = 0
-        if stop - start != geometry.model_shape[axis]:
-            # A 2D slab: the plane axis is never resampled, so model rows are oriented rows.
-            if geometry.model_shape[axis] != out_shape[axis]:
-                raise RuntimeError(f"partial chunk along axis {axis}, which was resampled")
-            out_shape[axis] = stop - start
-            offset = start
+        if oriented_rows is not None:
+            out_shape[axis] = oriented_rows[1] - oriented_rows[0]
+            offset = oriented_rows[0]
         channels = sum(v.shape[0] for v in restored.values())
         row_bytes = channels * 4 * math.prod(n for a, n in enumerate(out_shape) if a != axis)
         rows = max(1, self.slab_bytes // max(1, row_bytes))
@@ -684,6 +740,54 @@ class Engine:
                      for name, v in restored.items()}
             index = (slice(None),) * axis + (slice(offset + first, offset + last),)
             outputs.write(index, block)
+
+
+class _AxisRows:
+    """Model-grid slabs along an axis that was resampled, turned into rows of the oriented
+    input grid along it (linear, the mapping of :func:`resample_linear`), so that a 2D model
+    whose slice spacing is fixed streams its slabs as the others do. Holds the model rows that
+    output rows still to come interpolate from (a row or two of the previous slab)."""
+
+    def __init__(self, axis: int, n_in: int, n_out: int, max_rows: int) -> None:
+        self.axis, self.n_in, self.n_out, self.max_rows = axis, n_in, n_out, max(1, max_rows)
+        self.i0, self.i1, self.w = linear_neighbours(n_in, n_out)
+        self.held: dict[str, np.ndarray] = {}
+        self.start = 0  # the model row of the first held row
+        self.done = 0  # output rows produced
+
+    def push(self, start: int, stop: int, maps: Mapping[str, np.ndarray]
+             ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """Take the model rows ``start:stop`` (slabs in order); yield ``(first, last, block)``
+        for every output row range whose neighbours have all arrived."""
+        a = self.axis + 1
+        if not self.held:
+            self.held, self.start = dict(maps), start
+        elif start != self.start + next(iter(self.held.values())).shape[a]:
+            raise RuntimeError(f"model rows {start}:{stop} do not follow the rows held")
+        else:
+            self.held = {k: np.concatenate([v, maps[k]], axis=a) for k, v in self.held.items()}
+        # i1 grows with the output row: the rows before the first one needing row `stop` are
+        # complete.
+        ready = self.n_out if stop >= self.n_in else int(np.searchsorted(self.i1, stop))
+        for first in range(self.done, ready, self.max_rows):
+            last = min(first + self.max_rows, ready)
+            i0, i1 = self.i0[first:last] - self.start, self.i1[first:last] - self.start
+            w = self.w[first:last].reshape((-1,) + (1,) * (self.held[PLAIN_KEY].ndim - a - 1))
+            block = {}
+            for name, values in self.held.items():
+                lo = np.take(values, i0, axis=a).astype(np.float32, copy=False)
+                hi = np.take(values, i1, axis=a).astype(np.float32, copy=False)
+                hi -= lo
+                hi *= w
+                hi += lo
+                block[name] = hi
+            yield first, last, block
+        self.done = ready
+        # A model grid finer than the input's skips rows: keep none beyond what is held.
+        keep = min(int(self.i0[ready]), stop) if ready < self.n_out else stop
+        self.held = {k: v[(slice(None),) * a + (slice(keep - self.start, None),)]
+                     for k, v in self.held.items()}
+        self.start = keep
 
 
 # Of a (B, C, *spatial) window batch: the window's first axis (R-L in RAS, except for sagittal
@@ -912,10 +1016,12 @@ def _fastest_axis(a: np.ndarray) -> int:
 def _target_spacing(
     meta: ModelMetadata, slice_axis: int
 ) -> tuple[list[float | None] | float | None, list[int] | None]:
-    """prepare_image's target spacing and resample axes: 2D models resample in-plane only.
-    ``meta.spacing`` has passed :func:`~sfpc.inference.contract.check_servable`."""
+    """prepare_image's target spacing and resample axes: 2D models resample in-plane only,
+    except 2.5D ones (``context_slices``), whose neighbours lie at the slice spacing the metadata
+    fixes. ``meta.spacing`` has passed :func:`~sfpc.inference.contract.check_servable`."""
     spacing = meta.spacing
-    in_plane = [a for a in range(3) if a != slice_axis] if meta.spatial_dims == 2 else None
+    in_plane = ([a for a in range(3) if a != slice_axis]
+                if meta.spatial_dims == 2 and not meta.context_slices else None)
     if spacing is None:
         return None, in_plane
     if isinstance(spacing, (int, float)):

@@ -106,14 +106,27 @@ def _blend(
     mode: str,
     sigma_scale: float | Sequence[float],
     progress: Progress | None,
+    context: int = 0,
+    targets: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Blend windows of N images (N, C, *spatial), batching windows across the N images in
-    image-major order. Returns name -> (K, N, *spatial) float32."""
+    image-major order. Returns name -> (K, N, *spatial) float32.
+
+    ``targets`` (first, last): only images first..last-1 are predicted (N = last - first in the
+    result); with ``context`` k each window carries the windows of images n-k..n+k as channels,
+    slice-major, indices clamped to the N given (the edge image repeated)."""
     if sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    n_images, channels, *image_size = images.shape
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    n_given, channels, *image_size = images.shape
+    first_image, last_image = (0, n_given) if targets is None else targets
+    if not 0 <= first_image < last_image <= n_given:
+        raise ValueError(f"images {first_image}:{last_image} outside the {n_given} given")
+    n_images = last_image - first_image
+    offsets = range(-context, context + 1)
     roi = _roi_tuple(roi_size, image_size)
 
     # Pad an image smaller than the roi symmetrically with zeros (the smaller half first, as
@@ -136,14 +149,18 @@ def _blend(
 
     total = n_images * len(windows)
     acc: dict[str, np.ndarray] = {}
-    batch = np.empty((min(sw_batch_size, total), channels, *roi), dtype=np.float32)
+    # The neighbours are gathered window by window into the batch: the stacked volume, 2k + 1
+    # times the images, never exists.
+    batch = np.empty((min(sw_batch_size, total), channels * len(offsets), *roi), dtype=np.float32)
     for first in range(0, total, sw_batch_size):
         ids = range(first, min(first + sw_batch_size, total))
         chunk = batch[: len(ids)]
         for i, idx in enumerate(ids):
-            where: tuple[Any, ...] = (idx // len(windows), slice(None),
-                                      *windows[idx % len(windows)])
-            chunk[i] = images[where]
+            centre = first_image + idx // len(windows)
+            win = windows[idx % len(windows)]
+            for j, offset in enumerate(offsets):
+                source = min(max(centre + offset, 0), n_given - 1)
+                chunk[i, j * channels:(j + 1) * channels] = images[(source, slice(None), *win)]
         outputs = _as_output_dict(predict(chunk))
         if not acc:
             for name, out in outputs.items():
@@ -209,12 +226,18 @@ def slicewise_inference(
     mode: str = "gaussian",
     sigma_scale: float | Sequence[float] = 0.125,
     progress: Progress | None = None,
+    context_slices: int = 0,
+    slices: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Apply a 2D model to every slice of a volume (C, X, Y, Z) along spatial `axis` (0, 1 or 2,
     as MONAI's SliceInferer `spatial_dim`), with the 2D sliding window on each slice.
 
     Windows of different slices share predict batches of `sw_batch_size`, so a volume of S slices
     with one window each costs ceil(S / sw_batch_size) calls. Returns {name: (K, X, Y, Z)}.
+    With `context_slices` k the model gets each slice's k neighbours on both sides as channels
+    (slice-major: C channels of slice z-k, ..., of slice z+k), the volume's first or last slice
+    repeated past its ends. `slices` (first, last) predicts only those slices (the result has
+    last - first along `axis`), the others serving as their neighbours.
     """
     vol = np.asarray(volume)
     if vol.ndim != 4:
@@ -222,10 +245,10 @@ def slicewise_inference(
     if axis not in (0, 1, 2, -1, -2, -3):
         raise ValueError(f"axis must be a spatial axis 0, 1 or 2, got {axis}")
     spatial_axis = axis % 3 + 1
-    # (S, C, plane...): a view, each slice a 2D image of the batch.
-    slices = np.moveaxis(vol, spatial_axis, 0)
+    # The slices as (S, C, plane...), a view: each slice a 2D image of the batch.
     blended = _blend(
-        slices, roi_size_2d, predict, overlap, sw_batch_size, mode, sigma_scale, progress
+        np.moveaxis(vol, spatial_axis, 0), roi_size_2d, predict, overlap, sw_batch_size, mode,
+        sigma_scale, progress, context=int(context_slices), targets=slices,
     )
     return {
         name: np.ascontiguousarray(np.moveaxis(out, 1, spatial_axis))
