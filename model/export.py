@@ -226,8 +226,9 @@ def export_ensemble(
         raise ValueError("an ensemble needs at least two checkpoints")
     loaded = [load_checkpoint(c) for c in checkpoints]
     first = loaded[0][1].to_dict()
-    keys = ("spatial_dims", "in_channels", "num_classes", "class_names", "orientation", "plane",
-            "spacing", "input_mode", "resampling", "patch_size", "normalisation")
+    keys = ("spatial_dims", "in_channels", "context_slices", "num_classes", "class_names",
+            "orientation", "plane", "spacing", "input_mode", "resampling", "patch_size",
+            "normalisation")
     for path, (_, meta) in zip(checkpoints[1:], loaded[1:], strict=True):
         differ = [k for k in keys if meta.to_dict()[k] != first[k]]
         if differ:

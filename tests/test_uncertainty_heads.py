@@ -232,6 +232,10 @@ def test_ensemble_members_must_serve_alike(nets, tmp_path):
     paths = [_checkpoint(a, meta, tmp_path / "a.pt"), _checkpoint(b, other, tmp_path / "b.pt")]
     with pytest.raises(ValueError, match="patch_size"):
         export_ensemble(paths, tmp_path / "ens")
+    stacked = ModelMetadata.from_dict({**meta.to_dict(), "context_slices": 1, "in_channels": 3})
+    paths[1] = _checkpoint(b, stacked, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="context_slices"):
+        export_ensemble(paths, tmp_path / "ens")
     with pytest.raises(ValueError, match="at least two"):
         export_ensemble(paths[:1], tmp_path / "ens")
 
