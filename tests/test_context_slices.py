@@ -25,7 +25,7 @@ from sfpc.inference.contract import METADATA_FILE, ModelMetadata, load_metadata,
 from sfpc.inference.engine import Engine
 from sfpc.inference.preprocess import resample_to_shape
 from sfpc.training.config import ConfigError, TrainConfig, check_values, resolve
-from sfpc.training.data import Case, SliceDataset2D, Volume, load_volume
+from sfpc.training.data import Case, SliceDataset2D, Volume, load_eval_cases, load_volume
 from tests.support.models import train_tiny_net
 
 torch = pytest.importorskip("torch")
@@ -223,13 +223,19 @@ def test_cropped_slab_keeps_its_neighbours_and_draws_only_its_own_slices(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def ctx_net():
+    # Trained on labels drawn from its first channel (train_tiny_net): slice z - k decides, so a
+    # caller stacking the wrong neighbours changes its output.
+    return train_tiny_net(2, 3, PATCH, in_channels=2 * K + 1, channels=(8, 16, 32, 64, 128),
+                          steps=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ctx_net):
     from sfpc.model.export import export_model
 
-    net = train_tiny_net(2, 3, PATCH, in_channels=2 * K + 1, channels=(8, 16, 32, 64, 128),
-                         steps=3, seed=5)
     folder = tmp_path_factory.mktemp("ctx_export")
-    export_model(net, _meta(normalisation={"kind": "zscore", "foreground": "all"},
+    export_model(ctx_net, _meta(normalisation={"kind": "zscore", "foreground": "all"},
                             inference={"overlap": 0.5, "mode": "gaussian",
                                        "sigma_scale": 0.125, "sw_batch_size": 4}), folder)
     backend = OnnxRuntimeBackend(folder, providers=["CPUExecutionProvider"], intra_op_threads=1,
@@ -336,27 +342,38 @@ def test_segment_restores_the_resampled_slices(exported, slab_bytes, slices, thi
 # ----------------------------------------------------------------------------------------------
 
 
-def test_train_export_and_segment_end_to_end(tmp_path):
-    from sfpc.model.export import export_checkpoint
+# The acdc synth's 8 slices of 8 mm on a 4 mm model grid: 16 model slices.
+TRAIN_FIELDS = dict(spatial_dims=2, patch_size=[32, 32], input_mode="spacing",
+                    spacing=[6.0, 6.0, 4.0], normalisation={"kind": "minmax"}, labelled_count=2,
+                    val_count=2, iterations=2, val_every=2, channels=[8, 16, 32, 64, 128],
+                    batch_labelled=2, batch_unlabelled=2, progress=False, seed=0, threads=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2.5D run of `sfpc train` (k = 1) on synthetic cases: (data folder, run folder, the
+    trainer's result)."""
     from sfpc.training import synth
     from sfpc.training.trainer import train
 
-    data = tmp_path / "acdc"
+    root = tmp_path_factory.mktemp("ctx_train")
+    data = root / "acdc"
     synth.generate("acdc", data, n_cases=6, seed=0)
-    cfg = TrainConfig(data=str(data), spatial_dims=2, patch_size=[32, 32], input_mode="spacing",
-                      spacing=[6.0, 6.0, 4.0], context_slices=1,
-                      normalisation={"kind": "minmax"}, labelled_count=2, val_count=2,
-                      iterations=2, val_every=2, channels=[8, 16, 32, 64, 128],
-                      batch_labelled=2, batch_unlabelled=2, out=str(tmp_path / "run"),
-                      progress=False, seed=0, threads=1)
-    result = train(cfg)
+    cfg = TrainConfig(data=str(data), context_slices=1, out=str(root / "run"), **TRAIN_FIELDS)
+    return data, root / "run", train(cfg)
+
+
+def test_train_export_and_segment_end_to_end(tmp_path, trained):
+    from sfpc.model.export import export_checkpoint
+
+    data, run, result = trained
     assert result["validated"] and result["history"]
-    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    ck = torch.load(run / "last.pt", weights_only=False)
     assert ck["metadata"]["context_slices"] == 1
     assert ck["metadata"]["in_channels"] == 3 == ck["net_config"]["in_channels"]
     assert ck["metadata"]["spacing"] == [6.0, 6.0, 4.0]
     export = tmp_path / "export"
-    export_checkpoint(tmp_path / "run" / "last.pt", export)
+    export_checkpoint(run / "last.pt", export)
     meta = ModelMetadata.load(export)
     assert (meta.context_slices, meta.in_channels, meta.image_channels) == (1, 3, 1)
     img = nib.load(str(data / "acdc_000_image.nii.gz"))
@@ -369,3 +386,243 @@ def test_train_export_and_segment_end_to_end(tmp_path):
         backend.close()
     assert result.mask.shape == image.shape and result.mask.dtype == np.uint8
     assert int(result.mask.max()) < 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Callers that load cases or run windows their own way
+# ----------------------------------------------------------------------------------------------
+
+
+def test_evaluate_cli_gives_a_slab_its_real_neighbours(tmp_path, trained, monkeypatch):
+    # `sfpc evaluate` on slabs of whole cases: what the network gets is the slab's rows of the
+    # whole resampled volume with one real neighbour beyond each end, and it scores what
+    # evaluating the whole volume on those rows scores.
+    from sfpc.training import evaluate, evaluate_cli
+    from sfpc.training.layouts import discover_cases
+
+    data, run, _ = trained
+    dataset = tmp_path / "slabs.json"
+    dataset.write_text(json.dumps([
+        {"id": f"slab{i}", "image": str(data / f"acdc_00{i}_image.nii.gz"),
+         "label": str(data / f"acdc_00{i}_label.nii.gz"), "slices": [3, 5]} for i in (0, 1)]))
+    seen = []
+    real = evaluate.evaluate_cases
+
+    def spy(net, cases, **kw):
+        seen.append((net, list(cases), kw, real(net, cases, **kw)))
+        return seen[-1][3]
+
+    monkeypatch.setattr(evaluate, "evaluate_cases", spy)
+    assert evaluate_cli.main(["--checkpoint", str(run / "last.pt"), "--data", str(dataset),
+                              "--layout", "json", "--out", str(tmp_path / "eval")]) == 0
+    [(net, cases, kw, result)] = seen
+    cfg = TrainConfig(**torch.load(run / "last.pt", weights_only=False)["config"])
+    whole = [v.to_dict() for v in load_eval_cases(
+        discover_cases(dataset, "json"), cfg.normalisation, cfg.spacing, None,
+        crop_to_slices=False, resampling=cfg.resampling)]
+    for case, volume in zip(cases, whole, strict=True):
+        start, stop = volume["slices"]  # native slices 3:5 of 8 are model rows 6:10 of 16
+        assert (start, stop) == (6, 10)
+        assert case["slices"] == (1, 1 + stop - start)
+        np.testing.assert_array_equal(case["image"], volume["image"][..., start - 1:stop + 1])
+    kw.pop("out_dir")
+    on_whole = real(net, whole, **kw)
+    for mine, theirs in zip(result["cases"], on_whole["cases"], strict=True):
+        assert set(mine) == set(theirs) and len(mine) > 2
+        for name in set(mine) - {"case"}:  # per class and mean: {metric: value}
+            assert mine[name] == pytest.approx(theirs[name], abs=1e-6), name
+
+
+def test_segment_with_predictor_stacks_the_neighbours(exported):
+    from sfpc.inference.direct import segment_with_predictor
+    from sfpc.inference.preprocess import restore
+
+    folder, meta, backend = exported
+    image = _image(2)
+    mask, maps = segment_with_predictor(lambda windows: backend.infer(windows), meta, image,
+                                        AFFINE)
+    model_image, geometry = Engine(backend, meta).preprocess(image, AFFINE)
+    logits = _session(folder, "seg.onnx").run(None, {"image": _stacks(model_image)})[0]
+    np.testing.assert_allclose(maps["logits"], np.moveaxis(logits, 0, -1), atol=1e-4)
+    labels = np.moveaxis(np.argmax(logits, axis=1), 0, -1).astype(np.uint8)
+    assert mask.shape == SHAPE
+    assert np.mean(mask != restore(labels, geometry, order=0)) < 1e-3
+
+
+def test_compare_methods_stacks_the_neighbours_its_metadata_gives(exported, ctx_net):
+    from sfpc.training.uncertainty_compare import compare_methods
+
+    _, meta, _ = exported
+    image = _image(3, (32, 32, 7))[None] / 300  # on the model grid: one window a slice
+    with torch.no_grad():
+        by_hand = ctx_net(torch.from_numpy(_stacks(image))).argmax(1).numpy()
+        # The oracle tells stacks apart: the centre slice alone, repeated, predicts otherwise.
+        centre = np.repeat(np.moveaxis(image[0], -1, 0)[:, None], 2 * K + 1, axis=1)
+        assert (ctx_net(torch.from_numpy(centre)).argmax(1).numpy() != by_hand).any()
+    label = np.moveaxis(by_hand, 0, -1)
+    volume = {"id": "v", "image": image.astype(np.float32), "label": label,
+              "spacing": (1.5, 1.5, 3.0), "slices": None}
+    res = compare_methods(ctx_net, [volume], class_names=meta.class_names, metadata=meta,
+                          methods=["softmax", "flpm"], m=2, warmup=False)
+    assert res["settings"]["context_slices"] == K
+    for method in ("softmax", "flpm"):
+        dice = res["methods"][method]["cases"][0]["dice"]
+        assert dice["mean"] == pytest.approx(1.0, abs=1e-3), (method, dice)
+    with pytest.raises(ValueError, match="pass metadata="):
+        compare_methods(ctx_net, [volume], class_names=meta.class_names, patch_size=PATCH,
+                        methods=["softmax"], warmup=False)
+
+
+def test_fine_tuning_from_a_25d_export_builds_its_network(tmp_path, trained):
+    from sfpc.model.export import export_checkpoint
+    from sfpc.training.plan import plan_from_init
+    from sfpc.training.trainer import Trainer
+
+    data, run, _ = trained
+    export = tmp_path / "export"
+    export_checkpoint(run / "last.pt", export)
+    fields, _ = plan_from_init(str(export))
+    assert fields["context_slices"] == 1 and fields["spacing"] == [6.0, 6.0, 4.0]
+    base = {k: v for k, v in TRAIN_FIELDS.items() if k not in fields}
+    cfg = resolve(TrainConfig(data=str(data), out=str(tmp_path / "tune"), init=str(export),
+                              **base, **fields))
+    trainer = Trainer(cfg)
+    assert trainer.net.cfg.in_channels == 3
+    assert "checked against ONNX Runtime" in trainer.init_notes[0]
+    assert trainer.meta.context_slices == 1 and trainer.meta.spacing == [6.0, 6.0, 4.0]
+
+
+def test_init_refuses_the_weights_of_another_stack(trained, exported):
+    from sfpc.model.networks import NetConfig, SFPCNet
+    from sfpc.training.init_model import load_initial_weights
+
+    _, run, _ = trained
+    ck = torch.load(run / "last.pt", weights_only=False)
+    net = SFPCNet(NetConfig.from_dict({**ck["net_config"], "in_channels": 1}))
+    with pytest.raises(ValueError, match="--context-slices 1"):
+        load_initial_weights(net, run / "last.pt", [], context_slices=0)
+    folder, _, _ = exported
+    with pytest.raises(ValueError, match="--context-slices 1"):
+        load_initial_weights(net, folder, [torch.zeros(2, 1, *PATCH)], context_slices=0)
+
+
+def test_a_multi_volume_upload_is_refused_at_decoding(exported, tmp_path, monkeypatch):
+    # The network takes three channels, the image one: three volumes are refused by the
+    # decoder, as for any one-channel model, with its 4xx JSON.
+    import gzip
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from sfpc.server.app import create_app
+    from sfpc.server.settings import Settings
+
+    for key in list(os.environ):
+        if key.startswith("SFPC_"):
+            monkeypatch.delenv(key)
+    folder, _, _ = exported
+    volumes = np.stack([_image(i) for i in range(2 * K + 1)], axis=-1)
+    upload = gzip.compress(nib.Nifti1Image(volumes, AFFINE).to_bytes())
+    settings = Settings(model_dirs=[folder], data_dir=tmp_path / "jobs",
+                        onnx_providers="CPUExecutionProvider", onnx_intra_op_threads=1)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/segment", files={"file": ("v.nii.gz", upload)})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "too_many_volumes"
+    assert "with 3 volumes" in error["message"] and "takes one channel" in error["message"]
+
+
+def test_model_card_says_how_a_25d_model_treats_slices(exported):
+    import dataclasses
+
+    from sfpc.training.default_model import model_card
+
+    _, meta, _ = exported
+    names = [*meta.class_names[1:], "mean"]
+    validation = {"case": "ct_a", "metrics": {n: {"dice": 0.9, "hd95": 3.0, "asd": 1.0,
+                                                 "boundary_dice": 0.8} for n in names}}
+    card = model_card(meta, validation, "make default-model")
+    assert "slices keep their own spacing" not in card
+    assert "resamples to 1.5 x 1.5 x 3.0 mm" in card
+    assert "the 1 neighbouring slice on either side" in card and "lie 3.0 mm apart" in card
+    assert "each seen with its 1 neighbouring slice on either side" in card
+    plain = model_card(dataclasses.replace(meta, context_slices=0, in_channels=1,
+                                           spacing=[1.5, 1.5, None]),
+                       validation, "make default-model")
+    assert "resamples in-plane to 1.5 x 1.5 mm" in plain
+    assert "slices keep their own spacing" in plain and "neighbouring" not in plain
+
+
+# ----------------------------------------------------------------------------------------------
+# The organ task's split
+# ----------------------------------------------------------------------------------------------
+
+ORGAN_VAL = (10, 14)
+
+
+def _organ_ct(folder: Path, n: int = 30) -> Path:
+    """A ct_a of n 3 mm slices whose images are 1000 in the validation block and 0 elsewhere,
+    liver labelled on every slice: any training input that reads the block holds a 1000."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = np.zeros((8, 8, n), np.float32)
+    image[..., ORGAN_VAL[0]:ORGAN_VAL[1]] = 1000.0
+    label = np.zeros((8, 8, n), np.int16)
+    label[2:6, 2:6, :] = 5
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), folder / "ct_a_image.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), folder / "ct_a_label.nii.gz")
+    return folder
+
+
+def _training_inputs_read_the_block(dataset: Path, k: int, slice_mm: float) -> bool:
+    from sfpc.training.layouts import discover_cases
+
+    cases = [c for c in discover_cases(dataset, "json") if c.role != "val"]
+    assert cases
+    return any(load_volume(c, None, [3.0, 3.0, slice_mm], None, with_label=False,
+                           resampling="area", margin=k).image.max() > 0 for c in cases)
+
+
+@pytest.mark.parametrize("k, slice_mm", [(1, 3.0), (2, 3.0), (3, 3.0), (5, 3.0), (1, 6.0),
+                                         (2, 1.5)])
+def test_organ_split_keeps_the_block_out_of_training_neighbours(tmp_path, k, slice_mm):
+    from sfpc.training.organ_task import GAP, make_organ_dataset
+
+    data = _organ_ct(tmp_path / "organs")
+    common = dict(labelled_fraction=0.5, val_block=ORGAN_VAL, use_ct_b=False)
+    plain = make_organ_dataset(data, tmp_path / "plain.json", **common)
+    split = make_organ_dataset(data, tmp_path / "ctx.json", **common, context_slices=k,
+                               slice_spacing=slice_mm)
+    assert not _training_inputs_read_the_block(tmp_path / "ctx.json", k, slice_mm)
+    if slice_mm == 3.0:  # ct_a's own slices: the gap is max(GAP, k)
+        assert split["gap"] == max(GAP, k)
+    if split["gap"] == GAP:  # the split of a plain 2D model, slice for slice
+        assert {**split, "json": None} == {**plain, "json": None}
+    else:  # and that split would have let the block in
+        assert _training_inputs_read_the_block(tmp_path / "plain.json", k, slice_mm)
+
+
+def test_default_model_build_splits_for_its_config_context(tmp_path, monkeypatch):
+    from sfpc.training import default_model, organ_task
+
+    class Stop(Exception):
+        pass
+
+    seen: dict = {}
+
+    def split(data_dir, out_json, **kw):
+        seen.clear()
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(organ_task, "make_organ_dataset", split)
+    config = tmp_path / "ctx.yaml"
+    config.write_text("context_slices: 2\nspacing: [3.0, 3.0, 6.0]\nsplit: {seed: 4}\n")
+    with pytest.raises(Stop):
+        default_model.build(tmp_path, config, work=tmp_path / "work")
+    assert seen == {"seed": 4, "context_slices": 2, "slice_spacing": 6.0, "resampling": "area"}
+    # The shipped config: a plain 2D model, split with the organ task's own gap.
+    with pytest.raises(Stop):
+        default_model.build(tmp_path, work=tmp_path / "work")
+    assert seen["context_slices"] == 0 and "gap" not in seen and "slice_spacing" not in seen

@@ -151,6 +151,33 @@ def _robustness_text(robustness: dict[str, Any] | None) -> str:
             f"each is; silver-standard labels):\n\n{text}")
 
 
+def _context_text(meta: Any) -> str:
+    """A 2.5D model sees more than the slice it labels; users choosing slabs to send need to
+    know (empty for a plain 2D model)."""
+    k = int(getattr(meta, "context_slices", 0) or 0)
+    if not k:
+        return ""
+    return f", each seen with its {k} neighbouring slice{'s' if k > 1 else ''} on either side"
+
+
+def _grid_text(meta: Any) -> str:
+    """What the engine does to a scan's grid. A plain 2D model keeps each scan's slices; a
+    2.5D one resamples them too, since its neighbours must lie a fixed distance apart."""
+    spacing = meta.spacing  # the contract also allows one number for every axis
+    values = list(spacing) if isinstance(spacing, (list, tuple)) else [spacing] * 3
+    axis = meta.plane_axis
+    in_plane = [v for a, v in enumerate(values) if a != axis]
+    how = RESAMPLING_TEXT[meta.resampling]
+    k = int(getattr(meta, "context_slices", 0) or 0)
+    if not k:
+        return (f"resamples in-plane to {in_plane[0]} x {in_plane[1]} mm ({how};\nslices keep "
+                "their own spacing)")
+    return (f"resamples to {' x '.join(str(v) for v in values)} mm ({how};\nslices too, so "
+            f"that the {k} neighbouring slice{'s' if k > 1 else ''} on either side that the "
+            f"model sees with each slice lie {values[axis]} mm apart whatever the scan's slice "
+            "thickness)")
+
+
 def model_card(meta: Any, validation: dict[str, Any], command: str,
                robustness: dict[str, Any] | None = None) -> str:
     """The model card, from the metadata, the measured validation numbers and (optionally)
@@ -181,7 +208,7 @@ def model_card(meta: Any, validation: dict[str, Any], command: str,
                     + ".")
     return f"""# Model card: {meta.name} {meta.version}
 
-**Task.** {meta.task}. 2D model run slice by slice on axial slices; classes
+**Task.** {meta.task}. 2D model run slice by slice on axial slices{_context_text(meta)}; classes
 {", ".join(f"{i} = {n}" for i, n in enumerate(meta.class_names))}.
 
 **Method.** SFPC (semi-supervised, feature-perturbed consistency; shared encoder, segmentation
@@ -191,8 +218,7 @@ pass (tau = {meta.perturbation.get("tau")}).
 
 **Input expectations.** CT in Hounsfield units (rescale slope/intercept applied, as the server's
 DICOM reader does), any orientation, any spacing: the engine reorients to {meta.orientation},
-resamples in-plane to {meta.spacing[0]} x {meta.spacing[1]} mm ({RESAMPLING_TEXT[meta.resampling]};
-slices keep their own spacing),
+{_grid_text(meta)},
 clips to the window {meta.normalisation.get("window")} HU and scales to [0, 1]. Abdominal field of
 view. Not for MR (intensities are meaningless to it) or paediatric anatomy.
 
@@ -252,14 +278,21 @@ def build(data_dir: str | Path, config: str | Path = DEFAULT_CONFIG,
     from sfpc.inference.contract import ModelMetadata
     from sfpc.model.export import export_checkpoint
     from sfpc.training.config import TrainConfig, load_config_file
-    from sfpc.training.organ_task import make_organ_dataset, train_overrides
+    from sfpc.training.organ_task import (
+        context_split_args,
+        make_organ_dataset,
+        train_overrides,
+    )
     from sfpc.training.trainer import train
 
     work, out = Path(work), Path(out)
     fields = train_overrides()
     fields.update(load_config_file(config))
     split_args = fields.pop("split", {})
-    split = make_organ_dataset(data_dir, work / "dataset.json", **split_args)
+    # A 2.5D model's slabs read neighbours beyond their ends: the split widens its gap so that
+    # they never reach into the validation block (a plain 2D model's split is unchanged).
+    split = make_organ_dataset(data_dir, work / "dataset.json", **split_args,
+                               **context_split_args(fields))
     fields.update(data=str(work / "dataset.json"), out=str(work / "run"),
                   split_file=str(work / "run" / "split.json"), progress=progress)
     if iterations:

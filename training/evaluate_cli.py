@@ -12,7 +12,7 @@ import torch
 from sfpc.model.export import load_checkpoint
 from sfpc.training.config import TrainConfig
 from sfpc.training.data import discover_cases, load_eval_cases
-from sfpc.training.datamodule import _label_map, resample_axes
+from sfpc.training.datamodule import _label_map, context_margin, resample_axes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,14 +43,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = Split.from_json(split_path).val
     if not cases:
         p.error("no labelled case to evaluate")
+    # A 2.5D model's slab keeps its real neighbours beyond its ends, as in validation during
+    # training: cropped bare, its end slices would see themselves repeated instead.
     vols = load_eval_cases(cases, cfg.normalisation, cfg.spacing, resample_axes(cfg),
-                           crop_to_slices=cfg.spatial_dims == 2, resampling=meta.resampling)
+                           crop_to_slices=cfg.spatial_dims == 2, resampling=meta.resampling,
+                           margin=context_margin(cfg))
     res = evaluate_cases(net, [v.to_dict() for v in vols], num_classes=meta.num_classes,
                          spatial_dims=meta.spatial_dims, patch_size=meta.patch_size,
                          plane_axis=meta.plane_axis, input_mode=meta.input_mode,
                          overlap=a.overlap if a.overlap is not None else
                          meta.inference.get("overlap", 0.5),
-                         class_names=meta.class_names, out_dir=a.out)
+                         class_names=meta.class_names, out_dir=a.out,
+                         context_slices=meta.context_slices)
     s = res["summary"]
     rows = [f"{'class':<14}{'Dice':>8}{'HD95 mm':>10}{'ASD mm':>9}{'bDice':>8}"]
     for cls, m in s.items():

@@ -30,14 +30,30 @@ _ONNX_CONV = {"Conv": (nn.Conv2d, nn.Conv3d), "ConvTranspose": (nn.ConvTranspose
 
 
 def load_initial_weights(net: SFPCNet, source: str | Path,
-                         batches: Sequence[torch.Tensor]) -> list[str]:
+                         batches: Sequence[torch.Tensor],
+                         context_slices: int | None = None) -> list[str]:
     """Load ``source`` (checkpoint file or export folder) into ``net``; ``batches`` are input
     batches (N, C, *spatial) on the model grid, used by an export's folded BatchNorms. Returns
-    lines saying what was loaded and what starts fresh."""
+    lines saying what was loaded and what starts fresh. ``context_slices``: the run's (its
+    network's channels are neighbour slices of a 2.5D model); a source trained with another
+    number is refused, naming the flag (None: not checked)."""
     path = Path(source)
     if path.is_dir():
-        return _from_export(net, path, batches)
-    return _from_checkpoint(net, path)
+        return _from_export(net, path, batches, context_slices)
+    return _from_checkpoint(net, path, context_slices)
+
+
+def _check_context(path: Path, theirs: int, ours: int | None) -> None:
+    """Stacked neighbour slices are the first convolution's input channels: weights trained on
+    another stack would load (a checkpoint's first layer kept fresh, or fail on its shape) with
+    a message about classes or channels, not about the flag to change."""
+    if ours is None or int(theirs) == int(ours):
+        return
+    raise ValueError(f"--init {path} was trained with {theirs} neighbouring slice(s) on each "
+                     f"side as channels (context_slices {theirs}) and this run has "
+                     f"{ours}: its weights expect --context-slices {theirs} (with its slice "
+                     "spacing, --spacing); `sfpc train` takes both from --init unless told "
+                     "otherwise or run with --no-plan")
 
 
 def _fresh(names: Sequence[str]) -> str:
@@ -46,11 +62,14 @@ def _fresh(names: Sequence[str]) -> str:
     return ", ".join(heads) if heads else "nothing"
 
 
-def _from_checkpoint(net: SFPCNet, path: Path) -> list[str]:
+def _from_checkpoint(net: SFPCNet, path: Path, context_slices: int | None = None) -> list[str]:
     ck = torch.load(path, map_location="cpu", weights_only=False)
     state = ck.get("model", ck) if isinstance(ck, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"--init {path}: not a checkpoint of sfpc train (no 'model' weights)")
+    meta = ck.get("metadata") or {}
+    if meta:  # checkpoints before the field hold plain 2D or 3D models
+        _check_context(path, int(meta.get("context_slices") or 0), context_slices)
     own = net.state_dict()
     take = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     differ = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -80,13 +99,15 @@ def _call_order(net: SFPCNet, example: torch.Tensor) -> list[nn.Module]:
     return order
 
 
-def _from_export(net: SFPCNet, folder: Path, batches: Sequence[torch.Tensor]) -> list[str]:
+def _from_export(net: SFPCNet, folder: Path, batches: Sequence[torch.Tensor],
+                 context_slices: int | None = None) -> list[str]:
     import onnx
     from onnx import numpy_helper
 
     from sfpc.inference.contract import INPUT_NAME, SEG_GRAPH, ModelMetadata
 
     meta = ModelMetadata.load(folder)
+    _check_context(folder, meta.context_slices, context_slices)
     graph_file = folder / meta.graphs[SEG_GRAPH]["file"]
     model = onnx.load(str(graph_file))
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}

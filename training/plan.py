@@ -816,8 +816,13 @@ def plan_from_init(init: str) -> tuple[dict[str, Any], str]:
         if not meta:
             raise ValueError(f"{init}: no model metadata in this checkpoint")
     net = meta.get("net") or {}
+    # A 2.5D model's weights take its neighbour slices as channels, at the slice spacing its
+    # ``spacing`` fixes: both must come along, or the network built for fine-tuning would take
+    # one slice. Metadata before the field: a plain 2D model.
+    context = int(meta.get("context_slices") or 0)
     fields = {"spatial_dims": meta["spatial_dims"], "plane": meta["plane"],
               "spacing": meta["spacing"], "input_mode": meta["input_mode"],
+              "context_slices": context,
               # Fine-tuning keeps the grid the model learnt on (metadata before the field:
               # linear).
               "resampling": meta.get("resampling", "linear"),

@@ -206,7 +206,8 @@ class Trainer:
             # The first two batches (fixed by the seed) measure an export's folded BatchNorms.
             batches = [torch.cat([b[0], b[2]]).to(self.device)
                        for b in (self.data.loader.batch(i) for i in range(2))]
-            self.init_notes = load_initial_weights(self.net, cfg.init, batches)
+            self.init_notes = load_initial_weights(self.net, cfg.init, batches,
+                                                   cfg.context_slices)
         self.meta = make_metadata(cfg, self.data, self.net)
         step_module: torch.nn.Module = TrainStep(self.net)
         if self.dist.world > 1:

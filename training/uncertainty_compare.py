@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from sfpc.inference.engine import predict_model_grid
+from sfpc.inference.contract import PLANE_CODES, ModelMetadata
+from sfpc.inference.contract import plane_axis as contract_plane_axis
+from sfpc.inference.engine import model_grid_settings, predict_model_grid
 from sfpc.inference.uncertainty import DEFAULT_BAND, region_statistics, uncertainty_maps
 from sfpc.model.networks import SFPCNet, UncertaintyHead
 from sfpc.training.uncertainty_eval import UncertaintyScorer, foreground_dice
@@ -165,36 +167,65 @@ def _crop(array: np.ndarray, slices: Sequence[int] | None, axis: int) -> np.ndar
     return array[tuple(index)]
 
 
+def _plain_metadata(net: SFPCNet, volumes: Sequence[Mapping[str, Any]],
+                    patch_size: Sequence[int] | None, plane_axis: int,
+                    input_mode: str) -> ModelMetadata:
+    """The geometry compare_methods' arguments give, as metadata of a network without context
+    slices (the engine's defaults for the inference settings)."""
+    if patch_size is None:
+        raise ValueError("compare_methods needs the network's metadata or its patch_size")
+    channels = {int(np.shape(v["image"])[0]) for v in volumes}
+    if net.cfg.spatial_dims == 2 and any(net.cfg.in_channels > c for c in channels):
+        # A 2.5D network: which of its channels are neighbour slices only its metadata says.
+        raise ValueError(f"the network takes {net.cfg.in_channels} channels and the volumes "
+                         f"have {sorted(channels)}: a 2.5D network (context_slices); pass "
+                         "metadata= (load_checkpoint's) so that its neighbour slices are stacked")
+    planes = {contract_plane_axis(name): name for name in PLANE_CODES}
+    return ModelMetadata(spatial_dims=net.cfg.spatial_dims, in_channels=net.cfg.in_channels,
+                         patch_size=[int(p) for p in patch_size], plane=planes[plane_axis],
+                         input_mode=input_mode)
+
+
 def compare_methods(
     net: SFPCNet,
     volumes: Sequence[Mapping[str, Any]],
     *,
     class_names: Sequence[str],
-    patch_size: Sequence[int],
+    patch_size: Sequence[int] | None = None,
     methods: Sequence[str] = METHODS,
     m: int = 4,
     temperature: float = 1.0,
     plane_axis: int = 2,
     input_mode: str = "spacing",
-    overlap: float = 0.5,
-    sw_batch_size: int = 4,
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
     band: int = DEFAULT_BAND,
     n_bins: int = DEFAULT_BINS,
     seed: int = 0,
     device: torch.device | None = None,
     warmup: bool = True,
     progress: Callable[[str], None] | None = None,
+    metadata: ModelMetadata | None = None,
 ) -> dict[str, Any]:
     """Score ``methods`` on preprocessed ``volumes`` (dicts with image, label, spacing, id and
     optional slices, as ``Volume.to_dict()``; labels on the model grid).
+
+    ``metadata``: the network's (``load_checkpoint``'s); the windows then follow its grid
+    settings as the serving engine's do (:func:`~sfpc.inference.engine.model_grid_settings`:
+    patch, plane, input mode, a 2.5D model's ``context_slices``, overlap and batch from its
+    ``inference`` unless given), and ``patch_size``, ``plane_axis`` and ``input_mode`` are
+    ignored. Without it those arguments describe a plain 2D or 3D network (a network taking
+    more channels than the volumes have, a 2.5D one, is refused: pass its metadata).
 
     Returns {"methods": {name: scorer summary + "seconds", "network_seconds",
     "relative_cost", "relative_network_cost", "passes"}, "settings": {...}}.
     """
     spatial_dims = net.cfg.spatial_dims
-    settings = {"spatial_dims": spatial_dims, "patch_size": list(patch_size),
-                "plane_axis": plane_axis, "input_mode": input_mode, "overlap": overlap,
-                "sw_batch_size": sw_batch_size if spatial_dims == 3 else max(sw_batch_size, 16)}
+    meta = metadata if metadata is not None else _plain_metadata(
+        net, volumes, patch_size, plane_axis, input_mode)
+    if sw_batch_size is not None and spatial_dims == 2:
+        sw_batch_size = max(sw_batch_size, 16)
+    settings = model_grid_settings(meta, overlap=overlap, sw_batch_size=sw_batch_size)
     device = device or next(net.parameters()).device
     names = [str(c) for c in class_names]
     was_training = net.training

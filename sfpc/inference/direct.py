@@ -83,10 +83,9 @@ def segment_with_predictor(predict: Predictor, meta: ModelMetadata, image: np.nd
     """:func:`segment_volume` with the metadata and the plain-mode predictor given."""
     engine = Engine(PredictorBackend(predict), meta)
     model_image, geometry = engine.preprocess(image, affine)
-    maps = predict_model_grid(
-        predict, model_image, spatial_dims=meta.spatial_dims, patch_size=meta.patch_size,
-        plane_axis=engine.plane_axis, input_mode=meta.input_mode, overlap=engine.overlap,
-        mode=engine.mode, sigma_scale=engine.sigma_scale, sw_batch_size=engine.sw_batch_size)
+    # The engine's settings: a 2.5D model's neighbour slices and any field the contract gains
+    # reach the predictor as they reach the engine's own windows.
+    maps = predict_model_grid(predict, model_image, **engine.grid_settings(model_image))
     probs = softmax(maps[PLAIN_OUTPUTS[0]], axis=0, temperature=meta.temperature)
     labels = np.argmax(probs, axis=0).astype(np.uint8)
     return restore(labels, geometry, order=0).astype(np.uint8), maps

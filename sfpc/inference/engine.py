@@ -355,6 +355,37 @@ def count_windows(model_shape: Sequence[int], *, spatial_dims: int, patch_size: 
     return n_slices * len(window_starts(padded, roi, scan_interval(padded, roi, overlap)))
 
 
+def model_grid_settings(meta: ModelMetadata, *, overlap: float | Sequence[float] | None = None,
+                        mode: str | None = None, sigma_scale: float | Sequence[float] | None = None,
+                        sw_batch_size: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`iter_model_grid` that a model's metadata fixes: its
+    geometry (dimensions, patch, plane, input mode, 2.5D ``context_slices``) and, unless given,
+    its ``inference`` settings (``sw_batch_size`` at least 16 for 2D models, as in training
+    evaluation). The one place that turns the contract into model-grid settings, so that code
+    running windows its own way (evaluation, method comparisons, direct predictors) cannot
+    leave a field out. No ``slab_slices``: results do not depend on it
+    (:meth:`Engine.grid_settings` adds the engine's memory budget)."""
+    inference = dict(meta.inference or {})
+    if sw_batch_size is None:
+        sw_batch_size = int(inference.get("sw_batch_size", 4))
+        if meta.spatial_dims == 2:
+            sw_batch_size = max(sw_batch_size, 16)
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    settings: dict[str, Any] = {
+        "spatial_dims": meta.spatial_dims, "patch_size": list(meta.patch_size),
+        "plane_axis": plane_axis(meta.plane, meta.orientation), "input_mode": meta.input_mode,
+        "overlap": inference.get("overlap", 0.5) if overlap is None else overlap,
+        "mode": inference.get("mode", "gaussian") if mode is None else mode,
+        "sigma_scale": inference.get("sigma_scale", 0.125) if sigma_scale is None
+        else sigma_scale,
+        "sw_batch_size": int(sw_batch_size),
+    }
+    if meta.context_slices:
+        settings["context_slices"] = int(meta.context_slices)
+    return settings
+
+
 def softmax(logits: np.ndarray, axis: int = 1, temperature: float = 1.0) -> np.ndarray:
     """softmax(logits / temperature) over ``axis``, float32, overflow-safe."""
     z = np.asarray(logits, dtype=np.float32) / np.float32(temperature)
@@ -456,17 +487,11 @@ class Engine:
         self.slab_bytes = int(slab_bytes)
         self.band = int(band)
         check_servable(metadata)
-        inference = dict(metadata.inference or {})
-        self.overlap = inference.get("overlap", 0.5)
-        self.mode = inference.get("mode", "gaussian")
-        self.sigma_scale = inference.get("sigma_scale", 0.125)
-        if sw_batch_size is None:
-            sw_batch_size = int(inference.get("sw_batch_size", 4))
-            if metadata.spatial_dims == 2:
-                sw_batch_size = max(sw_batch_size, 16)
-        if sw_batch_size < 1:
-            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
-        self.sw_batch_size = int(sw_batch_size)
+        settings = model_grid_settings(metadata, sw_batch_size=sw_batch_size)
+        self.overlap = settings["overlap"]
+        self.mode = settings["mode"]
+        self.sigma_scale = settings["sigma_scale"]
+        self.sw_batch_size = settings["sw_batch_size"]
         self.plane_axis = plane_axis(metadata.plane, metadata.orientation)
         self.target_spacing, self.resample_axes = _target_spacing(metadata, self.plane_axis)
 
@@ -487,7 +512,7 @@ class Engine:
         counter = _Counter()
         total = self._total(model_image.shape[1:]) * (2 if flip else 1)
         predict = self._predictor(uncertainty, counter, total, self.progress, flip=flip)
-        return predict_model_grid(predict, model_image, **self._grid_settings(model_image))
+        return predict_model_grid(predict, model_image, **self.grid_settings(model_image))
 
     def segment(self, image: Any, affine: Any, *, uncertainty: bool = False,
                 flip: bool = False, progress: Progress | None = None,
@@ -515,7 +540,7 @@ class Engine:
         total = self._total(geometry.model_shape) * (2 if flip else 1)
         predict = self._predictor(uncertainty, counter, total, progress or self.progress,
                                   flip=flip)
-        chunks = iter_model_grid(predict, model_image, **self._grid_settings(model_image))
+        chunks = iter_model_grid(predict, model_image, **self.grid_settings(model_image))
         rows = self._resampled_slices(geometry)
         while True:
             t0 = time.perf_counter()
@@ -600,16 +625,14 @@ class Engine:
         if reason:
             raise InputError(reason)
 
-    def _grid_settings(self, model_image: np.ndarray) -> dict[str, Any]:
+    def grid_settings(self, model_image: np.ndarray) -> dict[str, Any]:
+        """The keyword arguments of :func:`iter_model_grid` / :func:`predict_model_grid` this
+        engine runs ``model_image`` (its :meth:`preprocess` output) with: callers that bring
+        their own window predictor then tile, stack neighbours and blend as it does."""
         meta = self.metadata
-        settings: dict[str, Any] = {
-            "spatial_dims": meta.spatial_dims, "patch_size": meta.patch_size,
-            "plane_axis": self.plane_axis, "input_mode": meta.input_mode,
-            "overlap": self.overlap, "mode": self.mode, "sigma_scale": self.sigma_scale,
-            "sw_batch_size": self.sw_batch_size,
-        }
-        if meta.context_slices:
-            settings["context_slices"] = int(meta.context_slices)
+        settings = model_grid_settings(meta, overlap=self.overlap, mode=self.mode,
+                                       sigma_scale=self.sigma_scale,
+                                       sw_batch_size=self.sw_batch_size)
         if meta.spatial_dims == 2:
             # Budget the larger of the model slice and the slice it is resized to.
             plane = [n for a, n in enumerate(model_image.shape[1:]) if a != self.plane_axis]

@@ -146,8 +146,10 @@ class SegmentationService:
     def _decode(self, model: LoadedModel, uploads: Sequence[tuple[str, bytes | Path]],
                 options: SegmentOptions) -> tuple[Volume, float]:
         t0 = time.perf_counter()
+        # The image's channels, not the network's: a 2.5D model stacks neighbour slices onto
+        # each, so a multi-volume upload is refused here, with the decoder's 4xx, not later.
         volume = decode_upload(list(uploads), self.limits(model),
-                               max_channels=model.metadata.in_channels,
+                               max_channels=model.metadata.image_channels,
                                series_uid=options.series_uid or None)
         seconds = time.perf_counter() - t0
         self.on_stage("decode", seconds)

@@ -160,7 +160,7 @@ def _blend(
             win = windows[idx % len(windows)]
             for j, offset in enumerate(offsets):
                 source = min(max(centre + offset, 0), n_given - 1)
-                chunk[i, j * channels:(j + 1) * channels] = images[(source, slice(None), *win)]
+                chunk[i, j * channels:(j + 1) * channels] = images[(source, slice(None)) + win]
         outputs = _as_output_dict(predict(chunk))
         if not acc:
             for name, out in outputs.items():
