@@ -50,6 +50,9 @@ class ModelInfo(_Body):
     task: str = ""
     spatial_dims: int
     in_channels: int
+    # Channels an upload carries (older gateways do not say: then in_channels).
+    image_channels: int | None = None
+    context_slices: int = 0
     num_classes: int
     class_names: list[str]
     orientation: str = "RAS"

@@ -132,6 +132,8 @@ def test_health_ready_models(server):
     assert set(by_name) == {"tiny3d", "tiny2d"}
     assert by_name["tiny3d"]["spatial_dims"] == 3 and by_name["tiny3d"]["uncertainty"]
     assert by_name["tiny3d"]["uncertainty_method"]["method"] == "flpm"
+    assert by_name["tiny3d"]["image_channels"] == by_name["tiny3d"]["in_channels"]
+    assert by_name["tiny3d"]["context_slices"] == 0
     one = httpx.get(f"{server.url}/v1/models/tiny2d").json()
     assert one["class_names"] == ["background", "structure1", "structure2"]
     assert "export_dir" not in one  # no server paths leak

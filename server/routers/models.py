@@ -19,7 +19,11 @@ class ModelInfo(BaseModel):
     version: str
     task: str = ""
     spatial_dims: int = Field(description="2: slice by slice along `plane`; 3: volumetric.")
-    in_channels: int
+    in_channels: int = Field(description="The network's input channels (2.5D models: image "
+                             "channels x (2 context_slices + 1)).")
+    image_channels: int = Field(description="Channels (volumes) an upload carries.")
+    context_slices: int = Field(0, description="2D models: neighbouring slices on each side "
+                                "fed as extra channels (the engine stacks them).")
     num_classes: int
     class_names: list[str] = Field(description="Label value i of the mask is class_names[i].")
     orientation: str = Field(description="Axis codes the model works in (uploads may use any).")

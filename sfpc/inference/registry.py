@@ -139,6 +139,10 @@ class LoadedModel:
             "task": m.task,
             "spatial_dims": m.spatial_dims,
             "in_channels": m.in_channels,
+            # What an upload carries: a 2.5D network's extra channels are neighbour slices the
+            # engine stacks itself.
+            "image_channels": m.image_channels,
+            "context_slices": m.context_slices,
             "num_classes": m.num_classes,
             "class_names": list(m.class_names),
             "orientation": m.orientation,
