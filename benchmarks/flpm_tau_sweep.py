@@ -28,7 +28,7 @@ import uncertainty_benchmark as ub
 from sfpc.model.export import load_checkpoint
 from sfpc.training.config import TrainConfig
 from sfpc.training.data import load_eval_cases
-from sfpc.training.datamodule import resample_axes
+from sfpc.training.datamodule import context_margin, resample_axes
 from sfpc.training.layouts import discover_cases
 from sfpc.training.uncertainty_compare import compare_methods
 
@@ -72,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     cases = discover_cases(task["test"], "json")[:a.max_cases]
     volumes = [v.to_dict() for v in load_eval_cases(
         cases, cfg.normalisation, cfg.spacing, resample_axes(cfg),
-        crop_to_slices=meta.spatial_dims == 2)]
+        crop_to_slices=meta.spatial_dims == 2, margin=context_margin(cfg))]
     kw = dict(class_names=meta.class_names, patch_size=meta.patch_size, m=a.m,
               plane_axis=meta.plane_axis, input_mode=meta.input_mode,
               overlap=float(meta.inference.get("overlap", 0.5)),
-              sw_batch_size=int(meta.inference.get("sw_batch_size", 4)), seed=a.seed)
+              sw_batch_size=int(meta.inference.get("sw_batch_size", 4)), seed=a.seed,
+              metadata=meta)
     flpm = net.flpm()
     trained_tau = flpm.tau
     rows = []

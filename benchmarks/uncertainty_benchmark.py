@@ -204,16 +204,19 @@ def run_task(name: str, task: dict[str, Any], args: argparse.Namespace, out: Pat
     net, meta = load_checkpoint(task["checkpoint"])
     ck = torch.load(task["checkpoint"], map_location="cpu", weights_only=False)
     cfg = TrainConfig(**ck["config"])
-    from sfpc.training.datamodule import resample_axes
+    from sfpc.training.datamodule import context_margin, resample_axes
 
+    # A 2.5D model's slabs keep their neighbour slices (margin), and the comparison reads k
+    # from the metadata.
     volumes = load_eval_cases(test_cases, cfg.normalisation, cfg.spacing, resample_axes(cfg),
-                              crop_to_slices=meta.spatial_dims == 2)
+                              crop_to_slices=meta.spatial_dims == 2, margin=context_margin(cfg))
     compare = compare_methods(
         net, [v.to_dict() for v in volumes], class_names=meta.class_names,
         patch_size=meta.patch_size, methods=args.methods, m=args.m, temperature=temperature,
         plane_axis=meta.plane_axis, input_mode=meta.input_mode,
         overlap=float(meta.inference.get("overlap", 0.5)),
-        sw_batch_size=int(meta.inference.get("sw_batch_size", 4)), seed=args.seed)
+        sw_batch_size=int(meta.inference.get("sw_batch_size", 4)), seed=args.seed,
+        metadata=meta)
     print(comparison_table(compare), flush=True)
     stored = ModelMetadata.load(export)
     return {"task": name, "checkpoint": str(task["checkpoint"]), "calibration": cal["summary"],
