@@ -39,8 +39,11 @@ from sfpc.model.uncertainty_heads import (
     EnsembleHead,
     EnsembleNet,
     MCDropoutHead,
+    Spreads,
     StageFLPMHead,
     dropout_rates,
+    spreads_from_json,
+    spreads_to_json,
 )
 
 # File names are recorded in the metadata ('graphs'), so readers never assume them.
@@ -91,7 +94,7 @@ def export_model(
     serving_tau: float | None = None,
     inline_weights: bool = False,
     uncertainty_method: str = "flpm",
-    stage_spreads: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    stage_spreads: Spreads | None = None,
 ) -> ModelMetadata:
     """Write seg.onnx, seg_uncertainty.onnx (when the net has FLPM), weights.bin and
     sfpc_model.json.
@@ -153,10 +156,7 @@ def export_model(
             head = StageFLPMHead(net, m, stage_spreads or {}, tau)
             meta.uncertainty_graph = "stacked"
             meta.perturbation["depths"] = head.depths
-            meta.perturbation["stage_spreads"] = {
-                str(d): {"dmu": getattr(head, f"dmu{d}").tolist(),
-                         "dsigma": getattr(head, f"dsigma{d}").tolist()}
-                for d in head.depths if d != 0}
+            meta.perturbation["stage_spreads"] = spreads_to_json(head.spreads())
         else:
             head = UncertaintyHead(net, m, uncertainty_graph)
             meta.uncertainty_graph = uncertainty_graph
@@ -230,7 +230,8 @@ def export_ensemble(
             "orientation", "plane", "spacing", "input_mode", "resampling", "patch_size",
             "normalisation")
     for path, (_, meta) in zip(checkpoints[1:], loaded[1:], strict=True):
-        differ = [k for k in keys if meta.to_dict()[k] != first[k]]
+        member = meta.to_dict()
+        differ = [k for k in keys if member[k] != first[k]]
         if differ:
             raise ValueError(f"{path} serves differently from {checkpoints[0]}: {differ}")
     nets = [net.cpu().eval() for net, _ in loaded]
@@ -261,9 +262,8 @@ def reference_head(net: SFPCNet, meta: ModelMetadata) -> torch.nn.Module:
     if method == "mc_dropout":
         return MCDropoutHead(net, p["M"])
     if method == "flpm_stages":
-        spreads = {int(d): (torch.tensor(v["dmu"]), torch.tensor(v["dsigma"]))
-                   for d, v in p.get("stage_spreads", {}).items()}
-        return StageFLPMHead(net, p["M"], spreads, p["tau"])
+        return StageFLPMHead(net, p["M"], spreads_from_json(p.get("stage_spreads", {})),
+                             p["tau"])
     if method != "flpm":
         raise ValueError(f"no single-network reference for {method!r}")
     return UncertaintyHead(net, p["M"], "stacked")

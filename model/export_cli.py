@@ -76,11 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     spreads = None
     if a.stage_spreads:
-        import torch
+        from sfpc.model.uncertainty_heads import spreads_from_json
 
-        depths = json.loads(a.stage_spreads.read_text())["depths"]
-        spreads = {int(d): (torch.tensor(v["dmu"]), torch.tensor(v["dsigma"]))
-                   for d, v in depths.items()}
+        spreads = spreads_from_json(json.loads(a.stage_spreads.read_text())["depths"])
     net, meta = load_checkpoint(a.checkpoint)
     try:
         written = export_model(net, meta, a.out, m=a.m, dynamic_spatial=not a.fixed_spatial,

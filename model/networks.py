@@ -257,6 +257,17 @@ def _rename_legacy_mcnet_keys(state_dict: dict, prefix: str, *args: object) -> N
 UNCERTAINTY_GRAPHS = ("folded", "stacked")
 
 
+def sample_moments(logits: torch.Tensor, temperature: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, B, K, *sp) logits of M samples -> the mean of softmax(logits / T) and the mean
+    per-sample entropy (natural log), the uncertainty graph's two outputs."""
+    if temperature is not None:
+        logits = logits / temperature.reshape(1, -1, *([1] * (logits.dim() - 2)))
+    probs = torch.softmax(logits, dim=2)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=2, keepdim=True)
+    return probs.mean(dim=0), entropy.mean(dim=0)
+
+
 class UncertaintyHead(nn.Module):
     """E + G1 with FLPM applied M times on the fixed eps grid, in one pass.
 
@@ -293,12 +304,7 @@ class UncertaintyHead(nn.Module):
         f = self.net.seg_features(x)
         if self.graph == "folded":
             return self._folded(f, temperature)
-        logits = self.net.perturbed_logits(f, self.m)  # (M, B, K, *sp)
-        if temperature is not None:
-            logits = logits / temperature.reshape(1, -1, *([1] * (logits.dim() - 2)))
-        probs = torch.softmax(logits, dim=2)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=2, keepdim=True)
-        return probs.mean(dim=0), entropy.mean(dim=0)
+        return sample_moments(self.net.perturbed_logits(f, self.m), temperature)
 
     def _folded(
         self, f: torch.Tensor, temperature: torch.Tensor | None

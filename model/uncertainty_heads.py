@@ -26,22 +26,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from sfpc.model.networks import SFPCNet
-from sfpc.model.perturbation import eps_grid, instance_stats
+from sfpc.model.networks import SFPCNet, sample_moments
+from sfpc.model.perturbation import FLPM, eps_grid, instance_stats
 
 # Classic shader hash constants; the salt keeps layers and samples apart.
 _HASH_STEPS = (12.9898, 78.233, 37.719, 4.581, 93.989)
 _HASH_SCALE = 43758.5453
-
-
-def sample_moments(logits: torch.Tensor, temperature: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, B, K, *sp) logits -> mean of softmax(logits / T) and mean per-sample entropy."""
-    if temperature is not None:
-        logits = logits / temperature.reshape(1, -1, *([1] * (logits.dim() - 2)))
-    probs = torch.softmax(logits, dim=2)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=2, keepdim=True)
-    return probs.mean(dim=0), entropy.mean(dim=0)
 
 
 def hash_uniform(x: torch.Tensor, salt: float) -> torch.Tensor:
@@ -77,7 +67,7 @@ class HashDropout(nn.Module):
 
 
 def dropout_rates(net: SFPCNet) -> list[float]:
-    return [float(m.p) for m in net.encoder.modules() if isinstance(m, nn.Dropout)]
+    return [p for _, _, p in _dropouts(net.encoder)]
 
 
 class MCDropoutHead(nn.Module):
@@ -109,63 +99,73 @@ def _dropouts(module: nn.Module) -> list[tuple[nn.Module, str, float]]:
     return found
 
 
-def _perturb(f: torch.Tensor, eps: torch.Tensor, dmu: torch.Tensor, dsigma: torch.Tensor,
-             m: int) -> torch.Tensor:
-    """FLPM (eq. 1-3) with per-row eps: ``f`` holds M*B rows, sample-major, or B rows that are
-    first repeated M times. ``eps`` is (M,)."""
-    rows = f.shape[0]
-    mean, std = instance_stats(f)  # (R, C)
-    e = eps.reshape(m, 1).expand(m, rows // m).reshape(rows, 1)
-    gamma, mu = std + e * dsigma, mean + e * dmu
-    shape = (rows, f.shape[1]) + (1,) * (f.dim() - 2)
-    return gamma.reshape(shape) * (f - mean.reshape(shape)) / std.reshape(shape) + mu.reshape(shape)
+Spreads = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
 class StageFLPMHead(nn.Module):
     """FLPM at several decoder depths (0 = before the classifier, d = the d-th stage above it),
-    one eps per sample shared by every depth, on the fixed serving grid of ``tau``."""
+    one eps per sample shared by every depth, on the fixed serving grid of ``tau``. Depth 0 is
+    the network's trained module; each deeper depth is an FLPM module holding the measured
+    spreads as its running buffers, so every depth perturbs by the same code (eval mode)."""
 
-    def __init__(self, net: SFPCNet, m: int, spreads: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                 tau: float):
+    def __init__(self, net: SFPCNet, m: int, spreads: Spreads, tau: float):
         super().__init__()
-        flpm = net.flpm()
-        if flpm is None:
+        if net.flpm() is None:
             raise ValueError("FLPM at several depths needs a network trained with FLPM")
         n = len(net.seg_decoder.ups)
-        spreads = dict(spreads)
-        spreads.setdefault(0, (flpm.running_dmu, flpm.running_dsigma))
         for depth in spreads:
             if not 0 <= depth < n:
                 raise ValueError(f"decoder depth {depth} out of range 0..{n - 1}")
-        self.net, self.m, self.depths = net, int(m), sorted(spreads)
+        self.net, self.m = net, int(m)
+        self.depths = sorted({0, *spreads})
         self.register_buffer("eps", torch.tensor(eps_grid(self.m, tau)))
+        self.stages = nn.ModuleDict()
         for depth, (dmu, dsigma) in spreads.items():
-            self.register_buffer(f"dmu{depth}", torch.as_tensor(dmu, dtype=torch.float32).clone())
-            self.register_buffer(f"dsigma{depth}",
-                                 torch.as_tensor(dsigma, dtype=torch.float32).clone())
+            if depth == 0:
+                continue  # the trained module's own spreads
+            module = FLPM(len(dmu), tau=tau).eval()
+            module.running_dmu.copy_(torch.as_tensor(dmu, dtype=torch.float32))
+            module.running_dsigma.copy_(torch.as_tensor(dsigma, dtype=torch.float32))
+            self.stages[str(depth)] = module
+
+    def spreads(self) -> Spreads:
+        """The measured spreads of the depths below 0 (what the export records)."""
+        return {int(d): (f.running_dmu, f.running_dsigma) for d, f in self.stages.items()}
 
     def forward(self, x: torch.Tensor, temperature: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.net.encoder(x)
         ups = self.net.seg_decoder.ups
         n, b, stacked = len(ups), x.shape[0], False
+        eps = self.eps[:, None].expand(self.m, b)  # (M, B): sample-major, as FLPM stacks
         h = feats[-1]
         for i, up in enumerate(ups):
             skip = feats[-2 - i]
             h = up(h, torch.cat([skip] * self.m, dim=0) if stacked else skip)
             depth = n - 1 - i
             if depth in self.depths:
-                if not stacked:
-                    h, stacked = torch.cat([h] * self.m, dim=0), True
-                h = _perturb(h, self.eps, getattr(self, f"dmu{depth}"),
-                             getattr(self, f"dsigma{depth}"), self.m)
+                flpm = self.net.flpm() if depth == 0 else self.stages[str(depth)]
+                # Once stacked, the M*B rows are one "sample" each with their own eps.
+                h = flpm(h, 1, eps.reshape(1, -1)) if stacked else flpm(h, self.m, eps)
+                stacked = True
         logits = self.net.classifier(h)
         return sample_moments(logits.reshape(self.m, b, *logits.shape[1:]), temperature)
 
 
+def spreads_to_json(spreads: Spreads) -> dict[str, dict[str, list[float]]]:
+    """{depth: (dMu, dSigma)} as ``sfpc stage-spreads`` writes it and the export records it."""
+    return {str(d): {"dmu": [float(v) for v in dmu], "dsigma": [float(v) for v in dsigma]}
+            for d, (dmu, dsigma) in spreads.items()}
+
+
+def spreads_from_json(depths: dict[str, dict[str, list[float]]]) -> Spreads:
+    """The inverse of :func:`spreads_to_json`."""
+    return {int(d): (torch.tensor(v["dmu"]), torch.tensor(v["dsigma"])) for d, v in depths.items()}
+
+
 @torch.no_grad()
 def stage_spreads(net: SFPCNet, batches: Iterable[torch.Tensor], depths: Sequence[int]
-                  ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                  ) -> Spreads:
     """FLPM's dMu / dSigma at decoder ``depths``: the standard deviation over each batch of the
     per-image channel means and stds (as FLPM measures them on an unlabelled batch in
     training), averaged over the batches."""

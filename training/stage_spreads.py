@@ -22,7 +22,7 @@ def measure(checkpoint: str | Path, depths: Sequence[int], batches: int = 32,
             data: str | None = None) -> dict[str, Any]:
     """{"depths": {d: {"dmu": [...], "dsigma": [...]}}, ...} of ``checkpoint``."""
     from sfpc.model.export import load_checkpoint
-    from sfpc.model.uncertainty_heads import stage_spreads
+    from sfpc.model.uncertainty_heads import spreads_to_json, stage_spreads
     from sfpc.training.config import TrainConfig
     from sfpc.training.datamodule import build_data
 
@@ -37,8 +37,7 @@ def measure(checkpoint: str | Path, depths: Sequence[int], batches: int = 32,
     spreads = stage_spreads(net, (xu if xu.shape[0] >= 2 else xl for xl, _, xu in images),
                             [int(d) for d in depths])
     return {"checkpoint": str(checkpoint), "batches": batches,
-            "depths": {str(d): {"dmu": v[0].tolist(), "dsigma": v[1].tolist()}
-                       for d, v in spreads.items()}}
+            "depths": spreads_to_json(spreads)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
