@@ -94,10 +94,15 @@ REFERENCE_PASS = "plain"
 CANDIDATE_PREFIX = "candidate:"
 
 
+def is_candidate(pass_name: str) -> bool:
+    """Whether an engine pass runs a ``--candidate`` export (its own engine)."""
+    return pass_name.startswith(CANDIDATE_PREFIX)
+
+
 def pass_spec(name: str) -> tuple[bool, bool]:
     """(uncertainty, flip) of an engine pass; a candidate export's pass is its uncertainty
     graph, unflipped."""
-    return (True, False) if name.startswith(CANDIDATE_PREFIX) else PASSES[name]
+    return (True, False) if is_candidate(name) else PASSES[name]
 
 
 def candidate_methods(key: str, title: str) -> tuple[Method, Method]:
@@ -146,7 +151,7 @@ def method_availability(methods: Sequence[Method], has_uncertainty: bool,
         uncertainty, flip = pass_spec(m.source)
         reasons = []
         # A candidate's pass runs its own export's uncertainty graph (checked when loaded).
-        if uncertainty and not has_uncertainty and not m.source.startswith(CANDIDATE_PREFIX):
+        if uncertainty and not has_uncertainty and not is_candidate(m.source):
             reasons.append("the export has no uncertainty graph (no FLPM)")
         if flip and flip_refusal:
             reasons.append(f"the engine refuses flip: {flip_refusal}")
@@ -339,7 +344,7 @@ def summarise(methods: Sequence[Method], availability: Mapping[str, str | None],
             continue
         scorer = acc.scorers[m.source]
         is_ref = m.key == REFERENCE
-        candidate = m.source.startswith(CANDIDATE_PREFIX)
+        candidate = is_candidate(m.source)
         family = m.source if candidate else ("flip" if PASSES[m.source][1] else "served")
         dice = [c["dice"][family]["mean"] for c in cases]
         calib = scorer.summary()["calibration"]
