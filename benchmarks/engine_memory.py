@@ -146,8 +146,10 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def run_mode(export_dir: Path, uncertainty: bool, args: argparse.Namespace) -> dict:
-    """Segment once and measure (runs in a child process that never imports torch)."""
+def run_mode(export_dir: Path, mode: str, args: argparse.Namespace) -> dict:
+    """Segment once and measure (runs in a child process that never imports torch). ``mode``:
+    plain or uncertainty, with "_serial" restoring slabs after the network instead of beside
+    it (``Engine(concurrent_restore=False)``)."""
     import resource
     import tracemalloc
 
@@ -157,6 +159,7 @@ def run_mode(export_dir: Path, uncertainty: bool, args: argparse.Namespace) -> d
     from sfpc.inference.contract import ModelMetadata
     from sfpc.inference.engine import Engine
 
+    uncertainty = mode.startswith("uncertainty")
     volume = ct_volume(tuple(args.shape))
     affine = np.diag([*args.voxel, 1.0])
     backend = OnnxRuntimeBackend(export_dir, providers=args.providers.split(","),
@@ -166,7 +169,8 @@ def run_mode(export_dir: Path, uncertainty: bool, args: argparse.Namespace) -> d
         Engine(backend, ModelMetadata.load(export_dir), sw_batch_size=args.sw_batch_size
                ).segment(ct_volume((args.shape[0], args.shape[1], 4)),
                          np.diag([*args.voxel, 1.0]), uncertainty=uncertainty)
-    engine = Engine(backend, ModelMetadata.load(export_dir), sw_batch_size=args.sw_batch_size)
+    engine = Engine(backend, ModelMetadata.load(export_dir), sw_batch_size=args.sw_batch_size,
+                    concurrent_restore=not mode.endswith("_serial"))
     before = rss_mib()
     tracemalloc.start()
     t0 = time.perf_counter()
@@ -177,7 +181,7 @@ def run_mode(export_dir: Path, uncertainty: bool, args: argparse.Namespace) -> d
     assert "torch" not in sys.modules
     counts = {k: v["voxels"] for k, v in result.statistics["classes"].items()}
     return {
-        "mode": "uncertainty" if uncertainty else "plain",
+        "mode": mode,
         "wall_s": wall,
         "timings": result.timings,
         "n_windows": result.n_windows,
@@ -208,9 +212,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op")
     parser.add_argument("--sw-batch-size", type=int, default=None,
                         help="windows per backend call (default: the metadata's, >= 16 in 2D)")
-    parser.add_argument("--modes", nargs="+", choices=["plain", "uncertainty", "monai"],
+    parser.add_argument("--modes", nargs="+", choices=["plain", "uncertainty", "plain_serial",
+                                                       "uncertainty_serial", "monai"],
                         default=["plain", "uncertainty"],
-                        help="monai: MONAI's transforms + SliceInferer + eager PyTorch on the "
+                        help="*_serial: slabs restored after the network, not beside it; "
+                             "monai: MONAI's transforms + SliceInferer + eager PyTorch on the "
                              "same network and volume (needs --input-mode spacing)")
     parser.add_argument("--providers", default="CPUExecutionProvider",
                         help="ONNX Runtime execution providers, comma-separated, in order "
@@ -234,7 +240,7 @@ def main() -> None:
     if args._run:
         mode, export_dir = args._run
         result = (run_monai(args) if mode == "monai"
-                  else run_mode(Path(export_dir), mode == "uncertainty", args))
+                  else run_mode(Path(export_dir), mode, args))
         print(json.dumps(result))
         return
 

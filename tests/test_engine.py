@@ -529,6 +529,45 @@ def test_streamed_maps_are_the_model_grid_maps_restored(model_3d, model_2d, dims
         assert streamed.mask.flags.f_contiguous and streamed.entropy_levels.flags.f_contiguous
 
 
+@pytest.mark.parametrize("dims", [3, 2])
+def test_restoring_beside_the_network_changes_nothing(model_3d, model_2d, dims):
+    """The restore running while the backend computes the next slab (the default) gives the
+    arrays of the serial loop bit for bit, and its stage timings still split the wall clock."""
+    _, meta, backend = model_3d if dims == 3 else model_2d
+    image = _volume((33, 28, 40), None if dims == 3 else 2, seed=17)
+    affine = AFFINES["lps"]
+    results = {}
+    for concurrent in (True, False):
+        engine = Engine(backend, meta, sw_batch_size=4, slab_bytes=1 << 16,
+                        concurrent_restore=concurrent)
+        results[concurrent] = engine.segment(image, affine, uncertainty=True)
+    overlapped, serial = results[True], results[False]
+    np.testing.assert_array_equal(overlapped.mask, serial.mask)
+    for name, levels in serial.map_levels().items():
+        np.testing.assert_array_equal(overlapped.map_levels()[name], levels)
+    assert overlapped.statistics == serial.statistics
+    t = overlapped.timings
+    assert t["postprocess_concurrent"] >= 0.0
+    assert t["preprocess"] + t["inference"] + t["postprocess"] <= t["total"] + 1e-6
+
+
+def test_an_error_in_the_backend_thread_reaches_the_caller(model_2d):
+    """A cancellation raised by the progress callback, which runs in the worker thread, stops
+    the request with that exception, as it did when the network ran in the caller's thread."""
+    _, meta, backend = model_2d
+
+    class Stop(Exception):
+        pass
+
+    def progress(done: int, total: int) -> None:
+        if done >= 8:
+            raise Stop(f"cancelled at {done} of {total}")
+
+    engine = Engine(backend, meta, sw_batch_size=4, slab_bytes=1 << 16, progress=progress)
+    with pytest.raises(Stop, match="cancelled at"):
+        engine.segment(_volume((30, 41, 24), 2, seed=3), AFFINES["ras"])
+
+
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_assign_tiled_equals_numpy_assignment(order):
     """Tiled writes into reoriented views of either memory order equal numpy's assignment."""

@@ -22,7 +22,8 @@ anywhere is preprocessed, tiled, stitched and restored the same way:
    resolution. Uncertainty maps are computed where they are cheapest, on the model grid, from
    the blended moments, and restored linearly beside the probabilities; on the input grid they
    are held as uint16 levels (``sfpc.io.artefacts.MAP_LEVELS`` steps of [0, 1], within
-   ``MAP_MAX_ERROR``), which is also what the NIfTI files store. Their region statistics (mean
+   ``MAP_MAX_ERROR``), which the NIfTI files store as they are or rounded to 8 bits (the
+   request's ``map_precision``). Their region statistics (mean
    per class and in the boundary band) are taken on the model grid too: the band is then
    ``band`` model voxels whatever the upload's resolution, as when the review threshold was
    chosen, and costs a ninth of the input grid's filters for a 0.7 mm CT at 2 mm.
@@ -37,6 +38,11 @@ the memory order of the upload's array (NIfTI arrays are Fortran-ordered), so th
 files is a copy of contiguous slabs, not a transposition. Accumulators are float32 throughout:
 float16's 11-bit mantissa would blend Gaussian weights spanning three orders of magnitude with
 ~1e-3 relative error, enough to flip argmax ties, and streaming already keeps the footprint small.
+
+Streaming also lets the stages overlap: the backend computes the next slab in a worker thread
+(:mod:`~sfpc.inference.prefetch`) while this one restores the last (``concurrent_restore``), so
+on a machine with a core to spare the restore of every slab but the last is hidden behind the
+network. Results are identical either way: slabs are restored in order, by one thread.
 
 No torch import anywhere below (the gateway runs ONNX graphs).
 """
@@ -62,6 +68,7 @@ from sfpc.inference.contract import (
     check_servable,
     plane_axis,
 )
+from sfpc.inference.prefetch import prefetched
 from sfpc.inference.preprocess import (
     Geometry,
     linear_neighbours,
@@ -94,6 +101,9 @@ MAP_NAMES = ("entropy", "mutual_information")  # the uncertainty maps, in channe
 UNCERTAINTY_KEYS = UNCERTAINTY_OUTPUTS
 # Per slab of streamed work, the float32 maps of one slab stay near this size.
 DEFAULT_SLAB_BYTES = 64 << 20
+# Slabs a 2D volume is at least cut into when restoring runs beside the network: the last
+# slab's restore is what the overlap cannot hide.
+PIPELINE_SLABS = 8
 # Direction cosines of real scanners' affines are orthonormal to ~1e-5 (float32 NIfTI headers,
 # DICOM rounding); anything beyond this is a sheared grid that reorientation cannot represent.
 ORTHOGONALITY_TOLERANCE = 1e-3
@@ -466,7 +476,10 @@ class Engine:
     ``inference.sw_batch_size``, at least 16 for 2D models as in training evaluation).
     ``progress(done, total)`` is called with window counts after every backend call.
     ``slab_bytes`` caps the float32 maps of one streamed slab; ``band`` is the boundary band
-    width (voxels of the input grid) of the statistics. ``metadata.temperature`` T calibrates
+    width (voxels of the input grid) of the statistics. ``concurrent_restore``: slabs are
+    restored to the input grid in this thread while the backend computes the next ones in a
+    worker thread (False: one after the other, as before issue 13's measurements).
+    ``metadata.temperature`` T calibrates
     every mode: plain mode takes softmax(logits / T) here, uncertainty mode feeds T to the
     graph, whose softmax is inside. Thread-safe if the backend is.
     """
@@ -480,8 +493,10 @@ class Engine:
         progress: Progress | None = None,
         slab_bytes: int = DEFAULT_SLAB_BYTES,
         band: int = DEFAULT_BAND,
+        concurrent_restore: bool = True,
     ) -> None:
         self.backend = backend
+        self.concurrent_restore = bool(concurrent_restore)
         self.metadata = metadata
         self.progress = progress
         self.slab_bytes = int(slab_bytes)
@@ -540,27 +555,51 @@ class Engine:
         total = self._total(geometry.model_shape) * (2 if flip else 1)
         predict = self._predictor(uncertainty, counter, total, progress or self.progress,
                                   flip=flip)
-        chunks = iter_model_grid(predict, model_image, **self.grid_settings(model_image))
+        settings = self.grid_settings(model_image)
+        if self.concurrent_restore:
+            settings = self._pipelined(settings, geometry.model_shape)
+        chunks = iter_model_grid(predict, model_image, **settings)
         rows = self._resampled_slices(geometry)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                axis, start, stop, maps = next(chunks)
-            except StopIteration:
-                timings["inference"] += time.perf_counter() - t0
-                break
-            t1 = time.perf_counter()
-            timings["inference"] += t1 - t0
+
+        def restore(axis: int, start: int, stop: int, maps: dict[str, np.ndarray]) -> None:
             if rows is None:
                 self._restore_chunk(outputs, geometry, axis, start, stop, maps)
-            else:
-                restored = self._model_grid_maps(outputs, axis, start, stop, maps)
-                for first, last, block in rows.push(start, stop, restored):
-                    self._restore_rows(outputs, geometry, axis, (first, last), block)
-                del restored
-            del maps
-            timings["postprocess"] += time.perf_counter() - t1
-        del model_image, chunks, rows
+                return
+            restored = self._model_grid_maps(outputs, axis, start, stop, maps)
+            for first, last, block in rows.push(start, stop, restored):
+                self._restore_rows(outputs, geometry, axis, (first, last), block)
+
+        if self.concurrent_restore:
+            # The network computes the next slab while this thread restores the last one; the
+            # stages then overlap, and the timings split the wall clock: inference until the
+            # last slab came back, postprocess after it. What restoring cost beside the network
+            # is reported on its own.
+            t0 = last = time.perf_counter()
+            busy = 0.0
+            with prefetched(chunks) as ahead:
+                for axis, start, stop, maps in ahead:
+                    last = time.perf_counter()
+                    restore(axis, start, stop, maps)
+                    busy += time.perf_counter() - last
+                    del maps
+            end = time.perf_counter()
+            timings["inference"] = last - t0
+            timings["postprocess"] = end - last
+            timings["postprocess_concurrent"] = max(0.0, busy - (end - last))
+        else:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    axis, start, stop, maps = next(chunks)
+                except StopIteration:
+                    timings["inference"] += time.perf_counter() - t0
+                    break
+                t1 = time.perf_counter()
+                timings["inference"] += t1 - t0
+                restore(axis, start, stop, maps)
+                del maps
+                timings["postprocess"] += time.perf_counter() - t1
+        del model_image, chunks
 
         t0 = time.perf_counter()
         voxel_ml = abs(float(np.linalg.det(aff[:3, :3]))) / 1000.0
@@ -644,6 +683,18 @@ class Engine:
                 slices -= slices % self.sw_batch_size  # whole batches where windows allow
             settings["slab_slices"] = slices
         return settings
+
+    def _pipelined(self, settings: dict[str, Any], model_shape: Sequence[int]) -> dict[str, Any]:
+        """``settings`` with slabs small enough that restoring the last one, which nothing
+        overlaps, is a small part of the restore: at least PIPELINE_SLABS slabs where whole
+        window batches allow."""
+        slab = settings.get("slab_slices")
+        if slab is None:
+            return settings
+        n = int(model_shape[self.plane_axis])
+        batch = int(self.sw_batch_size)
+        target = max(batch, -(-n // PIPELINE_SLABS) // batch * batch)
+        return {**settings, "slab_slices": min(int(slab), target)}
 
     def _total(self, model_shape: Sequence[int]) -> int:
         meta = self.metadata
