@@ -1,6 +1,7 @@
-"""Uncertainty maps travel as uint16 NIfTI with scl_slope: what every reader decodes (nibabel
-applies the slope, as ITK and the viewers do) is within the stated error of the float map, and
-nothing else about the file changes (shape, affine, header reuse; masks stay uint8)."""
+"""Uncertainty maps travel as uint8 (the request default) or uint16 NIfTI with scl_slope: what
+every reader decodes (nibabel applies the slope, as ITK and the viewers do) is within the stated
+error of the float map, and nothing else about the file changes (shape, affine, header reuse;
+masks stay uint8)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sfpc.io.artefacts import MAP_MAX_ERROR, map_nifti_bytes, nifti_bytes, quantise_map
+from sfpc.io.artefacts import (
+    DEFAULT_MAP_PRECISION,
+    MAP_MAX_ERROR,
+    MAP_PRECISIONS,
+    map_max_error,
+    map_nifti_bytes,
+    nifti_bytes,
+    quantise_map,
+)
 
 # float32-exact, so that a reused upload header gives back this affine bit for bit.
 AFFINE = np.array([[-0.75, 0, 0, 120.0], [0, 0.75, 0, -90.5], [0, 0, 2.5, 33.0], [0, 0, 0, 1]])
@@ -103,3 +112,64 @@ def test_streamed_map_file_is_what_nibabel_writes(kind, monkeypatch):
     image = nib.Nifti2Image.from_bytes(streamed) if kind == "nifti2" else \
         nib.Nifti1Image.from_bytes(streamed)
     assert np.abs(image.get_fdata() - values).max() <= MAP_MAX_ERROR
+
+
+# ----------------------------------------------------------------------------------------------
+# 8-bit maps (map_precision "uint8", the request default)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fresh", "nifti1", "nifti2"])
+def test_uint8_maps_decode_within_their_stated_error(kind):
+    rng = np.random.default_rng(13)
+    values = rng.random((21, 17, 9), dtype=np.float32)
+    values[0, 0, :3] = [0.0, 1.0, 0.5 / 255]  # the ends and a value on a rounding edge
+    header = None
+    if kind != "fresh":
+        image_class = nib.Nifti1Image if kind == "nifti1" else nib.Nifti2Image
+        header = image_class(np.zeros(values.shape, np.int16), AFFINE).header
+    error = map_max_error("uint8")
+    assert error == pytest.approx(0.5 / 255 + 0.5 / 65535, abs=2e-7)
+    for given in (values, quantise_map(values)):  # float maps, or the engine's uint16 levels
+        raw = gzip.decompress(map_nifti_bytes(given, AFFINE, header, description="entropy",
+                                              precision="uint8"))
+        image = (nib.Nifti2Image if kind == "nifti2" else nib.Nifti1Image).from_bytes(raw)
+        assert image.get_data_dtype() == np.uint8
+        decoded = image.get_fdata(dtype=np.float64)
+        assert np.abs(decoded - values).max() <= error
+        assert 0.0 <= decoded.min() and decoded.max() <= 1.0  # the top level is not above 1
+        assert decoded[0, 0, 1] == pytest.approx(1.0, abs=1e-6)
+        assert b"uint8 x 1/255" in image.header["descrip"].tobytes()
+        # A map is not a label image: no cal range for viewers to window labels by.
+        assert float(image.header["cal_max"]) == 0.0
+        np.testing.assert_allclose(image.affine, AFFINE, atol=1e-6)
+
+
+def test_uint8_levels_are_the_uint16_levels_rounded_by_hand():
+    # 65535 = 255 x 257: uint16 level l is uint8 level round(l / 257); 128 / 257 rounds down,
+    # 129 / 257 up, and 65535 stays the top.
+    levels = np.array([0, 128, 129, 385, 386, 65535], dtype=np.uint16).reshape(1, 1, 6)
+    image = decode(map_nifti_bytes(levels, AFFINE, precision="uint8"))
+    assert np.asarray(image.dataobj.get_unscaled()).ravel().tolist() == [0, 0, 1, 1, 2, 255]
+
+
+def test_unknown_map_precision_is_refused():
+    with pytest.raises(ValueError, match="uint8"):
+        map_nifti_bytes(np.zeros((2, 2, 2), np.float32), AFFINE, precision="float16")
+
+
+def test_the_request_option_offers_exactly_the_stored_precisions():
+    import typing
+
+    from sfpc.inference.options import MapPrecision, SegmentOptions
+
+    assert set(typing.get_args(MapPrecision)) == set(MAP_PRECISIONS)
+    assert SegmentOptions().map_precision == DEFAULT_MAP_PRECISION == "uint8"
+
+
+def test_u8_of_u16_is_round_of_l_over_257_for_every_level():
+    from sfpc.io.artefacts import u8_of_u16
+
+    levels = np.arange(65536, dtype=np.uint16)
+    expected = np.floor(levels.astype(np.float64) / 257 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(u8_of_u16(levels), expected)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from sfpc.inference.contract import DEFAULT_MODEL_DIR
-from sfpc.io.artefacts import MAP_MAX_ERROR
+from sfpc.io.artefacts import map_max_error
 from tests.support.paths import DATA_MISSING, DICOM_SERIES, ORGANS, REPO_ROOT
 from tests.support.server import GatewayServer
 
@@ -178,11 +178,15 @@ def test_python_api_returns_the_arrays_of_the_cli_files(ct_run: Path, tmp_path: 
     assert isinstance(result, PredictionResult)
     assert result.mask.dtype == np.uint8
     np.testing.assert_array_equal(result.mask, nifti_array(ct_run / "mask.nii.gz"))
-    # The files hold the maps as uint16 with scl_slope: equal within the stated precision.
+    # The files hold the maps as uint8 (the default map_precision) with scl_slope: equal
+    # within the precision the report states.
+    error = map_max_error("uint8")
+    assert nib.load(str(ct_run / "entropy.nii.gz")).get_data_dtype() == np.uint8
     np.testing.assert_allclose(nifti_array(ct_run / "entropy.nii.gz"), result.entropy,
-                               rtol=0, atol=MAP_MAX_ERROR)
+                               rtol=0, atol=error)
     np.testing.assert_allclose(nifti_array(ct_run / "mutual_information.nii.gz"),
-                               result.mutual_information, rtol=0, atol=MAP_MAX_ERROR)
+                               result.mutual_information, rtol=0, atol=error)
+    assert result.report["map_files"] == {"dtype": "uint8", "step": 1 / 255, "max_error": error}
     np.testing.assert_allclose(result.affine, nib.load(str(CT)).affine, atol=1e-5)
     assert result.class_names == ["background", "spleen", "liver", "stomach"]
     assert result.report["model"]["name"] == "sfpc-organs-ct"

@@ -260,6 +260,38 @@ def test_single_slice_goes_to_a_2d_model_but_not_a_3d_one(server):
 
 
 @needs_data
+def test_map_precision_changes_the_map_files_and_nothing_else(server):
+    """uint8 maps are the uint16 maps to within half a 1/255 step, on the same grid and header;
+    the mask, the report's measurements and the overlay are the same bytes or values."""
+    path = DATA / "organs" / "mr_d_image.nii.gz"
+    outputs = "mask_nifti,entropy_nifti,mi_nifti,report_json"
+    archives = {}
+    for precision in ("uint8", "uint16"):
+        response = post(server, upload_file(path),
+                        params={"outputs": outputs, "map_precision": precision})
+        assert response.status_code == 200, response.text[:500]
+        archives[precision] = zipfile.ZipFile(io.BytesIO(response.content))
+    small, large = archives["uint8"], archives["uint16"]
+    assert small.read("mask.nii.gz") == large.read("mask.nii.gz")
+    reports = {p: json.loads(a.read("report.json")) for p, a in archives.items()}
+    assert reports["uint8"]["classes"] == reports["uint16"]["classes"]
+    assert reports["uint8"]["case"] == reports["uint16"]["case"]
+    assert reports["uint8"]["map_files"]["dtype"] == "uint8"
+    assert reports["uint16"]["map_files"]["max_error"] == pytest.approx(0.5 / 65535, abs=2e-7)
+    for name in ("entropy", "mutual_information"):
+        a, b = (read_nifti(x.read(f"{name}.nii.gz")) for x in (small, large))
+        assert (a.get_data_dtype(), b.get_data_dtype()) == (np.uint8, np.uint16)
+        np.testing.assert_array_equal(a.affine, b.affine)
+        assert a.shape == b.shape
+        # Worked by hand: each uint16 level l rounds to the uint8 level round(l / 257).
+        levels16 = np.asarray(b.dataobj.get_unscaled()).astype(np.int64)
+        np.testing.assert_array_equal(np.asarray(a.dataobj.get_unscaled()),
+                                      np.floor((levels16 + 128) / 257).astype(np.uint8))
+        assert np.abs(np.asarray(a.dataobj) - np.asarray(b.dataobj)).max() <= 0.5 / 255 + 1e-6
+        assert len(small.read(f"{name}.nii.gz")) < len(large.read(f"{name}.nii.gz"))
+
+
+@needs_data
 def test_uncertainty_artefacts_in_one_zip(server):
     from PIL import Image
 
@@ -279,9 +311,9 @@ def test_uncertainty_artefacts_in_one_zip(server):
     assert_same_grid(mask_img, upload)
     for image in maps.values():
         assert_same_grid(image, upload)
-        # Maps travel as uint16 with scl_slope 1/65535 (issue 13): readers get floats.
-        assert image.get_data_dtype() == np.uint16
-        assert image.dataobj.slope == pytest.approx(1 / 65535)
+        # Maps travel as uint8 with scl_slope 1/255 by default (issue 13): readers get floats.
+        assert image.get_data_dtype() == np.uint8
+        assert image.dataobj.slope == pytest.approx(1 / 255)
     mask = np.asarray(mask_img.dataobj)
     entropy = np.asarray(maps["entropy"].dataobj)
     mi = np.asarray(maps["mutual_information"].dataobj)

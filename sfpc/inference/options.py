@@ -26,6 +26,7 @@ from sfpc.io import artefacts as files
 OutputName = Literal["mask_nifti", "seg_dicom", "entropy_nifti", "mi_nifti", "overlay_png",
                      "report_json", "pmap_dicom", "sr_dicom", "sc_dicom", "rtstruct_dicom"]
 ResponseFormat = Literal["auto", "nifti", "dicom-seg", "zip"]
+MapPrecision = Literal["uint8", "uint16"]  # the keys of files.MAP_PRECISIONS
 
 OUTPUT_FILES: dict[str, tuple[str, str]] = {
     "mask_nifti": ("mask.nii.gz", files.NIFTI_MEDIA_TYPE),
@@ -83,6 +84,11 @@ class SegmentOptions(BaseModel):
                        "of both passes). Only for models trained with flips.")
     series_uid: str | None = Field(None, description="DICOM: SeriesInstanceUID to segment when "
                                    "the upload holds several series.", max_length=64)
+    map_precision: MapPrecision = Field(
+        files.DEFAULT_MAP_PRECISION, description="Storage of the entropy and MI NIfTI maps "
+        "(values in [0, 1] through scl_slope): uint8, steps of 1/255, within 0.002 of the "
+        "float map, the size of what a viewer shows; uint16, steps of 1/65535, within 8e-6, "
+        "for analysis (files up to 5x larger on noisy volumes, and slower to write).")
     format: ResponseFormat = Field("auto", description="Packing of the result: auto (a single "
                                    "artefact as itself, several as a zip; sfpc predict writes "
                                    "each file), nifti / dicom-seg (the mask alone, as that "

@@ -22,9 +22,11 @@ Artefact file names are fixed and documented (docs/server.md): ``mask.nii.gz``,
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,7 +233,7 @@ class SegmentationService:
 
         t0 = time.perf_counter()
         report = build_report(volume, model.metadata, result, outputs, extra_timings)
-        produced = self._encode(volume, model, result, outputs, report)
+        produced = self._encode(volume, model, result, outputs, report, options.map_precision)
         encode = time.perf_counter() - t0
         self.on_stage("encode", encode)
         report["timings"]["encode"] = encode
@@ -239,63 +241,84 @@ class SegmentationService:
                                       + float((extra_timings or {}).get("decode", 0.0)))
         report["artefacts"] = [{"filename": a.filename, "media_type": a.media_type,
                                 "bytes": a.size} for a in produced]
+        if {"entropy_nifti", "mi_nifti"}.intersection(outputs):
+            # How the map files store [0, 1]: what a reader's values may differ from the maps by.
+            precision = options.map_precision
+            report["map_files"] = {"dtype": precision,
+                                   "step": 1.0 / files.MAP_PRECISIONS[precision],
+                                   "max_error": files.map_max_error(precision)}
         if "report_json" in outputs:
             name, media = OUTPUT_FILES["report_json"]
             produced.append(Artefact(name, media, files.report_bytes(report)))
         return ArtefactSet(produced, report, result)
 
     def _encode(self, volume: Volume, model: LoadedModel, result: SegmentationResult,
-                outputs: Sequence[str], report: Mapping[str, Any]) -> list[Artefact]:
+                outputs: Sequence[str], report: Mapping[str, Any],
+                precision: str = files.DEFAULT_MAP_PRECISION) -> list[Artefact]:
+        """The files ``outputs`` name, in that order. Files that depend on no other file are
+        encoded side by side in threads: deflate (ISA-L), PNG and numpy release the GIL, and on
+        a large CT the mask and a map each take a second of deflate."""
         header = volume.nifti_header
         # The maps these outputs need (maps_needed), as uint16 levels, which the NIfTI files
         # store as they are.
         maps = result.map_levels()
-        produced: list[Artefact] = []
-        seg: bytes | None = None  # the SR references the SEG's segments when there is one
-        overlay: list[bytes] = []  # rendered once for overlay_png and sc_dicom
-        for name in outputs:
-            filename, media = OUTPUT_FILES[name]
-            if name == "mask_nifti":
-                data = files.nifti_bytes(result.mask, result.affine, header,
-                                         description=f"sfpc {model.name} mask")
-            elif name == "entropy_nifti":
-                data = files.map_nifti_bytes(maps["entropy"], result.affine, header,
-                                             description="sfpc entropy / ln K")
-            elif name == "mi_nifti":
-                data = files.map_nifti_bytes(maps["mutual_information"], result.affine,
-                                             header, description="sfpc MI / ln K")
-            elif name == "seg_dicom":
-                data = seg = files.dicom_seg_bytes(result.mask, volume, result.class_names,
-                                                   model.metadata)
-            elif name in ("overlay_png", "sc_dicom"):
-                if not overlay:
-                    volumes = {name: entry["volume_ml"]
-                               for name, entry in report["classes"].items()}
-                    overlay.append(render_overlay(
-                        volume.array, result.affine, result.mask, result.class_names,
-                        uncertainty=result.entropy_levels, volumes_ml=volumes,
-                        title=f"{model.name} {model.metadata.version}"))
-                data = overlay[0]
-                if name == "sc_dicom":
-                    from sfpc.io import dicom_results
+        wanted = set(outputs)
+        jobs: dict[str, Callable[[], bytes]] = {}
+        if "mask_nifti" in wanted:
+            jobs["mask_nifti"] = lambda: files.nifti_bytes(
+                result.mask, result.affine, header, description=f"sfpc {model.name} mask")
+        if "entropy_nifti" in wanted:
+            jobs["entropy_nifti"] = lambda: files.map_nifti_bytes(
+                maps["entropy"], result.affine, header, description="sfpc entropy / ln K",
+                precision=precision)
+        if "mi_nifti" in wanted:
+            jobs["mi_nifti"] = lambda: files.map_nifti_bytes(
+                maps["mutual_information"], result.affine, header, description="sfpc MI / ln K",
+                precision=precision)
+        if "seg_dicom" in wanted:
+            jobs["seg_dicom"] = lambda: files.dicom_seg_bytes(
+                result.mask, volume, result.class_names, model.metadata)
+        if wanted & {"overlay_png", "sc_dicom"}:  # rendered once for both
+            volumes = {name: entry["volume_ml"] for name, entry in report["classes"].items()}
+            jobs["overlay_png"] = lambda: render_overlay(
+                volume.array, result.affine, result.mask, result.class_names,
+                uncertainty=result.entropy_levels, volumes_ml=volumes,
+                title=f"{model.name} {model.metadata.version}")
+        if wanted & {"pmap_dicom", "sr_dicom", "rtstruct_dicom", "sc_dicom"}:
+            from sfpc.io import dicom_results
+        if "pmap_dicom" in wanted:
+            jobs["pmap_dicom"] = lambda: dicom_results.parametric_map_bytes(
+                decode_map(maps["entropy"]), volume, model.metadata)
+        if "rtstruct_dicom" in wanted:
+            jobs["rtstruct_dicom"] = lambda: dicom_results.rtstruct_bytes(
+                result.mask, volume, result.class_names, model.metadata)
+        data = _run_all(jobs)
+        # What is drawn from other files comes after them: the SR references the SEG's
+        # segments when there is one, the secondary capture is the overlay's PNG.
+        if "sr_dicom" in wanted:
+            data["sr_dicom"] = dicom_results.measurement_report_bytes(
+                report, volume, model.metadata, data.get("seg_dicom"))
+        if "sc_dicom" in wanted:
+            data["sc_dicom"] = dicom_results.secondary_capture_bytes(
+                data["overlay_png"], volume, model.metadata)
+        # report_json is written last, once the report holds every artefact
+        return [Artefact(*OUTPUT_FILES[name], data[name]) for name in outputs
+                if name != "report_json"]
 
-                    data = dicom_results.secondary_capture_bytes(data, volume, model.metadata)
-            elif name in ("pmap_dicom", "sr_dicom", "rtstruct_dicom"):
-                from sfpc.io import dicom_results
 
-                if name == "pmap_dicom":
-                    data = dicom_results.parametric_map_bytes(decode_map(maps["entropy"]),
-                                                              volume, model.metadata)
-                elif name == "sr_dicom":
-                    data = dicom_results.measurement_report_bytes(report, volume,
-                                                                  model.metadata, seg)
-                else:
-                    data = dicom_results.rtstruct_bytes(result.mask, volume,
-                                                        result.class_names, model.metadata)
-            else:  # report_json is written last, once the report holds every artefact
-                continue
-            produced.append(Artefact(filename, media, data))
-        return produced
+# Threads that encode one request's files side by side: more would only wait for the cores.
+ENCODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _run_all(jobs: Mapping[str, Callable[[], bytes]]) -> dict[str, bytes]:
+    """Each job's bytes, the jobs run in up to ENCODE_WORKERS threads; the first error raised
+    (in ``jobs`` order) is raised here, once all have finished."""
+    if len(jobs) <= 1 or ENCODE_WORKERS == 1:
+        return {name: job() for name, job in jobs.items()}
+    with ThreadPoolExecutor(max_workers=min(ENCODE_WORKERS, len(jobs)),
+                            thread_name_prefix="sfpc-encode") as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+    return {name: future.result() for name, future in futures.items()}
 
 
 # The input-grid uncertainty map each output is drawn from; an uncertainty request restores
