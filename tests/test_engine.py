@@ -546,6 +546,11 @@ def test_restoring_beside_the_network_changes_nothing(model_3d, model_2d, dims):
     for name, levels in serial.map_levels().items():
         np.testing.assert_array_equal(overlapped.map_levels()[name], levels)
     assert overlapped.statistics == serial.statistics
+    # The volumes are counted slab by slab as the mask is written: the oracle counts the mask.
+    counts = np.bincount(overlapped.mask.ravel(), minlength=meta.num_classes)
+    assert [overlapped.statistics["classes"][name]["voxels"] for name in meta.class_names] \
+        == counts.tolist()
+    assert overlapped.statistics["case"]["voxels"] == overlapped.mask.size
     t = overlapped.timings
     assert t["postprocess_concurrent"] >= 0.0
     assert t["preprocess"] + t["inference"] + t["postprocess"] <= t["total"] + 1e-6

@@ -235,7 +235,7 @@ def test_upload_endpoints_document_exactly_the_segment_options():
     app.include_router(segment.router)
     app.include_router(jobs.router)
     spec = app.openapi()
-    fields = ["model", "outputs", "uncertainty", "flip", "series_uid", "format"]
+    fields = ["model", "outputs", "uncertainty", "flip", "series_uid", "map_precision", "format"]
     assert list(SegmentOptions.model_fields) == fields
     for path in ("/v1/segment", "/v1/jobs"):
         operation = spec["paths"][path]["post"]

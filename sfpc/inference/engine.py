@@ -85,10 +85,11 @@ from sfpc.inference.sliding_window import (
 )
 from sfpc.inference.uncertainty import (
     DEFAULT_BAND,
+    class_sums,
+    count_statistics,
     map_statistics,
     merge_statistics,
     uncertainty_maps,
-    volume_statistics,
 )
 from sfpc.io.artefacts import decode_map, quantise_map
 
@@ -550,7 +551,8 @@ class Engine:
         model_image, geometry = self._prepare(arr, aff, transform)
         timings["preprocess"] = time.perf_counter() - t_start
 
-        outputs = _Outputs(geometry, uncertainty, _order_of(arr), wanted)
+        outputs = _Outputs(geometry, uncertainty, _order_of(arr), wanted,
+                           num_classes=self.metadata.num_classes)
         counter = _Counter()
         total = self._total(geometry.model_shape) * (2 if flip else 1)
         predict = self._predictor(uncertainty, counter, total, progress or self.progress,
@@ -638,7 +640,11 @@ class Engine:
         """Volumes from the input-grid mask; map summaries from the model grid (see the module
         docstring)."""
         names = self.metadata.class_names
-        volumes = volume_statistics(outputs.mask, names, voxel_ml)
+        # Counted as the slabs were written, most of it beside the network.
+        if int(outputs.counts.sum()) != outputs.mask.size:
+            raise RuntimeError(f"the restore wrote {int(outputs.counts.sum())} labels into a "
+                               f"mask of {outputs.mask.size} voxels")
+        volumes = count_statistics(outputs.counts, names, voxel_ml)
         if outputs.model_labels is None:
             return merge_statistics(volumes, None, band_width_voxels=self.band)
         maps = map_statistics(outputs.model_labels, outputs.model_maps, names, self.band)
@@ -1016,8 +1022,12 @@ class _Outputs:
     in uncertainty mode also the model-grid labels and maps the statistics are taken from."""
 
     def __init__(self, geometry: Geometry, uncertainty: bool,
-                 order: Literal["C", "F"] = "C", maps: Sequence[str] = MAP_NAMES) -> None:
+                 order: Literal["C", "F"] = "C", maps: Sequence[str] = MAP_NAMES, *,
+                 num_classes: int) -> None:
         shape = geometry.input_shape
+        self.num_classes = int(num_classes)
+        # Voxels per label written so far: the volumes, without a pass over the whole mask.
+        self.counts = np.zeros(self.num_classes, dtype=np.int64)
         transform = np.asarray(geometry.transform)
         self.mask = np.zeros(shape, dtype=np.uint8, order=order)
         self._mask_view = apply_orientation(self.mask, transform)
@@ -1047,6 +1057,7 @@ class _Outputs:
 
     def write_labels(self, index: tuple[slice, ...], labels: np.ndarray) -> None:
         assign_tiled(self._mask_view[index], labels)
+        self.counts += class_sums(labels, None, self.num_classes).astype(np.int64)
 
     def write(self, index: tuple[slice, ...], block: Mapping[str, np.ndarray]) -> None:
         for view, values in zip(self._map_views, block[MAPS_KEY], strict=True):

@@ -213,12 +213,23 @@ def volume_statistics(labels: np.ndarray, class_names: Sequence[str],
     """Per class the voxel count and volume in mL of a label map; "case" holds the voxel
     count. The plain-mode statistics, and the volume half of :func:`region_statistics`."""
     labels = np.asarray(labels)
-    counts = class_sums(labels, None, len(class_names))
+    return count_statistics(class_sums(labels, None, len(class_names)), class_names,
+                            voxel_volume_ml)
+
+
+def count_statistics(counts: Sequence[float] | np.ndarray, class_names: Sequence[str],
+                     voxel_volume_ml: float) -> dict[str, Any]:
+    """:func:`volume_statistics` from the label counts (voxels per class, in label order), for
+    callers that counted the labels as they wrote them."""
+    counts = np.asarray(counts)
+    if counts.shape != (len(class_names),):
+        raise ValueError(f"{counts.shape[0] if counts.ndim else 0} counts for "
+                         f"{len(class_names)} classes")
     classes = {str(cname): {"label": k, "voxels": int(counts[k]),
                             "volume_ml": int(counts[k]) * float(voxel_volume_ml)}
                for k, cname in enumerate(class_names)}
     return {"voxel_volume_ml": float(voxel_volume_ml), "classes": classes,
-            "case": {"voxels": int(labels.size)}}
+            "case": {"voxels": int(counts.sum())}}
 
 
 def map_statistics(labels: np.ndarray, maps: Mapping[str, np.ndarray],
