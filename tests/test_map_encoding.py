@@ -173,3 +173,51 @@ def test_u8_of_u16_is_round_of_l_over_257_for_every_level():
     levels = np.arange(65536, dtype=np.uint16)
     expected = np.floor(levels.astype(np.float64) / 257 + 0.5).astype(np.uint8)
     np.testing.assert_array_equal(u8_of_u16(levels), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deflate in parallel pieces: one ordinary gzip member
+# ----------------------------------------------------------------------------------------------
+
+
+def _one_member(data: bytes) -> bytes:
+    """The member's content, checking (as zlib does) CRC and size, and that nothing follows."""
+    import zlib
+
+    reader = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    content = reader.decompress(data) + reader.flush()
+    assert reader.eof and reader.unused_data == b""
+    return content
+
+
+def test_gzip_parts_is_one_member_of_the_parts_in_order():
+    from sfpc.io.artefacts import gzip_parts
+
+    rng = np.random.default_rng(21)
+    pieces = [rng.integers(0, 4, n, dtype=np.uint8).tobytes() for n in (70_000, 1, 0, 33_333)]
+    # Repeats across the boundaries, which no part can refer back to.
+    pieces[1] = pieces[0][:5000]
+    data = gzip_parts([(lambda p=p: [p[:100], p[100:]]) for p in pieces])
+    assert _one_member(data) == b"".join(pieces)
+    assert gzip.decompress(data) == b"".join(pieces)  # the stdlib reader agrees
+    assert data[4:8] == b"\0\0\0\0"  # mtime 0: the bytes do not depend on the clock
+    assert gzip_parts([lambda: pieces]) != data  # one part: a different but equal stream
+    assert _one_member(gzip_parts([lambda: pieces])) == b"".join(pieces)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_deflate_changes_no_decoded_byte(threads, monkeypatch):
+    import sfpc.io.artefacts as artefacts
+
+    values = np.random.default_rng(23).random((19, 11, 30), dtype=np.float32)
+    mask = (values > 0.5).astype(np.uint8)
+    serial = {"map": _one_member(map_nifti_bytes(values, AFFINE, precision="uint8")),
+              "mask": _one_member(nifti_bytes(mask, AFFINE))}
+    monkeypatch.setattr(artefacts, "_PARALLEL_DEFLATE_BYTES", 1)
+    monkeypatch.setattr(artefacts, "DEFLATE_THREADS", threads)
+    monkeypatch.setattr(artefacts, "_QUANTISE_VOXELS", 19 * 11 * 4)  # slabs of 4 slices
+    assert _one_member(map_nifti_bytes(values, AFFINE, precision="uint8")) == serial["map"]
+    assert _one_member(nifti_bytes(mask, AFFINE)) == serial["mask"]
+    empty = np.zeros((4, 4, 0), np.float32)
+    image = nib.Nifti1Image.from_bytes(_one_member(map_nifti_bytes(empty, AFFINE)))
+    assert image.shape == (4, 4, 0)
