@@ -55,6 +55,8 @@ MODES = {  # the query of each request, besides report_json and format=zip
 }
 GOALS = {"entropy/plain": 1.15, "all/plain": 1.25,
          "overhead plain": 0.15, "overhead uncertainty": 0.25, "peak rss GiB": 2.0}
+# Issue 13 sets these on the 512 x 512 x 400 CT alone; the ratios hold for both inputs.
+CT400_ONLY = ("overhead plain", "overhead uncertainty", "peak rss GiB")
 STAGES = ("decode", "preprocess", "inference", "postprocess", "encode")
 
 
@@ -199,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 goal = GOALS[key]
                 ok = value <= goal
-                if not ok and not (key == "peak rss GiB" and name != "ct400"):
+                if name != "ct400" and key in CT400_ONLY:
+                    print(f"  {key:<22}{value:>7.3f}   (goal on ct400 only)")
+                    continue
+                if not ok:
                     missed.append(f"{name}: {key}")
                 print(f"  {key:<22}{value:>7.3f}   goal <= {goal}   {'met' if ok else 'MISSED'}")
     finally:

@@ -28,6 +28,8 @@ def build_report(volume: Volume, metadata: ModelMetadata, result: SegmentationRe
     for stage in ("preprocess", "inference", "postprocess"):
         timings[stage] = float(result.timings.get(stage, 0.0))
     timings["backend"] = float(result.timings.get("backend", 0.0))
+    if "postprocess_concurrent" in result.timings:
+        timings["postprocess_concurrent"] = float(result.timings["postprocess_concurrent"])
     statistics = engine_report["statistics"]
     report = {
         "sfpc_version": sfpc.__version__,
