@@ -529,11 +529,15 @@ def test_streamed_maps_are_the_model_grid_maps_restored(model_3d, model_2d, dims
         assert streamed.mask.flags.f_contiguous and streamed.entropy_levels.flags.f_contiguous
 
 
-@pytest.mark.parametrize("dims", [3, 2])
+@pytest.mark.parametrize("dims", [3, 2, "2-ct-window"])
 def test_restoring_beside_the_network_changes_nothing(model_3d, model_2d, dims):
     """The restore running while the backend computes the next slab (the default) gives the
-    arrays of the serial loop bit for bit, and its stage timings still split the wall clock."""
+    arrays of the serial loop bit for bit, and its stage timings still split the wall clock.
+    "2-ct-window": a per-voxel normalisation, so the model image is also prepared slab by slab
+    behind the network."""
     _, meta, backend = model_3d if dims == 3 else model_2d
+    if dims == "2-ct-window":
+        meta = _meta(meta, normalisation={"kind": "ct_window", "window": [-300.0, 300.0]})
     image = _volume((33, 28, 40), None if dims == 3 else 2, seed=17)
     affine = AFFINES["lps"]
     results = {}
@@ -553,6 +557,7 @@ def test_restoring_beside_the_network_changes_nothing(model_3d, model_2d, dims):
     assert overlapped.statistics["case"]["voxels"] == overlapped.mask.size
     t = overlapped.timings
     assert t["postprocess_concurrent"] >= 0.0
+    assert ("preprocess_concurrent" in t) == (dims == "2-ct-window")
     assert t["preprocess"] + t["inference"] + t["postprocess"] <= t["total"] + 1e-6
 
 

@@ -93,3 +93,65 @@ def test_depth_bounds_how_far_the_worker_runs_ahead():
 def test_depth_below_one_is_refused():
     with pytest.raises(ValueError, match="depth"), prefetched(iter([]), depth=0):
         pass
+
+
+# ----------------------------------------------------------------------------------------------
+# FilledAhead: an array filled slab by slab in a worker while the caller reads its first slices
+# ----------------------------------------------------------------------------------------------
+
+
+def test_filled_ahead_fills_every_slice_once_in_order():
+    from sfpc.inference.prefetch import FilledAhead
+
+    calls: list[tuple[int, int]] = []
+    with FilledAhead(lambda a, b: calls.append((a, b)), n=10, step=4) as filler:
+        filler.ready(10)
+    assert calls == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_ready_returns_once_the_slices_asked_for_are_there_not_before():
+    from sfpc.inference.prefetch import FilledAhead
+
+    release = threading.Event()
+    filled: list[int] = []
+
+    def fill(start: int, stop: int) -> None:
+        if start >= 2:
+            assert release.wait(WAIT_S)
+        filled.extend(range(start, stop))
+
+    with FilledAhead(fill, n=6, step=2) as filler:
+        filler.ready(2)  # the first slab is not held back
+        assert filled[:2] == [0, 1]
+        waiter = threading.Thread(target=filler.ready, args=(6,))
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()  # slices 2-5 are held back: ready(6) must still wait
+        release.set()
+        waiter.join(WAIT_S)
+        assert not waiter.is_alive() and filled == list(range(6))
+
+
+def test_an_error_of_fill_is_raised_by_ready_and_leaving_stops_the_worker():
+    from sfpc.inference.prefetch import FilledAhead
+
+    def fill(start: int, stop: int) -> None:
+        if start == 3:
+            raise OSError("disk gone")
+
+    with FilledAhead(fill, n=9, step=3) as filler:
+        filler.ready(3)  # filled before the error
+        with pytest.raises(OSError, match="disk gone"):
+            filler.ready(9)
+    assert not any(t.name == "sfpc-prepare" for t in threading.enumerate())
+
+    started: list[int] = []
+    gate = threading.Event()
+
+    def slow(start: int, stop: int) -> None:
+        started.append(start)
+        gate.wait(0.05)
+
+    with FilledAhead(slow, n=1000, step=1) as filler:
+        filler.ready(1)
+    assert len(started) < 1000  # stopped at exit, not run to the end

@@ -385,3 +385,46 @@ def test_area_resampling_averages_noise_that_linear_passes_through():
     assert float(linear.std()) > 20.0
     with pytest.raises(ValueError, match="resampling"):
         prepare_image(noise, affine, None, [3.0, 3.0, None], resampling="cubic")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model image prepared slab by slab (behind the network): the whole-image path is the oracle
+# ----------------------------------------------------------------------------------------------
+
+_CT_WINDOW = {"kind": "ct_window", "window": [-200.0, 300.0]}
+
+
+@pytest.mark.parametrize("resampling", ["area", "linear"])
+@pytest.mark.parametrize("layout", ["C", "F", "lps"])
+def test_image_prepared_in_slabs_equals_the_whole_image(resampling, layout) -> None:
+    from sfpc.inference.preprocess import prepare_image_in_slabs
+
+    rng = np.random.default_rng(31)
+    image = (rng.normal(size=(1, 47, 39, 13)) * 300).astype(np.int16)
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    if layout == "F":
+        image = np.asfortranarray(image)
+    if layout == "lps":
+        affine = np.diag([-0.8, -0.9, 2.5, 1.0])
+    args = (image, affine, _CT_WINDOW, [2.0, 2.0, None], [0, 1])
+    whole, geometry = prepare_image(*args, resampling=resampling)
+    model, slab_geometry, fill = prepare_image_in_slabs(*args, resampling=resampling, axis=2)
+    assert slab_geometry == geometry and model.shape == whole.shape
+    for start, stop in [(0, 5), (5, 6), (6, 13)]:  # uneven slabs, one of a single slice
+        fill(start, stop)
+    np.testing.assert_allclose(model, whole, rtol=0, atol=1e-6)
+
+
+def test_images_whose_slices_are_not_independent_are_prepared_whole() -> None:
+    from sfpc.inference.preprocess import prepare_image_in_slabs
+
+    image = np.zeros((1, 8, 8, 6), np.int16)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    zscore = {"kind": "zscore", "foreground": "all"}  # statistics of the whole image
+    assert prepare_image_in_slabs(image, affine, zscore, [2.0, 2.0, None], [0, 1],
+                                  axis=2) is None
+    # The slice axis resampled (2.5D, 3D): a slice of the model grid mixes input slices.
+    assert prepare_image_in_slabs(image, affine, _CT_WINDOW, [2.0, 2.0, 1.0], None,
+                                  axis=2) is None
+    assert prepare_image_in_slabs(image, affine, None, [2.0, 2.0, None], [0, 1],
+                                  axis=2) is not None

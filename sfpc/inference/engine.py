@@ -49,6 +49,7 @@ No torch import anywhere below (the gateway runs ONNX graphs).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -68,11 +69,12 @@ from sfpc.inference.contract import (
     check_servable,
     plane_axis,
 )
-from sfpc.inference.prefetch import prefetched
+from sfpc.inference.prefetch import FilledAhead, prefetched
 from sfpc.inference.preprocess import (
     Geometry,
     linear_neighbours,
     prepare_image,
+    prepare_image_in_slabs,
     resample_to_shape,
     spacing_from_affine,
 )
@@ -105,6 +107,8 @@ DEFAULT_SLAB_BYTES = 64 << 20
 # Slabs a 2D volume is at least cut into when restoring runs beside the network: the last
 # slab's restore is what the overlap cannot hide.
 PIPELINE_SLABS = 8
+# Model slices prepared per step when the image is prepared behind the network.
+PREPARE_SLICES = 16
 # Direction cosines of real scanners' affines are orthonormal to ~1e-5 (float32 NIfTI headers,
 # DICOM rounding); anything beyond this is a sheared grid that reorientation cannot represent.
 ORTHOGONALITY_TOLERANCE = 1e-3
@@ -278,6 +282,7 @@ def iter_model_grid(
     sw_batch_size: int = 4,
     slab_slices: int | None = None,
     context_slices: int = 0,
+    ready: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, int, int, dict[str, np.ndarray]]]:
     """Run ``predict`` over a preprocessed (C, X, Y, Z) volume; yields ``(axis, start, stop,
     maps)``: the blended maps {name: (K, ...)} of rows ``start:stop`` along spatial ``axis``.
@@ -290,7 +295,9 @@ def iter_model_grid(
     independent of the others. ``context_slices`` k (2D, "spacing" only): each slice goes in with
     its k neighbours on both sides as channels (the contract's ``context_slices``); a slab then
     reads k slices beyond each of its ends, so that its border slices see the same neighbours
-    as in a single pass.
+    as in a single pass. ``ready(n)`` (2D), when given, is called before a slab is read and
+    returns once slices ``0:n`` along ``plane_axis`` hold their values: the image may still be
+    being prepared behind the network (:meth:`Engine.segment`).
     """
     patch = tuple(int(p) for p in patch_size)
     common: dict[str, Any] = {"overlap": overlap, "mode": mode, "sigma_scale": sigma_scale,
@@ -313,6 +320,8 @@ def iter_model_grid(
         # The slab and up to k slices on either side, a view: clamping neighbours to it is
         # clamping them to the volume, since it stops short of k only at the volume's ends.
         lo, hi = max(0, first - k), min(n, last + k)
+        if ready is not None:
+            ready(hi)
         slab = image[(slice(None),) * (plane_axis + 1) + (slice(lo, hi),)]
         if input_mode == "resize":
             maps = _resized_slicewise(slab, plane_axis, patch, predict, common)
@@ -548,9 +557,34 @@ class Engine:
         t_start = time.perf_counter()
         arr = validate_image(image, self.metadata.image_channels)
         aff = validate_affine(affine)
-        model_image, geometry = self._prepare(arr, aff, transform)
-        timings["preprocess"] = time.perf_counter() - t_start
+        in_slabs = self._prepare_in_slabs(arr, aff, transform)
+        filler: FilledAhead | None = None
+        if in_slabs is None:
+            model_image, geometry = self._prepare(arr, aff, transform)
+        else:
+            # The model image is prepared slab by slab behind the network, which waits only
+            # for the first slab.
+            model_image, geometry, fill = in_slabs
+            n = geometry.model_shape[self.plane_axis]
+            filler = FilledAhead(fill, n, PREPARE_SLICES)
+        with filler or contextlib.nullcontext():
+            if filler is not None:
+                filler.ready(PREPARE_SLICES)
+            timings["preprocess"] = time.perf_counter() - t_start
+            result = self._segment_prepared(arr, aff, model_image, geometry, filler, timings,
+                                            t_start, uncertainty=uncertainty, flip=flip,
+                                            progress=progress, wanted=wanted)
+        if filler is not None:
+            timings["preprocess_concurrent"] = max(0.0, filler.busy_s - timings["preprocess"])
+        return result
 
+    def _segment_prepared(self, arr: np.ndarray, aff: np.ndarray, model_image: np.ndarray,
+                          geometry: Geometry, filler: FilledAhead | None,
+                          timings: dict[str, float], t_start: float, *, uncertainty: bool,
+                          flip: bool, progress: Progress | None,
+                          wanted: tuple[str, ...]) -> SegmentationResult:
+        """:meth:`segment` from the model image on: run, restore, count. ``filler`` is still
+        preparing the model image when given (the sliding window waits on its slices)."""
         outputs = _Outputs(geometry, uncertainty, _order_of(arr), wanted,
                            num_classes=self.metadata.num_classes)
         counter = _Counter()
@@ -560,6 +594,8 @@ class Engine:
         settings = self.grid_settings(model_image)
         if self.concurrent_restore:
             settings = self._pipelined(settings, geometry.model_shape)
+        if filler is not None:
+            settings["ready"] = filler.ready
         chunks = iter_model_grid(predict, model_image, **settings)
         rows = self._resampled_slices(geometry)
 
@@ -651,6 +687,19 @@ class Engine:
         spacing = spacing_from_affine(np.asarray(geometry.affine))
         return merge_statistics(volumes, maps, map_statistics_grid="model",
                                 band_width_mm=[round(self.band * float(v), 4) for v in spacing])
+
+    def _prepare_in_slabs(self, arr: np.ndarray, aff: np.ndarray,
+                          transform: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, Geometry, Callable[[int, int], None]] | None:
+        """For a 2D model run beside the restore: the image prepared slice by slice along the
+        plane axis (:func:`prepare_image_in_slabs`), when its slices are independent."""
+        if not self.concurrent_restore or self.metadata.spatial_dims != 2:
+            return None
+        meta = self.metadata
+        return prepare_image_in_slabs(arr, aff, meta.normalisation, self.target_spacing,
+                                      self.resample_axes, orientation=meta.orientation,
+                                      transform=transform, resampling=meta.resampling,
+                                      axis=self.plane_axis)
 
     def _prepare(self, arr: np.ndarray, aff: np.ndarray,
                  transform: np.ndarray | None = None) -> tuple[np.ndarray, Geometry]:

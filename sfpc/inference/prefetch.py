@@ -1,4 +1,5 @@
-"""Run an iterator a few items ahead in a worker thread.
+"""Work run ahead of its consumer in worker threads: an iterator a few items ahead
+(:func:`prefetched`), an array filled slab by slab (:class:`FilledAhead`).
 
 The engine's network (ONNX Runtime, Triton) releases the GIL while it runs, and so does most of
 numpy; restoring one slab to the input grid can therefore run on a second core while the network
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -81,3 +83,62 @@ def prefetched(items: Iterator[T], depth: int = 1) -> Iterator[Iterator[T]]:
     finally:
         stop.set()
         worker.join()
+
+
+class FilledAhead:
+    """``fill(start, stop)`` over ``0:n`` in steps of ``step``, in order, in a worker thread;
+    :meth:`ready` blocks until the first slices are filled. The model image is prepared this
+    way while the network runs on the slices already there.
+
+    Use as a context manager: leaving it stops the worker after the step it is in and waits
+    for it, so that nothing writes into the image after its caller has returned. An error of
+    ``fill`` is raised by the next :meth:`ready` that waits on slices it did not fill.
+    """
+
+    def __init__(self, fill: Callable[[int, int], None], n: int, step: int) -> None:
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        self._fill, self._n, self._step = fill, int(n), int(step)
+        self._done = 0
+        self._error: BaseException | None = None
+        self._stop = False
+        self._changed = threading.Condition()
+        self.busy_s = 0.0  # seconds spent in fill
+        self._worker = threading.Thread(target=self._work, name="sfpc-prepare", daemon=True)
+
+    def __enter__(self) -> FilledAhead:
+        self._worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._changed:
+            self._stop = True
+        self._worker.join()
+
+    def _work(self) -> None:
+        try:
+            for start in range(0, self._n, self._step):
+                with self._changed:
+                    if self._stop:
+                        return
+                t0 = time.perf_counter()
+                stop = min(start + self._step, self._n)
+                self._fill(start, stop)
+                self.busy_s += time.perf_counter() - t0
+                with self._changed:
+                    self._done = stop
+                    self._changed.notify_all()
+        except BaseException as error:  # noqa: BLE001 - raised by ready() in the caller
+            with self._changed:
+                self._error = error
+                self._changed.notify_all()
+
+    def ready(self, n: int) -> None:
+        """Return once slices ``0:min(n, total)`` are filled (raise the worker's error if it
+        failed before filling them)."""
+        n = min(int(n), self._n)
+        with self._changed:
+            while self._done < n:
+                if self._error is not None:
+                    raise self._error
+                self._changed.wait()

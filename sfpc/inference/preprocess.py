@@ -15,7 +15,7 @@ original shape returns to the original grid.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -450,42 +450,106 @@ def prepare_image(
     ``resampling``: "linear" (scipy's trilinear zoom) or "area" (:func:`resample_area`), see
     :data:`~sfpc.inference.contract.RESAMPLING_MODES`.
     """
-    if resampling not in RESAMPLING_MODES:
-        raise ValueError(f"resampling {resampling!r} (one of {RESAMPLING_MODES})")
-    image = np.asarray(image)
-    if image.ndim != 4:
-        raise ValueError(f"prepare_image expects a (C, X, Y, Z) array, got shape {image.shape}")
-    # The reoriented image is a view: a CT of 512 x 512 x 400 would otherwise be copied twice
-    # at full size (to float32, then from NIfTI's Fortran order to C order) before the resampling
-    # reads it once into the much smaller model grid, in float32.
-    if image.dtype.kind == "b" or image.dtype == np.float16:
-        image = image.astype(np.float32)  # types scipy.ndimage does not interpolate
-    affine = np.asarray(affine, dtype=np.float64)
-    if transform is None:
-        transform = orientation_transform(affine, orientation)
-    oriented = _apply_ornt(image, transform, channel_first=True, contiguous=False)
-    new_affine = affine @ inv_ornt_aff(transform, image.shape[1:])
-    oriented_shape = oriented.shape[1:]
-    if target_spacing is not None:
-        spacing = spacing_from_affine(new_affine)
-        model_shape = resampled_shape(oriented_shape, spacing, target_spacing, resample_axes)
+    plan = _Plan(image, affine, target_spacing, resample_axes, orientation, transform,
+                 resampling)
+    oriented = plan.oriented
+    if plan.resampled:
         if resampling == "area":
-            model = resample_area(oriented, model_shape)
+            model = resample_area(oriented, plan.model_shape)
         else:
-            model = resample_to_shape(oriented, model_shape, 1, dtype=np.float32)
-        new_affine = resample_affine(new_affine, oriented_shape, model.shape[1:])
+            model = resample_to_shape(oriented, plan.model_shape, 1, dtype=np.float32)
     else:
         model = np.ascontiguousarray(oriented, dtype=np.float32)
     if normalisation is not None:
         model = normalise(model, normalisation, channel_axis=0)
-    geometry = Geometry(
-        input_shape=tuple(int(v) for v in image.shape[1:]),
-        transform=tuple((float(a), float(f)) for a, f in transform),
-        oriented_shape=tuple(int(v) for v in oriented_shape),
-        model_shape=tuple(int(v) for v in model.shape[1:]),
-        affine=tuple(tuple(float(v) for v in row) for row in new_affine),
-    )
-    return np.ascontiguousarray(model, dtype=np.float32), geometry
+    return np.ascontiguousarray(model, dtype=np.float32), plan.geometry
+
+
+def prepare_image_in_slabs(
+    image: np.ndarray,
+    affine: np.ndarray,
+    normalisation: Mapping[str, Any] | None,
+    target_spacing: Sequence[float | None] | float | None = None,
+    resample_axes: Sequence[int] | None = None,
+    orientation: str = "RAS",
+    transform: np.ndarray | None = None,
+    resampling: str = "linear",
+    *,
+    axis: int,
+) -> tuple[np.ndarray, Geometry, Callable[[int, int], None]] | None:
+    """:func:`prepare_image` cut along spatial ``axis`` of the model grid: the (empty) model
+    image, its geometry, and ``fill(start, stop)``, which writes model slices ``start:stop``
+    along ``axis``, so that a caller can run the network on the first slices while the rest are
+    prepared. Filled whole, the image equals :func:`prepare_image`'s.
+
+    None when the slices are not independent: ``axis`` is resampled, or the normalisation takes
+    statistics over the whole image (only "ct_window", a per-voxel map, or none, qualify)."""
+    if normalisation is not None and validate_normalisation(normalisation)["kind"] != "ct_window":
+        return None
+    plan = _Plan(image, affine, target_spacing, resample_axes, orientation, transform,
+                 resampling)
+    if plan.model_shape[axis] != plan.oriented.shape[axis + 1]:
+        return None
+    model = np.empty((plan.oriented.shape[0], *plan.model_shape), dtype=np.float32)
+
+    def fill(start: int, stop: int) -> None:
+        index = (slice(None),) * (axis + 1) + (slice(start, stop),)
+        part = plan.oriented[index]
+        shape = list(plan.model_shape)
+        shape[axis] = part.shape[axis + 1]
+        if not plan.resampled:
+            block = np.asarray(part, dtype=np.float32)
+        elif resampling == "area":
+            block = resample_area(part, shape)
+        else:
+            block = resample_to_shape(part, shape, 1, dtype=np.float32)
+        model[index] = block if normalisation is None else normalise(block, normalisation,
+                                                                     channel_axis=0)
+
+    return model, plan.geometry, fill
+
+
+class _Plan:
+    """The reoriented view of an image and the model grid it is resampled to: the part of
+    :func:`prepare_image` that reads no voxel."""
+
+    def __init__(self, image: np.ndarray, affine: np.ndarray,
+                 target_spacing: Sequence[float | None] | float | None,
+                 resample_axes: Sequence[int] | None, orientation: str,
+                 transform: np.ndarray | None, resampling: str) -> None:
+        if resampling not in RESAMPLING_MODES:
+            raise ValueError(f"resampling {resampling!r} (one of {RESAMPLING_MODES})")
+        image = np.asarray(image)
+        if image.ndim != 4:
+            raise ValueError("prepare_image expects a (C, X, Y, Z) array, got shape "
+                             f"{image.shape}")
+        # The reoriented image is a view: a CT of 512 x 512 x 400 would otherwise be copied
+        # twice at full size (to float32, then from NIfTI's Fortran order to C order) before the
+        # resampling reads it once into the much smaller model grid, in float32.
+        if image.dtype.kind == "b" or image.dtype == np.float16:
+            image = image.astype(np.float32)  # types scipy.ndimage does not interpolate
+        affine = np.asarray(affine, dtype=np.float64)
+        if transform is None:
+            transform = orientation_transform(affine, orientation)
+        self.oriented = _apply_ornt(image, transform, channel_first=True, contiguous=False)
+        new_affine = affine @ inv_ornt_aff(transform, image.shape[1:])
+        oriented_shape = self.oriented.shape[1:]
+        self.resampled = target_spacing is not None
+        if self.resampled:
+            spacing = spacing_from_affine(new_affine)
+            model_shape = resampled_shape(oriented_shape, spacing, target_spacing,
+                                          resample_axes)
+            new_affine = resample_affine(new_affine, oriented_shape, model_shape)
+        else:
+            model_shape = oriented_shape
+        self.model_shape = tuple(int(v) for v in model_shape)
+        self.geometry = Geometry(
+            input_shape=tuple(int(v) for v in image.shape[1:]),
+            transform=tuple((float(a), float(f)) for a, f in transform),
+            oriented_shape=tuple(int(v) for v in oriented_shape),
+            model_shape=self.model_shape,
+            affine=tuple(tuple(float(v) for v in row) for row in new_affine),
+        )
 
 
 def prepare_label(label: np.ndarray, geometry: Geometry) -> np.ndarray:
