@@ -33,11 +33,13 @@ time (their through-plane axis is not resampled, so slabs are independent; a 2.5
 its fixed slice spacing, and each slab is interpolated along it to input slices holding back the
 one or two model slices the next input slices still need), and 3D probabilities are restored in
 slabs of rows. Nothing proportional to K x input voxels is ever held, only the
-model-grid image and maps, the uint8 mask and the two uint16 maps. The input-grid outputs take
-the memory order of the upload's array (NIfTI arrays are Fortran-ordered), so that writing the
-files is a copy of contiguous slabs, not a transposition. Accumulators are float32 throughout:
-float16's 11-bit mantissa would blend Gaussian weights spanning three orders of magnitude with
-~1e-3 relative error, enough to flip argmax ties, and streaming already keeps the footprint small.
+model-grid image, the uint8 mask and the two uint16 maps; the map statistics are taken as the
+slabs arrive (:mod:`~sfpc.inference.streamed_statistics`), holding a slab and its band margin.
+The input-grid outputs take the memory order of the upload's array (NIfTI arrays are
+Fortran-ordered), so that writing the files is a copy of contiguous slabs, not a transposition.
+Accumulators are float32 throughout: float16's 11-bit mantissa would blend Gaussian weights
+spanning three orders of magnitude with ~1e-3 relative error, enough to flip argmax ties, and
+streaming already keeps the footprint small.
 
 Streaming also lets the stages overlap: the backend computes the next slab in a worker thread
 (:mod:`~sfpc.inference.prefetch`) while this one restores the last (``concurrent_restore``), so
@@ -85,11 +87,11 @@ from sfpc.inference.sliding_window import (
     sliding_window_inference,
     window_starts,
 )
+from sfpc.inference.streamed_statistics import StreamedMapStatistics
 from sfpc.inference.uncertainty import (
     DEFAULT_BAND,
     class_sums,
     count_statistics,
-    map_statistics,
     merge_statistics,
     uncertainty_maps,
 )
@@ -586,7 +588,9 @@ class Engine:
         """:meth:`segment` from the model image on: run, restore, count. ``filler`` is still
         preparing the model image when given (the sliding window waits on its slices)."""
         outputs = _Outputs(geometry, uncertainty, _order_of(arr), wanted,
-                           num_classes=self.metadata.num_classes)
+                           class_names=[str(c) for c in self.metadata.class_names],
+                           axis=0 if self.metadata.spatial_dims == 3 else self.plane_axis,
+                           band=self.band)
         counter = _Counter()
         total = self._total(geometry.model_shape) * (2 if flip else 1)
         predict = self._predictor(uncertainty, counter, total, progress or self.progress,
@@ -681,9 +685,9 @@ class Engine:
             raise RuntimeError(f"the restore wrote {int(outputs.counts.sum())} labels into a "
                                f"mask of {outputs.mask.size} voxels")
         volumes = count_statistics(outputs.counts, names, voxel_ml)
-        if outputs.model_labels is None:
+        if outputs.map_statistics is None:
             return merge_statistics(volumes, None, band_width_voxels=self.band)
-        maps = map_statistics(outputs.model_labels, outputs.model_maps, names, self.band)
+        maps = outputs.map_statistics.result()
         spacing = spacing_from_affine(np.asarray(geometry.affine))
         return merge_statistics(volumes, maps, map_statistics_grid="model",
                                 band_width_mm=[round(self.band * float(v), 4) for v in spacing])
@@ -811,7 +815,7 @@ class Engine:
                        stop: int, maps: Mapping[str, np.ndarray]) -> None:
         """Resample the model-grid rows ``start:stop`` (along ``axis``) to the oriented input
         grid in slabs of rows, and write mask and maps into the outputs; in uncertainty mode
-        the maps are computed here, on the model grid, and kept there for the statistics."""
+        the maps are computed here, on the model grid, and counted there for the statistics."""
         restored = self._model_grid_maps(outputs, axis, start, stop, maps)
         if stop - start == geometry.model_shape[axis]:
             self._restore_rows(outputs, geometry, axis, None, restored)
@@ -825,12 +829,12 @@ class Engine:
                          maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """What is restored of the model-grid rows ``start:stop``: the probabilities, and in
         uncertainty mode the maps asked for (stacked); the maps are computed here, on the model
-        grid, and kept there for the statistics."""
+        grid, and counted there for the statistics."""
         if PLAIN_KEY in maps:
             return {PLAIN_KEY: maps[PLAIN_KEY]}
         probs = maps["mean_probs"]
         found = uncertainty_maps(probs, maps["mean_entropy"])
-        outputs.write_model_grid((slice(None),) * axis + (slice(start, stop),), probs, found)
+        outputs.push_model_grid(start, probs, found)
         restored = {PLAIN_KEY: probs}
         if outputs.levels:
             restored[MAPS_KEY] = np.stack([found[name] for name in outputs.levels])
@@ -1072,9 +1076,9 @@ class _Outputs:
 
     def __init__(self, geometry: Geometry, uncertainty: bool,
                  order: Literal["C", "F"] = "C", maps: Sequence[str] = MAP_NAMES, *,
-                 num_classes: int) -> None:
+                 class_names: Sequence[str], axis: int, band: int) -> None:
         shape = geometry.input_shape
-        self.num_classes = int(num_classes)
+        self.num_classes = len(class_names)
         # Voxels per label written so far: the volumes, without a pass over the whole mask.
         self.counts = np.zeros(self.num_classes, dtype=np.int64)
         transform = np.asarray(geometry.transform)
@@ -1083,26 +1087,23 @@ class _Outputs:
         # The input-grid maps restored, as uint16 levels, in MAP_NAMES order (the order of the
         # channels _restore_chunk stacks).
         self.levels: dict[str, np.ndarray] = {}
-        self.model_labels: np.ndarray | None = None
-        self.model_maps: dict[str, np.ndarray] = {}
+        # The map statistics, taken on the model grid as its slabs arrive along `axis`.
+        self.map_statistics: StreamedMapStatistics | None = None
         if uncertainty:
             self.levels = {name: np.zeros(shape, dtype=np.uint16, order=order)
                            for name in maps}
             self._map_views = tuple(apply_orientation(v, transform)
                                     for v in self.levels.values())
-            self.model_labels = np.zeros(geometry.model_shape, dtype=np.uint8)
-            self.model_maps = {name: np.zeros(geometry.model_shape, dtype=np.float32)
-                               for name in MAP_NAMES}
+            self.map_statistics = StreamedMapStatistics(
+                geometry.model_shape[axis], axis, class_names, MAP_NAMES, band)
         if tuple(self._mask_view.shape) != tuple(geometry.oriented_shape):
             raise RuntimeError(f"oriented view {self._mask_view.shape} != "
                                f"{geometry.oriented_shape}")
 
-    def write_model_grid(self, index: tuple[slice, ...], probs: np.ndarray,
-                         maps: Mapping[str, np.ndarray]) -> None:
-        assert self.model_labels is not None
-        self.model_labels[index] = argmax_channels(probs)
-        for name, values in maps.items():
-            self.model_maps[name][index] = values
+    def push_model_grid(self, start: int, probs: np.ndarray,
+                        maps: Mapping[str, np.ndarray]) -> None:
+        assert self.map_statistics is not None
+        self.map_statistics.push(start, argmax_channels(probs), maps)
 
     def write_labels(self, index: tuple[slice, ...], labels: np.ndarray) -> None:
         assign_tiled(self._mask_view[index], labels)
