@@ -139,7 +139,7 @@ def test_uint8_maps_decode_within_their_stated_error(kind):
         assert np.abs(decoded - values).max() <= error
         assert 0.0 <= decoded.min() and decoded.max() <= 1.0  # the top level is not above 1
         assert decoded[0, 0, 1] == pytest.approx(1.0, abs=1e-6)
-        assert b"uint8 x 1/255" in image.header["descrip"].tobytes()
+        assert b"uint8 x 257/65535" in image.header["descrip"].tobytes()  # 1/255
         # A map is not a label image: no cal range for viewers to window labels by.
         assert float(image.header["cal_max"]) == 0.0
         np.testing.assert_allclose(image.affine, AFFINE, atol=1e-6)
@@ -221,3 +221,32 @@ def test_parallel_deflate_changes_no_decoded_byte(threads, monkeypatch):
     empty = np.zeros((4, 4, 0), np.float32)
     image = nib.Nifti1Image.from_bytes(_one_member(map_nifti_bytes(empty, AFFINE)))
     assert image.shape == (4, 4, 0)
+
+
+def test_a_map_of_small_values_keeps_its_resolution_in_uint8():
+    """The mutual information of a confident model peaks near 0.002: in steps of 1/255 it would
+    be all zeros. Its uint8 file spans just its own range (step worked by hand)."""
+    from sfpc.io.artefacts import map_file_error, map_file_step
+
+    rng = np.random.default_rng(29)
+    values = (rng.random((16, 12, 10)) * 0.002).astype(np.float32)
+    values[0, 0, 0] = 0.0023  # level 150.7 -> 151: one engine level per stored level
+    levels = quantise_map(values)
+    assert int(levels.max()) == 151 and map_file_step(levels, "uint8") == 1
+    image = decode(map_nifti_bytes(levels, AFFINE, precision="uint8", description="MI"))
+    assert image.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(image.dataobj.get_unscaled()), levels)
+    assert np.abs(image.get_fdata() - values).max() <= map_file_error(1) == MAP_MAX_ERROR
+    assert b"uint8 x 1/65535" in image.header["descrip"].tobytes()
+    # A map reaching 0.5 (level 32768): ceil(32768 / 255) = 129 engine levels per stored level.
+    values[0, 0, 1] = 0.5
+    levels = quantise_map(values)
+    step = map_file_step(levels, "uint8")
+    assert step == 129
+    image = decode(map_nifti_bytes(levels, AFFINE, precision="uint8"))
+    expected = np.floor((levels.astype(np.int64) + 64) / 129)
+    np.testing.assert_array_equal(np.asarray(image.dataobj.get_unscaled()), expected)
+    assert np.abs(image.get_fdata() - values).max() <= map_file_error(step) \
+        < map_max_error("uint8")
+    with pytest.raises(ValueError, match="does not fit"):  # a step too fine for this map
+        map_nifti_bytes(levels, AFFINE, precision="uint8", step=1)

@@ -86,9 +86,11 @@ class SegmentOptions(BaseModel):
                                    "the upload holds several series.", max_length=64)
     map_precision: MapPrecision = Field(
         files.DEFAULT_MAP_PRECISION, description="Storage of the entropy and MI NIfTI maps "
-        "(values in [0, 1] through scl_slope): uint8, steps of 1/255, within 0.002 of the "
-        "float map, the size of what a viewer shows; uint16, steps of 1/65535, within 8e-6, "
-        "for analysis (files up to 5x larger on noisy volumes, and slower to write).")
+        "(values in [0, 1] through scl_slope): uint8, each map in 255 steps of its own range "
+        "(at most 1/255: within 0.002 of the float map; a map of small values such as the "
+        "mutual information is stored finer), what a viewer shows; uint16, steps of 1/65535, "
+        "within 8e-6, for analysis (files up to 5x larger on noisy volumes, slower to write). "
+        "The report's map_files states each file's step and largest error.")
     format: ResponseFormat = Field("auto", description="Packing of the result: auto (a single "
                                    "artefact as itself, several as a zip; sfpc predict writes "
                                    "each file), nifti / dicom-seg (the mask alone, as that "

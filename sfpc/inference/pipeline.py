@@ -233,7 +233,13 @@ class SegmentationService:
 
         t0 = time.perf_counter()
         report = build_report(volume, model.metadata, result, outputs, extra_timings)
-        produced = self._encode(volume, model, result, outputs, report, options.map_precision)
+        # Engine levels per stored level of each map file (its own, so that a map of small
+        # values such as the mutual information keeps its resolution in 8 bits).
+        steps = {name: files.map_file_step(levels, options.map_precision)
+                 for name, levels in result.map_levels().items()
+                 if MAP_FILE_OF[name] in outputs}
+        produced = self._encode(volume, model, result, outputs, report, options.map_precision,
+                                steps)
         encode = time.perf_counter() - t0
         self.on_stage("encode", encode)
         report["timings"]["encode"] = encode
@@ -243,10 +249,10 @@ class SegmentationService:
                                 "bytes": a.size} for a in produced]
         if {"entropy_nifti", "mi_nifti"}.intersection(outputs):
             # How the map files store [0, 1]: what a reader's values may differ from the maps by.
-            precision = options.map_precision
-            report["map_files"] = {"dtype": precision,
-                                   "step": 1.0 / files.MAP_PRECISIONS[precision],
-                                   "max_error": files.map_max_error(precision)}
+            report["map_files"] = {
+                name: {"dtype": options.map_precision, "step": step * files.MAP_STEP,
+                       "max_error": files.map_file_error(step)}
+                for name, step in steps.items()}
         if "report_json" in outputs:
             name, media = OUTPUT_FILES["report_json"]
             produced.append(Artefact(name, media, files.report_bytes(report)))
@@ -254,7 +260,8 @@ class SegmentationService:
 
     def _encode(self, volume: Volume, model: LoadedModel, result: SegmentationResult,
                 outputs: Sequence[str], report: Mapping[str, Any],
-                precision: str = files.DEFAULT_MAP_PRECISION) -> list[Artefact]:
+                precision: str = files.DEFAULT_MAP_PRECISION,
+                steps: Mapping[str, int] | None = None) -> list[Artefact]:
         """The files ``outputs`` name, in that order. Files that depend on no other file are
         encoded side by side in threads: deflate (ISA-L), PNG and numpy release the GIL, and on
         a large CT the mask and a map each take a second of deflate."""
@@ -270,11 +277,11 @@ class SegmentationService:
         if "entropy_nifti" in wanted:
             jobs["entropy_nifti"] = lambda: files.map_nifti_bytes(
                 maps["entropy"], result.affine, header, description="sfpc entropy / ln K",
-                precision=precision)
+                precision=precision, step=(steps or {}).get("entropy"))
         if "mi_nifti" in wanted:
             jobs["mi_nifti"] = lambda: files.map_nifti_bytes(
                 maps["mutual_information"], result.affine, header, description="sfpc MI / ln K",
-                precision=precision)
+                precision=precision, step=(steps or {}).get("mutual_information"))
         if "seg_dicom" in wanted:
             jobs["seg_dicom"] = lambda: files.dicom_seg_bytes(
                 result.mask, volume, result.class_names, model.metadata)
@@ -325,6 +332,10 @@ def _run_all(jobs: Mapping[str, Callable[[], bytes]]) -> dict[str, bytes]:
 # only those its outputs need (the report's statistics come from the model grid).
 MAPS_OF_OUTPUT = {"entropy_nifti": "entropy", "overlay_png": "entropy", "sc_dicom": "entropy",
                   "pmap_dicom": "entropy", "mi_nifti": "mutual_information"}
+
+
+# The NIfTI file of each map.
+MAP_FILE_OF = {"entropy": "entropy_nifti", "mutual_information": "mi_nifti"}
 
 
 def maps_needed(outputs: Sequence[str]) -> set[str]:

@@ -59,20 +59,54 @@ DEFAULT_MAP_PRECISION = "uint8"
 
 
 def map_max_error(precision: str = "uint16") -> float:
-    """The largest difference between a decoded map file of ``precision`` and the float map."""
+    """The largest difference between a decoded map file of ``precision`` and the float map,
+    whatever the map (a map with small values is stored finer: :func:`map_file_step`)."""
     levels = _levels(precision)
-    if levels == MAP_LEVELS:
-        return MAP_MAX_ERROR
-    return 0.5 / levels + MAP_MAX_ERROR  # rounded from the engine's uint16 levels
+    return map_file_error(-(-MAP_LEVELS // levels))
 
 
-def _slope(levels: int) -> float:
-    """1/levels, or the float32 just below it where NIfTI-1's float32 scl_slope would round it
-    up and decode the top level above 1 (float32(1/255) x 255 is 1.00000006)."""
-    single = np.float32(1.0 / levels)
-    if float(single) * levels > 1.0:
+def map_file_step(values: np.ndarray, precision: str) -> int:
+    """How many of the engine's uint16 levels (steps of MAP_STEP) one stored level of
+    ``precision`` spans for this map: 1 for uint16 (the levels are stored as they are), and for
+    uint8 just enough that the map's largest value fits in 255 levels. A map of small values
+    keeps its resolution: the mutual information of a confident model peaks near 0.002 (the
+    shipped model on ct_a), which 1/255 steps would store as zeros."""
+    if _levels(precision) == MAP_LEVELS:
+        return 1
+    values = np.asarray(values)
+    if values.size == 0:
+        return 1
+    top = np.max(values)
+    top_level = int(top) if values.dtype == np.uint16 else int(
+        np.floor(float(np.clip(top, 0.0, 1.0)) * MAP_LEVELS + 0.5))
+    return max(1, -(-top_level // _levels(precision)))
+
+
+def map_file_error(step: int) -> float:
+    """The largest difference between the decoded file and the float map, for a file whose
+    levels span ``step`` engine levels: half a stored step on top of the engine's own rounding."""
+    return MAP_MAX_ERROR if step == 1 else 0.5 * step * MAP_STEP + MAP_MAX_ERROR
+
+
+def _slope(step: int) -> float:
+    """step / MAP_LEVELS, or the float32 just below it where NIfTI-1's float32 scl_slope would
+    round it up and decode the top level above 1 (float32(1/255) x 255 is 1.00000006)."""
+    exact = step / MAP_LEVELS
+    single = np.float32(exact)
+    if float(single) * (MAP_LEVELS // step) > 1.0:
         return float(np.nextafter(single, np.float32(0)))
-    return 1.0 / levels
+    return exact
+
+
+def _coarser(levels: np.ndarray, step: int) -> np.ndarray:
+    """uint16 engine levels rounded to multiples of ``step`` (counted in steps): round(l / step),
+    ties up; for step 257 (a map reaching 1, in uint8) the multiply-shift of u8_of_u16."""
+    if step == 257:
+        return u8_of_u16(levels)
+    wide = levels.astype(np.uint32)
+    wide += step // 2
+    wide //= step
+    return wide
 
 
 def _levels(precision: str) -> int:
@@ -241,11 +275,13 @@ def decode_map(levels: np.ndarray) -> np.ndarray:
 
 
 def map_nifti_bytes(values: np.ndarray, affine: np.ndarray, header: Any = None, *,
-                    description: str = "", precision: str = "uint16") -> bytes:
+                    description: str = "", precision: str = "uint16",
+                    step: int | None = None) -> bytes:
     """An uncertainty map in [0, 1] as a gzipped ``precision`` (uint8 or uint16) NIfTI whose
-    scl_slope decodes it to within :func:`map_max_error` of ``values`` (the precision is also
-    written in the description). ``values`` already uint16 are taken as :func:`quantise_map`
-    levels: written as they are (uint16) or rounded to 255 steps (uint8).
+    scl_slope decodes it to within :func:`map_file_error` of ``values`` (at most
+    :func:`map_max_error`; the step is also written in the description). ``values`` already
+    uint16 are taken as :func:`quantise_map` levels. ``step`` (default :func:`map_file_step`):
+    engine levels per stored level; the levels are stored as round(level / step).
 
     The file is streamed: slabs of whole slices are quantised, laid out in the file's (Fortran)
     order and deflated one at a time, so that neither a uint16 copy of the whole map nor its
@@ -257,10 +293,13 @@ def map_nifti_bytes(values: np.ndarray, affine: np.ndarray, header: Any = None, 
         raise ValueError(f"an uncertainty map is 3D, got shape {values.shape}")
     levels = _levels(precision)
     dtype = np.dtype(precision)
-    text = f"{description} ({precision} x 1/{levels})" if description else ""
+    step = map_file_step(values, precision) if step is None else int(step)
+    if step < 1:
+        raise ValueError(f"step must be >= 1 engine level, got {step}")
+    text = f"{description} ({precision} x {step}/{MAP_LEVELS})" if description else ""
     stand_in = np.broadcast_to(np.zeros((), dtype=dtype), values.shape)
     image = _nifti_image(stand_in, np.asarray(affine, dtype=np.float64), header, text,
-                         _slope(levels))
+                         _slope(step))
     image.header.extensions.clear()  # a map carries none of the upload's extensions
     head = io.BytesIO()
     image.update_header()
@@ -285,9 +324,12 @@ def map_nifti_bytes(values: np.ndarray, affine: np.ndarray, header: Any = None, 
             slab = values[:, :, first:first + rows]
             if slab.dtype != np.uint16:
                 slab = quantise_map(slab)
-            if dtype == np.uint8:
-                slab = u8_of_u16(slab)
-            yield slab.tobytes(order="F")
+            if step != 1 or dtype != np.uint16:
+                slab = _coarser(slab, step)
+                if slab.size and int(slab.max()) > levels:  # astype would wrap around
+                    raise ValueError(f"a step of {step} engine levels does not fit this map "
+                                     f"in {precision} (use map_file_step)")
+            yield slab.astype(dtype, copy=False).tobytes(order="F")
 
     return gzip_parts([(lambda k=k: part(k)) for k in range(0, len(starts), per_part)])
 
