@@ -53,7 +53,7 @@ MAP_MAX_ERROR = 0.5 * MAP_STEP + 1e-7  # half a step, and float32 rounding of th
 # What the files may store instead, chosen per request (``map_precision``): 8 bits are what a
 # viewer shows and what a threshold needs, and on the noisy synthetic 512 x 512 x 400 CT of
 # benchmarks/request_cost.py the mask + entropy response is 34 MiB instead of 161 MiB and the
-# request 8.8 s instead of 9.4 s (docs/benchmarks.md, issue 13).
+# request 9.4 s instead of 10.7 s (docs/benchmarks.md, issue 13).
 MAP_PRECISIONS: dict[str, int] = {"uint8": 255, "uint16": MAP_LEVELS}
 DEFAULT_MAP_PRECISION = "uint8"
 
