@@ -41,10 +41,12 @@ Accumulators are float32 throughout: float16's 11-bit mantissa would blend Gauss
 spanning three orders of magnitude with ~1e-3 relative error, enough to flip argmax ties, and
 streaming already keeps the footprint small.
 
-Streaming also lets the stages overlap: the backend computes the next slab in a worker thread
-(:mod:`~sfpc.inference.prefetch`) while this one restores the last (``concurrent_restore``), so
-on a machine with a core to spare the restore of every slab but the last is hidden behind the
-network. Results are identical either way: slabs are restored in order, by one thread.
+Streaming also lets the stages overlap (``concurrent_restore``): the backend computes the next
+slab in a worker thread (:mod:`~sfpc.inference.prefetch`) while this one restores the last, and
+a 2D model's image, when its slices are independent, is prepared slab by slab in a third, the
+sliding window waiting only on the slices it reads. On a machine with a core to spare only the
+first slab's preparation and the last slab's restore are not hidden behind the network. Results
+are identical either way: slabs are prepared and restored in order, each by one thread.
 
 No torch import anywhere below (the gateway runs ONNX graphs).
 """
@@ -490,7 +492,8 @@ class Engine:
     ``slab_bytes`` caps the float32 maps of one streamed slab; ``band`` is the boundary band
     width (voxels of the input grid) of the statistics. ``concurrent_restore``: slabs are
     restored to the input grid in this thread while the backend computes the next ones in a
-    worker thread (False: one after the other, as before issue 13's measurements).
+    worker thread, and a 2D model's image is prepared slab by slab in a third when its slices
+    are independent (False: one stage after the other, as before issue 13's measurements).
     ``metadata.temperature`` T calibrates
     every mode: plain mode takes softmax(logits / T) here, uncertainty mode feeds T to the
     graph, whose softmax is inside. Thread-safe if the backend is.
