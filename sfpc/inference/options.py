@@ -85,8 +85,9 @@ class SegmentOptions(BaseModel):
     series_uid: str | None = Field(None, description="DICOM: SeriesInstanceUID to segment when "
                                    "the upload holds several series.", max_length=64)
     map_precision: MapPrecision = Field(
-        files.DEFAULT_MAP_PRECISION, description="Storage of the entropy and MI NIfTI maps "
-        "(values in [0, 1] through scl_slope): uint8, each map in 255 steps of its own range "
+        typing.cast(MapPrecision, files.DEFAULT_MAP_PRECISION),
+        description="Storage of the entropy and MI NIfTI maps (values in [0, 1] through "
+        "scl_slope): uint8, each map in 255 steps of its own range "
         "(at most 1/255: within 0.002 of the float map; a map of small values such as the "
         "mutual information is stored finer), what a viewer shows; uint16, steps of 1/65535, "
         "within 8e-6, for analysis (files up to 5x larger on noisy volumes, slower to write). "

@@ -535,7 +535,7 @@ class _Plan:
         new_affine = affine @ inv_ornt_aff(transform, image.shape[1:])
         oriented_shape = self.oriented.shape[1:]
         self.resampled = target_spacing is not None
-        if self.resampled:
+        if target_spacing is not None:
             spacing = spacing_from_affine(new_affine)
             model_shape = resampled_shape(oriented_shape, spacing, target_spacing,
                                           resample_axes)

@@ -64,7 +64,7 @@ class StreamedMapStatistics:
         if ready > self.done:
             self._count_bands(self.done, ready)
 
-    def _rows(self, array: np.ndarray, first: int, last: int) -> np.ndarray:
+    def _rows(self, array: np.ndarray, first: int, last: int | None) -> np.ndarray:
         return array[(slice(None),) * self.axis + (slice(first, last),)]
 
     def _count_bands(self, first: int, last: int) -> None:

@@ -8,6 +8,7 @@ decoded from the series (scanner coordinates).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -137,7 +138,11 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, header: Any = None, *,
     if len(raw) < _PARALLEL_DEFLATE_BYTES or DEFLATE_THREADS == 1:
         return igzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
     step = -(-len(raw) // DEFLATE_THREADS)
-    return gzip_parts([(lambda lo=lo: [raw[lo:lo + step]]) for lo in range(0, len(raw), step)])
+
+    def piece(lo: int) -> list[memoryview]:
+        return [raw[lo:lo + step]]
+
+    return gzip_parts([functools.partial(piece, lo) for lo in range(0, len(raw), step)])
 
 
 def gzip_parts(parts: Sequence[Callable[[], Iterable[bytes | memoryview]]]) -> bytes:
@@ -331,7 +336,7 @@ def map_nifti_bytes(values: np.ndarray, affine: np.ndarray, header: Any = None, 
                                      f"in {precision} (use map_file_step)")
             yield slab.astype(dtype, copy=False).tobytes(order="F")
 
-    return gzip_parts([(lambda k=k: part(k)) for k in range(0, len(starts), per_part)])
+    return gzip_parts([functools.partial(part, k) for k in range(0, len(starts), per_part)])
 
 
 def report_bytes(report: dict[str, Any]) -> bytes:
