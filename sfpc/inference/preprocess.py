@@ -452,14 +452,7 @@ def prepare_image(
     """
     plan = _Plan(image, affine, target_spacing, resample_axes, orientation, transform,
                  resampling)
-    oriented = plan.oriented
-    if plan.resampled:
-        if resampling == "area":
-            model = resample_area(oriented, plan.model_shape)
-        else:
-            model = resample_to_shape(oriented, plan.model_shape, 1, dtype=np.float32)
-    else:
-        model = np.ascontiguousarray(oriented, dtype=np.float32)
+    model = plan.resample(plan.oriented, plan.model_shape)
     if normalisation is not None:
         model = normalise(model, normalisation, channel_axis=0)
     return np.ascontiguousarray(model, dtype=np.float32), plan.geometry
@@ -497,12 +490,7 @@ def prepare_image_in_slabs(
         part = plan.oriented[index]
         shape = list(plan.model_shape)
         shape[axis] = part.shape[axis + 1]
-        if not plan.resampled:
-            block = np.asarray(part, dtype=np.float32)
-        elif resampling == "area":
-            block = resample_area(part, shape)
-        else:
-            block = resample_to_shape(part, shape, 1, dtype=np.float32)
+        block = plan.resample(part, shape)
         model[index] = block if normalisation is None else normalise(block, normalisation,
                                                                      channel_axis=0)
 
@@ -543,6 +531,7 @@ class _Plan:
         else:
             model_shape = oriented_shape
         self.model_shape = tuple(int(v) for v in model_shape)
+        self.resampling = resampling
         self.geometry = Geometry(
             input_shape=tuple(int(v) for v in image.shape[1:]),
             transform=tuple((float(a), float(f)) for a, f in transform),
@@ -550,6 +539,15 @@ class _Plan:
             model_shape=self.model_shape,
             affine=tuple(tuple(float(v) for v in row) for row in new_affine),
         )
+
+    def resample(self, part: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """``part`` of the reoriented image (channel-first) on the model grid's spacing, as
+        ``shape``, float32."""
+        if not self.resampled:
+            return np.ascontiguousarray(part, dtype=np.float32)
+        if self.resampling == "area":
+            return resample_area(part, shape)
+        return resample_to_shape(part, shape, 1, dtype=np.float32)
 
 
 def prepare_label(label: np.ndarray, geometry: Geometry) -> np.ndarray:
