@@ -1074,8 +1074,9 @@ def _order_of(arr: np.ndarray) -> Literal["C", "F"]:
 
 
 class _Outputs:
-    """Input-grid results, written through views in the model's orientation (no final copy);
-    in uncertainty mode also the model-grid labels and maps the statistics are taken from."""
+    """Input-grid results, written through views in the model's orientation (no final copy),
+    with the class counts of the labels written; in uncertainty mode also the map statistics,
+    taken on the model grid as its slabs arrive."""
 
     def __init__(self, geometry: Geometry, uncertainty: bool,
                  order: Literal["C", "F"] = "C", maps: Sequence[str] = MAP_NAMES, *,

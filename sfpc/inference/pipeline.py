@@ -22,7 +22,7 @@ Artefact file names are fixed and documented (docs/server.md): ``mask.nii.gz``,
 from __future__ import annotations
 
 import dataclasses
-import os
+import functools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -235,9 +235,9 @@ class SegmentationService:
         report = build_report(volume, model.metadata, result, outputs, extra_timings)
         # Engine levels per stored level of each map file (its own, so that a map of small
         # values such as the mutual information keeps its resolution in 8 bits).
-        steps = {name: files.map_file_step(levels, options.map_precision)
-                 for name, levels in result.map_levels().items()
-                 if MAP_FILE_OF[name] in outputs}
+        levels = result.map_levels()
+        steps = {name: files.map_file_step(levels[name], options.map_precision)
+                 for output, name in MAP_NIFTI.items() if output in outputs}
         produced = self._encode(volume, model, result, outputs, report, options.map_precision,
                                 steps)
         encode = time.perf_counter() - t0
@@ -247,7 +247,7 @@ class SegmentationService:
                                       + float((extra_timings or {}).get("decode", 0.0)))
         report["artefacts"] = [{"filename": a.filename, "media_type": a.media_type,
                                 "bytes": a.size} for a in produced]
-        if {"entropy_nifti", "mi_nifti"}.intersection(outputs):
+        if steps:
             # How the map files store [0, 1]: what a reader's values may differ from the maps by.
             report["map_files"] = {
                 name: {"dtype": options.map_precision, "step": step * files.MAP_STEP,
@@ -259,29 +259,25 @@ class SegmentationService:
         return ArtefactSet(produced, report, result)
 
     def _encode(self, volume: Volume, model: LoadedModel, result: SegmentationResult,
-                outputs: Sequence[str], report: Mapping[str, Any],
-                precision: str = files.DEFAULT_MAP_PRECISION,
-                steps: Mapping[str, int] | None = None) -> list[Artefact]:
-        """The files ``outputs`` name, in that order. Files that depend on no other file are
-        encoded side by side in threads: deflate (ISA-L), PNG and numpy release the GIL, and on
-        a large CT the mask and a map each take a second of deflate."""
+                outputs: Sequence[str], report: Mapping[str, Any], precision: str,
+                steps: Mapping[str, int]) -> list[Artefact]:
+        """The files ``outputs`` name, in that order; each map file at ``precision`` in its
+        ``steps`` (:func:`~sfpc.io.artefacts.map_file_step`). Files that depend on no other
+        file are encoded side by side in threads: deflate (ISA-L), PNG and numpy release the
+        GIL, and on a large CT the mask and a map each take a second of deflate."""
         header = volume.nifti_header
-        # The maps these outputs need (maps_needed), as uint16 levels, which the NIfTI files
-        # store as they are.
+        # The maps these outputs need (maps_needed), as the engine's uint16 levels.
         maps = result.map_levels()
         wanted = set(outputs)
         jobs: dict[str, Callable[[], bytes]] = {}
         if "mask_nifti" in wanted:
             jobs["mask_nifti"] = lambda: files.nifti_bytes(
                 result.mask, result.affine, header, description=f"sfpc {model.name} mask")
-        if "entropy_nifti" in wanted:
-            jobs["entropy_nifti"] = lambda: files.map_nifti_bytes(
-                maps["entropy"], result.affine, header, description="sfpc entropy / ln K",
-                precision=precision, step=(steps or {}).get("entropy"))
-        if "mi_nifti" in wanted:
-            jobs["mi_nifti"] = lambda: files.map_nifti_bytes(
-                maps["mutual_information"], result.affine, header, description="sfpc MI / ln K",
-                precision=precision, step=(steps or {}).get("mutual_information"))
+        for output, name in MAP_NIFTI.items():
+            if output in wanted:
+                jobs[output] = functools.partial(
+                    files.map_nifti_bytes, maps[name], result.affine, header,
+                    description=MAP_DESCRIPTIONS[name], precision=precision, step=steps[name])
         if "seg_dicom" in wanted:
             jobs["seg_dicom"] = lambda: files.dicom_seg_bytes(
                 result.mask, volume, result.class_names, model.metadata)
@@ -313,29 +309,24 @@ class SegmentationService:
                 if name != "report_json"]
 
 
-# Threads that encode one request's files side by side: more would only wait for the cores.
-ENCODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
-
-
 def _run_all(jobs: Mapping[str, Callable[[], bytes]]) -> dict[str, bytes]:
-    """Each job's bytes, the jobs run in up to ENCODE_WORKERS threads; the first error raised
+    """Each job's bytes, the jobs run in up to files.ENCODE_THREADS threads; the first error raised
     (in ``jobs`` order) is raised here, once all have finished."""
-    if len(jobs) <= 1 or ENCODE_WORKERS == 1:
+    if len(jobs) <= 1 or files.ENCODE_THREADS == 1:
         return {name: job() for name, job in jobs.items()}
-    with ThreadPoolExecutor(max_workers=min(ENCODE_WORKERS, len(jobs)),
+    with ThreadPoolExecutor(max_workers=min(files.ENCODE_THREADS, len(jobs)),
                             thread_name_prefix="sfpc-encode") as pool:
         futures = {name: pool.submit(job) for name, job in jobs.items()}
     return {name: future.result() for name, future in futures.items()}
 
 
+# The map each NIfTI map output stores, and the description written in its header.
+MAP_NIFTI = {"entropy_nifti": "entropy", "mi_nifti": "mutual_information"}
+MAP_DESCRIPTIONS = {"entropy": "sfpc entropy / ln K", "mutual_information": "sfpc MI / ln K"}
 # The input-grid uncertainty map each output is drawn from; an uncertainty request restores
 # only those its outputs need (the report's statistics come from the model grid).
-MAPS_OF_OUTPUT = {"entropy_nifti": "entropy", "overlay_png": "entropy", "sc_dicom": "entropy",
-                  "pmap_dicom": "entropy", "mi_nifti": "mutual_information"}
-
-
-# The NIfTI file of each map.
-MAP_FILE_OF = {"entropy": "entropy_nifti", "mutual_information": "mi_nifti"}
+MAPS_OF_OUTPUT = {**MAP_NIFTI, "overlay_png": "entropy", "sc_dicom": "entropy",
+                  "pmap_dicom": "entropy"}
 
 
 def maps_needed(outputs: Sequence[str]) -> set[str]:

@@ -34,10 +34,13 @@ ZIP_NAME = "sfpc_result.zip"
 # encode step was what made an uncertainty request cost more than its network (issue 13).
 # ISA-L levels run 0-3.
 GZIP_LEVEL = 2
-# A file of this many bytes or more is deflated in DEFLATE_THREADS pieces at once (ISA-L releases
-# the GIL), joined into one gzip member: on a 512 x 512 x 400 CT the mask and an 8-bit map each
-# take 0.2-0.3 s of deflate on one core.
-DEFLATE_THREADS = max(1, min(4, os.cpu_count() or 1))
+# Threads one request's encoders use side by side (its files, one file's deflate pieces, the
+# overlay's tiles): ISA-L, PIL and numpy release the GIL; more would only wait for the cores.
+ENCODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+# A file of this many bytes or more is deflated in DEFLATE_THREADS pieces at once, joined into
+# one gzip member: on a 512 x 512 x 400 CT the mask and an 8-bit map each take 0.2-0.3 s of
+# deflate on one core.
+DEFLATE_THREADS = ENCODE_THREADS
 _PARALLEL_DEFLATE_BYTES = 8 << 20
 # gzip's member header with no name and mtime 0 (the bytes do not depend on the clock), XFL 0,
 # OS 255 (unknown).
@@ -51,6 +54,7 @@ _STORED_SUFFIXES = (".gz", ".png", ".zip")
 MAP_LEVELS = 65535
 MAP_STEP = 1.0 / MAP_LEVELS
 MAP_MAX_ERROR = 0.5 * MAP_STEP + 1e-7  # half a step, and float32 rounding of the decoded value
+_QUANTISE_VOXELS = 1 << 22
 # What the files may store instead, chosen per request (``map_precision``): 8 bits are what a
 # viewer shows and what a threshold needs, and on the noisy synthetic 512 x 512 x 400 CT of
 # benchmarks/request_cost.py the mask + entropy response is 34 MiB instead of 161 MiB and the
@@ -116,7 +120,6 @@ def _levels(precision: str) -> int:
     except KeyError:
         raise ValueError(f"map precision must be one of {sorted(MAP_PRECISIONS)}, "
                          f"got {precision!r}") from None
-_QUANTISE_VOXELS = 1 << 22
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, header: Any = None, *,
