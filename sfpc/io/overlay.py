@@ -45,7 +45,8 @@ HEAT_ALPHA = 0.55
 BACKGROUND = (18, 18, 22)
 TEXT = (235, 235, 235)
 MUTED = (160, 160, 170)
-# Threads the tiles are rendered in (two cores: 0.18 -> 0.12 s for 12 tiles of 20 CT slices).
+# Threads the tiles are rendered in (12 tiles of 20 CT slices: 0.22 s on one core, 0.16 s on
+# two; benchmarks/encode_parts.py).
 TILE_THREADS = ENCODE_THREADS
 
 
@@ -296,8 +297,8 @@ def render_overlay(
     for i, note in enumerate(notes):
         draw.text((gap + 4, height - footer + 4 + 15 * i), note, font=tiny, fill=MUTED)
     out = io.BytesIO()
-    # zlib level 1: the 12-tile montage of a 20-slice CT in 36 ms instead of 51 ms at level 3
-    # (225 ms at the default 6), 12 % larger (0.68 MB); the overlay was what an all-artefact
-    # request cost beyond the maps (issue 13).
+    # zlib level 1: the 12-tile montage of a 20-slice CT in 38 ms instead of 54 ms at level 3
+    # (benchmarks/encode_parts.py; 225 ms at the default 6), 12 % larger (0.68 MB); the overlay
+    # was what an all-artefact request cost beyond the maps (issue 13).
     canvas.save(out, format="PNG", optimize=False, compress_level=1)
     return out.getvalue()
