@@ -162,6 +162,78 @@ def test_overlay_draws_outlines_heat_and_legend():
     assert warm(with_heat) > warm(without) + 1000
 
 
+def _outlines_by_morphology(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Oracle: per class, the inside boundary (binary erosion with the cross, image edge
+    outside) grown by one pixel (binary dilation with the cross), drawn in class order."""
+    from scipy import ndimage
+
+    out = np.zeros(labels.shape, np.uint8)
+    for k in range(1, num_classes):
+        inside = labels == k
+        edge = inside & ~ndimage.binary_erosion(inside, border_value=0)
+        out[ndimage.binary_dilation(edge, iterations=1)] = k
+    return out
+
+
+@pytest.mark.parametrize("num_classes", [2, 4, 9])
+def test_outlines_equal_erosion_and_dilation_per_class(num_classes):
+    from sfpc.io.overlay import outline_labels
+
+    rng = np.random.default_rng(num_classes)
+    for shape in [(1, 1), (1, 9), (7, 1), (3, 3), (60, 45)]:
+        # Noise (every pixel a boundary), blobs, and labels beyond the classes (not drawn).
+        noise = rng.integers(0, num_classes + 2, size=shape).astype(np.uint8)
+        blobs = np.zeros(shape, np.uint8)
+        blobs[shape[0] // 4: 3 * shape[0] // 4 + 1, shape[1] // 3:] = 1
+        blobs[shape[0] // 2:, : shape[1] // 2 + 1] = num_classes - 1
+        for labels in (noise, blobs):
+            np.testing.assert_array_equal(outline_labels(labels, num_classes),
+                                          _outlines_by_morphology(labels, num_classes))
+
+
+def test_tile_blends_heat_where_it_shows_and_draws_outlines():
+    """A tile against the blend worked on the whole float image: grey, heat blended with
+    alpha ramping from HEAT_FLOOR to HEAT_FULL, outlines on top, truncated to uint8."""
+    from PIL import Image
+
+    from sfpc.io.overlay import (
+        HEAT_ALPHA,
+        HEAT_FLOOR,
+        HEAT_FULL,
+        HEAT_LUT,
+        _palette,
+        _render_tile,
+    )
+
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, size=(80, 70), dtype=np.uint8)
+    heat = np.clip(rng.normal(0.1, 0.2, size=(80, 70)), 0, 1).astype(np.float32)
+    heat[:10] = HEAT_FLOOR  # exactly at the floor: transparent
+    labels = np.zeros((80, 70), np.uint8)
+    labels[20:50, 10:40] = 1
+    labels[40:70, 30:60] = 2
+    size = (50, 57)
+    tile = _render_tile(grey, labels, heat, size, 3)
+    assert tile.shape == (57, 50, 3) and tile.dtype == np.uint8
+
+    g = np.asarray(Image.fromarray(grey).resize(size, Image.Resampling.BILINEAR), np.float32)
+    h = np.clip(np.asarray(Image.fromarray(heat, mode="F").resize(
+        size, Image.Resampling.BILINEAR)), 0, 1)
+    alpha = np.clip((h - HEAT_FLOOR) / (HEAT_FULL - HEAT_FLOOR), 0, 1) * HEAT_ALPHA
+    rgb = (g[..., None] * (1 - alpha[..., None])
+           + HEAT_LUT[(h * 255).astype(np.uint8)].astype(np.float32) * alpha[..., None])
+    lab = np.asarray(Image.fromarray(labels).resize(size, Image.Resampling.NEAREST))
+    lines = _outlines_by_morphology(lab, 3)
+    rgb[lines > 0] = _palette(3)[lines[lines > 0]]
+    expected = np.clip(rgb, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(tile, expected)
+    assert (lines > 0).any() and (alpha > 0).any() and (alpha == 0).any()
+    # Without heat: grey and outlines only.
+    plain = _render_tile(grey, labels, None, size, 3)
+    grey_only = np.repeat(g.astype(np.uint8)[..., None], 3, axis=2)
+    np.testing.assert_array_equal(plain[lines == 0], grey_only[lines == 0])
+
+
 # ----------------------------------------------------------------------------------------------
 # Readiness with an unreachable Triton (in process: no Triton server is needed to be absent)
 # ----------------------------------------------------------------------------------------------
