@@ -72,6 +72,9 @@ def test_real_series_matches_simpleitk(tmp_path: Path) -> None:
     # 2.5 MB of bytes trailing brain_001.dcm's data set, which GDCM takes ~10 s to skip.
     _assert_matches_sitk(volume, _write(edited_series(), tmp_path))
     assert volume.array.dtype == np.float32
+    # Column-major like NIfTI: frames are copied in as they are, masks written out without a
+    # transposing copy.
+    assert volume.array.flags.f_contiguous
     assert volume.source == "dicom"
     info = volume.series
     assert info is not None

@@ -343,7 +343,7 @@ def test_area_resampling_is_the_overlap_weighted_mean(layout):
     arr = {"C": values, "F": np.asfortranarray(values),
            "reversed view": np.asfortranarray(values[::-1, :, ::-1])[::-1, :, ::-1]}[layout]
     assert np.array_equal(arr, values)
-    for shape in [(7, 5, 3), (23, 4, 11), (6, 17, 2)]:
+    for shape in [(7, 5, 3), (23, 4, 11), (6, 17, 2), (2, 3, 1)]:  # (2, 3, 1): long runs
         out = resample_area(arr[None], shape)
         assert out.dtype == np.float32 and out.shape == (1, *shape)
         np.testing.assert_allclose(out[0], _brute_area(values, shape), rtol=0, atol=0.02)

@@ -185,7 +185,7 @@ def check_finite(array: np.ndarray) -> None:
     """422 when a float image holds NaN or Inf (the engine's statistics would be poisoned)."""
     if array.dtype.kind != "f":
         return
-    flat = array.reshape(-1)
+    flat = array.ravel(order="K")  # a view of a contiguous array in either order
     step = 1 << 22  # chunks: isfinite of a whole CT would be a large temporary
     n_nan = n_inf = 0
     for start in range(0, flat.size, step):
