@@ -529,20 +529,43 @@ def test_streamed_maps_are_the_model_grid_maps_restored(model_3d, model_2d, dims
         assert streamed.mask.flags.f_contiguous and streamed.entropy_levels.flags.f_contiguous
 
 
-@pytest.mark.parametrize("dims", [3, 2, "2-ct-window"])
+@pytest.mark.parametrize(("slices", "batch", "expected"),
+                         [(20, 16, 2), (400, 16, 48), (400, 4, 48), (7, 4, 1), (130, 4, 16),
+                          (1, 16, 1)])
+def test_slabs_beside_the_network_are_small_and_whole_batches_when_they_can(
+        model_2d, slices, batch, expected):
+    """At least PIPELINE_SLABS slabs: of whole batches when a slab holds one, else partial
+    (a 20-slice series in batches of 16: slabs of 2 slices, not 16 and 4); never more than the
+    memory budget's slab."""
+    from sfpc.inference.engine import PIPELINE_SLABS
+
+    _, meta, backend = model_2d
+    engine = Engine(backend, meta, sw_batch_size=batch)
+    shape = [64, 64, 64]
+    shape[engine.plane_axis] = slices
+    assert engine._pipelined({"slab_slices": 1000}, shape)["slab_slices"] == expected
+    assert -(-slices // expected) >= min(slices, PIPELINE_SLABS)
+    assert engine._pipelined({"slab_slices": 2}, shape)["slab_slices"] == min(2, expected)
+    assert engine._pipelined({"slab_slices": None}, shape) == {"slab_slices": None}
+
+
+@pytest.mark.parametrize("dims", [3, 2, "2-ct-window", "2-partial-batches"])
 def test_restoring_beside_the_network_changes_nothing(model_3d, model_2d, dims):
     """The restore running while the backend computes the next slab (the default) gives the
     arrays of the serial loop bit for bit, and its stage timings still split the wall clock.
     "2-ct-window": a per-voxel normalisation, so the model image is also prepared slab by slab
-    behind the network."""
+    behind the network. "2-partial-batches": batches of 16 windows, slabs of 5 slices beside
+    the network against whole batches in the serial loop."""
     _, meta, backend = model_3d if dims == 3 else model_2d
     if dims == "2-ct-window":
         meta = _meta(meta, normalisation={"kind": "ct_window", "window": [-300.0, 300.0]})
     image = _volume((33, 28, 40), None if dims == 3 else 2, seed=17)
     affine = AFFINES["lps"]
     results = {}
+    batch = 16 if dims == "2-partial-batches" else 4
     for concurrent in (True, False):
-        engine = Engine(backend, meta, sw_batch_size=4, slab_bytes=1 << 16,
+        engine = Engine(backend, meta, sw_batch_size=batch,
+                        slab_bytes=1 << 20 if batch == 16 else 1 << 16,
                         concurrent_restore=concurrent)
         results[concurrent] = engine.segment(image, affine, uncertainty=True)
     overlapped, serial = results[True], results[False]
@@ -703,6 +726,23 @@ BAD_INPUTS = {
                  np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1.0]]), "last row"),
     "complex": (np.zeros((10, 10, 10), np.complex64), np.eye(4), "dtype"),
 }
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "view"])
+def test_every_non_finite_voxel_is_counted_in_any_layout(monkeypatch, layout):
+    """The check runs in chunks (of the first spatial axis, or the last of a column-major
+    image): with chunks of a few voxels, every NaN and Inf is still found and counted."""
+    from sfpc.inference import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_FINITE_CHECK_VOXELS", 7)
+    image = np.zeros((1, 6, 5, 4), np.float32)
+    image[0, 0, 0, 0] = image[0, 5, 4, 3] = image[0, 2, 3, 1] = np.nan
+    image[0, 5, 0, 3] = np.inf
+    arr = {"C": image, "F": np.asfortranarray(image),
+           "view": np.asfortranarray(image[:, ::-1])[:, ::-1]}[layout]
+    with pytest.raises(InputError, match="3 NaN values and 1 Inf value"):
+        engine_module._check_finite(arr)
+    engine_module._check_finite(np.zeros_like(arr))
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

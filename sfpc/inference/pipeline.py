@@ -270,6 +270,15 @@ class SegmentationService:
         maps = result.map_levels()
         wanted = set(outputs)
         jobs: dict[str, Callable[[], bytes]] = {}
+        # The overlay is the longest job (its tiles in threads of their own): queued first, it
+        # starts at once and the files are deflated beside it, instead of it starting last on
+        # a thread the files have freed (an all-artefact request's encode 0.15 s -> 0.10 s).
+        if wanted & {"overlay_png", "sc_dicom"}:  # rendered once for both
+            volumes = {name: entry["volume_ml"] for name, entry in report["classes"].items()}
+            jobs["overlay_png"] = lambda: render_overlay(
+                volume.array, result.affine, result.mask, result.class_names,
+                uncertainty=result.entropy_levels, volumes_ml=volumes,
+                title=f"{model.name} {model.metadata.version}")
         if "mask_nifti" in wanted:
             jobs["mask_nifti"] = lambda: files.nifti_bytes(
                 result.mask, result.affine, header, description=f"sfpc {model.name} mask")
@@ -281,12 +290,6 @@ class SegmentationService:
         if "seg_dicom" in wanted:
             jobs["seg_dicom"] = lambda: files.dicom_seg_bytes(
                 result.mask, volume, result.class_names, model.metadata)
-        if wanted & {"overlay_png", "sc_dicom"}:  # rendered once for both
-            volumes = {name: entry["volume_ml"] for name, entry in report["classes"].items()}
-            jobs["overlay_png"] = lambda: render_overlay(
-                volume.array, result.affine, result.mask, result.class_names,
-                uncertainty=result.entropy_levels, volumes_ml=volumes,
-                title=f"{model.name} {model.metadata.version}")
         if wanted & {"pmap_dicom", "sr_dicom", "rtstruct_dicom", "sc_dicom"}:
             from sfpc.io import dicom_results
         if "pmap_dicom" in wanted:
