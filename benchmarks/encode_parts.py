@@ -8,7 +8,12 @@ On the embedded default model's own output for the 20-slice JPEG 2000 series of
   Up filter), the same pixels;
 - an 8-bit map and a mask deflated in one piece vs ``DEFLATE_THREADS`` pieces;
 - the 20 JPEG 2000 frames decoded on 1 vs 2 threads by each installed decoder (pydicom's
-  pylibjpeg and Pillow plugins): whether decoding frames in parallel pays.
+  pylibjpeg and Pillow plugins): whether decoding frames in parallel pays;
+- the series' mask written to NIfTI from a row-major array (how DICOM volumes were assembled)
+  vs a column-major one (NIfTI's own order, how they are now);
+- area resampling of the fastest axis of a column-major 512 x 512 x 16 slab (512 -> 122, the
+  series' slices to the default model's 3 mm) by a cumulative sum along it (before) vs by
+  gathers (``sfpc.inference.preprocess``, now).
 
 Medians of ``--repeats``, the variants interleaved; prints a table and writes ``--json``::
 
@@ -149,6 +154,36 @@ def main() -> int:
     for plugin in ("pylibjpeg", "pillow"):
         figures[f"JPEG 2000 decode, 20 frames, {plugin}"] = medians(
             {"1 thread": decode(plugin, 1), "2 threads": decode(plugin, 2)}, args.repeats)
+
+    row_major = np.ascontiguousarray(result.mask)
+    column_major = np.asfortranarray(result.mask)
+    figures["mask NIfTI, series20"] = medians(
+        {"row-major": lambda: artefacts.nifti_bytes(row_major, result.affine),
+         "column-major": lambda: artefacts.nifti_bytes(column_major, result.affine)},
+        args.repeats)
+
+    from sfpc.inference.preprocess import _resample_axis, axis_weights
+
+    slab = np.asfortranarray(np.asarray(volume.array[:, :, :16], dtype=np.float32)).T
+    n_out = 122
+    area = axis_weights(slab.shape[-1], n_out, "area")
+
+    def by_cumsum() -> np.ndarray:
+        # The former path: the integral of each row, differenced at the output voxels' edges.
+        n_in = slab.shape[-1]
+        edges = np.arange(n_out + 1, dtype=np.float64) * (n_in / n_out)
+        k = np.minimum(np.floor(edges).astype(np.intp), n_in - 1)
+        integral = np.take(np.cumsum(slab, axis=-1, dtype=np.float32), k, axis=-1)
+        integral -= np.take(slab, k, axis=-1) * (1.0 - (edges - k)).astype(np.float32)
+        return (integral[..., 1:] - integral[..., :-1]) * np.float32(n_out / n_in)
+
+    def by_gathers() -> np.ndarray:
+        return _resample_axis(slab, 2, n_out)
+
+    for run in (by_cumsum, by_gathers):
+        np.testing.assert_allclose(run(), slab @ area.T, rtol=1e-4, atol=0.05)
+    figures["area resampling, 512 -> 122, column-major 512x512x16"] = medians(
+        {"cumulative sum": by_cumsum, "gathers": by_gathers}, args.repeats)
 
     print(f"medians of {args.repeats} (deflate: {max(3, args.repeats // 2)}), seconds")
     for part, values in figures.items():
