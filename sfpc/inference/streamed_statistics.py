@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sfpc.inference.uncertainty import DEFAULT_BAND, class_sums, cropped_boundary_band
+from sfpc.inference.uncertainty import DEFAULT_BAND, MapSums, cropped_boundary_band
 
 
 class StreamedMapStatistics:
@@ -28,16 +28,7 @@ class StreamedMapStatistics:
     def __init__(self, length: int, axis: int, class_names: Sequence[str],
                  map_names: Sequence[str], band: int = DEFAULT_BAND) -> None:
         self.length, self.axis, self.band = int(length), int(axis), int(band)
-        self.class_names = [str(c) for c in class_names]
-        self.map_names = list(map_names)
-        k = len(self.class_names)
-        self.counts = np.zeros(k)
-        self.sums = {name: np.zeros(k) for name in self.map_names}
-        self.band_voxels = np.zeros(k, dtype=np.int64)
-        self.band_sums = {name: np.zeros(k) for name in self.map_names}
-        self.union_voxels = 0
-        self.union_sums = {name: 0.0 for name in self.map_names}
-        self.voxels = 0
+        self.sums = MapSums(class_names, map_names, band)
         self._labels: np.ndarray | None = None  # rows [_labels_start, received)
         self._labels_start = 0
         self._maps: dict[str, np.ndarray] = {}  # rows [done, received)
@@ -49,16 +40,12 @@ class StreamedMapStatistics:
         if start != self.received:
             raise ValueError(f"rows from {start} pushed after {self.received} rows")
         rows = labels.shape[self.axis]
-        k = len(self.class_names)
-        self.counts += class_sums(labels, None, k)
-        for name in self.map_names:
-            self.sums[name] += class_sums(labels, maps[name], k)
-        self.voxels += labels.size
+        self.sums.add_classes(labels, maps)
         self._labels = labels if self._labels is None else np.concatenate(
             [self._labels, labels], axis=self.axis)
         self._maps = {name: maps[name] if name not in self._maps else
                       np.concatenate([self._maps[name], maps[name]], axis=self.axis)
-                      for name in self.map_names}
+                      for name in self.sums.map_names}
         self.received += rows
         ready = self.length if self.received >= self.length else self.received - self.band
         if ready > self.done:
@@ -78,7 +65,7 @@ class StreamedMapStatistics:
         kept = (first - lo, last - lo)  # the rows counted, within the window
         union = np.zeros(self._rows(window, *kept).shape, dtype=bool)
         maps = {name: self._rows(values, 0, last - first) for name, values in self._maps.items()}
-        for k in range(1, len(self.class_names)):
+        for k in range(1, len(self.sums.class_names)):
             found = cropped_boundary_band(window == k, self.band)
             if found is None:
                 continue
@@ -92,14 +79,10 @@ class StreamedMapStatistics:
             target = list(box)
             target[self.axis] = slice(a - kept[0], b - kept[0])
             region = tuple(target)
-            self.band_voxels[k] += int(np.count_nonzero(in_band))
-            for name, values in maps.items():
-                self.band_sums[name][k] += float(np.sum(values[region], where=in_band,
-                                                        dtype=np.float64))
+            self.sums.add_band(k, in_band,
+                               {name: values[region] for name, values in maps.items()})
             union[region] |= in_band
-        self.union_voxels += int(np.count_nonzero(union))
-        for name, values in maps.items():
-            self.union_sums[name] += float(np.sum(values, where=union, dtype=np.float64))
+        self.sums.add_union(union, maps)
         self.done = last
         # Keep the labels the next rows' bands reach back to, and the maps not yet counted.
         keep = max(0, last - self.band)
@@ -112,21 +95,4 @@ class StreamedMapStatistics:
         """The statistics, once every row has been pushed."""
         if self.received != self.length:
             raise RuntimeError(f"{self.received} of {self.length} rows pushed")
-        classes: dict[str, Any] = {}
-        for k, cname in enumerate(self.class_names):
-            n = int(self.counts[k])
-            entry: dict[str, Any] = {f"mean_{name}": float(self.sums[name][k] / n) if n else None
-                                     for name in self.map_names}
-            if k > 0:
-                voxels = int(self.band_voxels[k])
-                entry["boundary_voxels"] = voxels
-                for name in self.map_names:
-                    entry[f"boundary_mean_{name}"] = (float(self.band_sums[name][k] / voxels)
-                                                      if voxels else None)
-            classes[cname] = entry
-        case: dict[str, Any] = {"boundary_voxels": int(self.union_voxels)}
-        for name in self.map_names:
-            case[f"mean_{name}"] = float(self.sums[name].sum() / self.voxels)
-            case[f"boundary_mean_{name}"] = (float(self.union_sums[name] / self.union_voxels)
-                                             if self.union_voxels else None)
-        return {"band_width_voxels": self.band, "classes": classes, "case": case}
+        return self.sums.statistics()

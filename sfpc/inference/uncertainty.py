@@ -150,14 +150,6 @@ def class_sums(labels: np.ndarray, values: np.ndarray | None, num_classes: int) 
     return out
 
 
-def masked_mean(values: np.ndarray, mask: np.ndarray) -> float | None:
-    """Mean of ``values`` where ``mask`` (float64 accumulation); None for an empty mask."""
-    n = int(np.count_nonzero(mask))
-    if n == 0:
-        return None
-    return float(np.sum(values, where=mask, dtype=np.float64) / n)
-
-
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
     """Slices of the smallest box holding every True voxel, grown by ``margin`` and clipped to
     the array; None when the mask is empty."""
@@ -232,39 +224,89 @@ def count_statistics(counts: Sequence[float] | np.ndarray, class_names: Sequence
             "case": {"voxels": int(counts.sum())}}
 
 
+class MapSums:
+    """The sums :func:`map_statistics` reports means of, per class (counts, map sums) and in the
+    boundary bands (per class, and their union), for ``class_names`` and maps ``map_names``.
+    Taken over a whole grid by :func:`map_statistics` or slab by slab by
+    :class:`~sfpc.inference.streamed_statistics.StreamedMapStatistics`; :meth:`statistics`
+    turns either into the report's dictionary."""
+
+    def __init__(self, class_names: Sequence[str], map_names: Sequence[str],
+                 band: int = DEFAULT_BAND) -> None:
+        self.class_names = [str(c) for c in class_names]
+        self.map_names = list(map_names)
+        self.band = int(band)
+        k = len(self.class_names)
+        self.voxels = 0
+        self.counts = np.zeros(k)
+        self.sums = {name: np.zeros(k) for name in self.map_names}
+        self.band_voxels = np.zeros(k, dtype=np.int64)
+        self.band_sums = {name: np.zeros(k) for name in self.map_names}
+        self.union_voxels = 0
+        self.union_sums = {name: 0.0 for name in self.map_names}
+
+    def add_classes(self, labels: np.ndarray, maps: Mapping[str, np.ndarray]) -> None:
+        """Count ``labels`` and sum every map over each class."""
+        k = len(self.class_names)
+        self.counts += class_sums(labels, None, k)
+        for name in self.map_names:
+            self.sums[name] += class_sums(labels, maps[name], k)
+        self.voxels += labels.size
+
+    def add_band(self, k: int, band: np.ndarray, maps: Mapping[str, np.ndarray]) -> None:
+        """Count class ``k``'s band voxels ``band`` (a mask over ``maps``' arrays)."""
+        self.band_voxels[k] += int(np.count_nonzero(band))
+        for name in self.map_names:
+            self.band_sums[name][k] += float(np.sum(maps[name], where=band, dtype=np.float64))
+
+    def add_union(self, union: np.ndarray, maps: Mapping[str, np.ndarray]) -> None:
+        """Count the voxels in any foreground band, ``union`` (a mask over ``maps``' arrays)."""
+        self.union_voxels += int(np.count_nonzero(union))
+        for name in self.map_names:
+            self.union_sums[name] += float(np.sum(maps[name], where=union, dtype=np.float64))
+
+    def statistics(self) -> dict[str, Any]:
+        """Per class the mean of every map inside it and, for foreground classes, inside its
+        band (with the band's voxel count); "case": each map's mean over the volume and over
+        the union of the bands ("boundary"). Means over no voxels are None (JSON null)."""
+        def mean(total: float, n: int) -> float | None:
+            return float(total / n) if n else None
+
+        classes: dict[str, Any] = {}
+        for k, cname in enumerate(self.class_names):
+            n = int(self.counts[k])
+            entry: dict[str, Any] = {f"mean_{name}": mean(self.sums[name][k], n)
+                                     for name in self.map_names}
+            if k > 0:
+                voxels = int(self.band_voxels[k])
+                entry["boundary_voxels"] = voxels
+                for name in self.map_names:
+                    entry[f"boundary_mean_{name}"] = mean(self.band_sums[name][k], voxels)
+            classes[cname] = entry
+        case: dict[str, Any] = {"boundary_voxels": int(self.union_voxels)}
+        for name in self.map_names:
+            case[f"mean_{name}"] = mean(self.sums[name].sum(), self.voxels)
+            case[f"boundary_mean_{name}"] = mean(self.union_sums[name], self.union_voxels)
+        return {"band_width_voxels": self.band, "classes": classes, "case": case}
+
+
 def map_statistics(labels: np.ndarray, maps: Mapping[str, np.ndarray],
                    class_names: Sequence[str], band: int = DEFAULT_BAND) -> dict[str, Any]:
-    """The uncertainty half of :func:`region_statistics`: per class the mean of every map inside
-    it and, for foreground classes, inside the ``band``-voxel band around its boundary (with the
-    band's voxel count); "case": each map's mean over the volume and over the union of the
-    foreground bands ("boundary"). Means over no voxels are None (JSON null)."""
+    """The uncertainty half of :func:`region_statistics`, on the whole grid: see
+    :meth:`MapSums.statistics`; the bands are :func:`cropped_boundary_band` of each foreground
+    class."""
     labels = np.asarray(labels)
-    num_classes = len(class_names)
-    counts = class_sums(labels, None, num_classes)
-    sums = {name: class_sums(labels, values, num_classes) for name, values in maps.items()}
-    classes: dict[str, Any] = {}
+    sums = MapSums(class_names, list(maps), band)
+    sums.add_classes(labels, maps)
     union = np.zeros(labels.shape, dtype=bool)
-    for k, cname in enumerate(class_names):
-        n = int(counts[k])
-        entry: dict[str, Any] = {f"mean_{name}": float(sums[name][k] / n) if n else None
-                                 for name in maps}
-        if k > 0:
-            entry["boundary_voxels"] = 0
-            for name in maps:
-                entry[f"boundary_mean_{name}"] = None
-            found = cropped_boundary_band(labels == k, band) if n else None
-            if found is not None:
-                box, class_band = found
-                entry["boundary_voxels"] = int(np.count_nonzero(class_band))
-                for name, values in maps.items():
-                    entry[f"boundary_mean_{name}"] = masked_mean(values[box], class_band)
-                union[box] |= class_band
-        classes[str(cname)] = entry
-    case: dict[str, Any] = {"boundary_voxels": int(np.count_nonzero(union))}
-    for name, values in maps.items():
-        case[f"mean_{name}"] = float(sums[name].sum() / labels.size)
-        case[f"boundary_mean_{name}"] = masked_mean(values, union)
-    return {"band_width_voxels": int(band), "classes": classes, "case": case}
+    for k in range(1, len(sums.class_names)):
+        found = cropped_boundary_band(labels == k, band) if sums.counts[k] else None
+        if found is not None:
+            box, class_band = found
+            sums.add_band(k, class_band, {name: values[box] for name, values in maps.items()})
+            union[box] |= class_band
+    sums.add_union(union, maps)
+    return sums.statistics()
 
 
 def merge_statistics(volumes: Mapping[str, Any], maps: Mapping[str, Any] | None,
