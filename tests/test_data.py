@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -304,6 +306,39 @@ def test_split_json_round_trip_and_reuse(tmp_path: Path) -> None:
     assert ids(again.labelled) == ids(split.labelled) and ids(again.val) == ids(split.val)
     with pytest.raises(ValueError, match="made with"):
         load_or_make_split(path, cases, labelled_count=4, val_count=2, seed=7)
+
+
+_REWRITER = """
+import sys
+from pathlib import Path
+from sfpc.training.data import Split
+split, path = Split.from_json(sys.argv[1]), Path(sys.argv[1])
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    split.to_json(path)
+"""
+
+
+def test_a_split_being_rewritten_is_never_read_half_written(tmp_path: Path) -> None:
+    # What a second DDP rank does: it finds split.json while rank 0 is writing it. It must read
+    # either nothing or the whole split, never a truncated file.
+    split = make_split(cases_for_split(300), labelled_count=20, val_count=10, seed=3)
+    path = tmp_path / "split.json"
+    split.to_json(path)
+    writer = subprocess.Popen([sys.executable, "-c", _REWRITER, str(path), "1000"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+        reads = 0
+        while writer.poll() is None:
+            assert ids(Split.from_json(path).val) == ids(split.val)
+            reads += 1
+        assert writer.returncode == 0
+        assert reads > 20
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert [p.name for p in tmp_path.iterdir()] == ["split.json"]  # no temporary file left
 
 
 # ---------------------------------------------------------------- loading

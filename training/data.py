@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import abc
 import json
+import os
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +94,19 @@ class Split:
             "unlabelled": [c.to_dict() for c in self.unlabelled],
             "val": [c.to_dict() for c in self.val],
         }
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside and rename: another DDP rank, or a resumed run, that finds the file must
+        # never read it half-written (a truncated split.json failed a two-rank run).
+        # (A name of its own per writer, opened as a plain file so the umask still applies.)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "x") as f:
+                f.write(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def from_json(cls, path: str | Path) -> Split:

@@ -69,6 +69,14 @@ def _window(cfg: TrainConfig) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _wait_for_rank_zero(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+
 def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
     cases = discover_cases(cfg.data, cfg.layout, label_map=_label_map(cfg))
     if not cases:
@@ -78,9 +86,16 @@ def build_data(cfg: TrainConfig, rank: int = 0, world: int = 1) -> TrainData:
     # An explicit count wins over the default fraction of the same kind.
     lab_fraction = None if cfg.labelled_count is not None else cfg.labelled_fraction
     val_fraction = None if cfg.val_count is not None else cfg.val_fraction
-    split = load_or_make_split(split_path, cases, labelled_fraction=lab_fraction,
-                               labelled_count=cfg.labelled_count, val_fraction=val_fraction,
-                               val_count=cfg.val_count, seed=cfg.seed)
+    split_params = {"labelled_fraction": lab_fraction, "labelled_count": cfg.labelled_count,
+                    "val_fraction": val_fraction, "val_count": cfg.val_count, "seed": cfg.seed}
+    # Rank 0 makes and saves the split; the others read it once it is there. A rank that finds
+    # no file (an output folder that is not shared between nodes) makes the same split: it is a
+    # function of the cases and the seed alone.
+    if rank == 0:
+        split = load_or_make_split(split_path, cases, **split_params)
+    _wait_for_rank_zero(world)
+    if rank != 0:
+        split = load_or_make_split(split_path, cases, **split_params)
     if not split.labelled:
         raise ValueError("the split has no labelled case: raise --labelled-fraction or "
                          "--labelled-count, or give cases with labels")
