@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sfpc.clients.discover import WorkItem
-from sfpc.clients.files import remove_partials, write_atomic
 from sfpc.clients.http import AsyncSFPCClient, Upload
 from sfpc.clients.manifest import DONE, FAILED, SUBMITTED, Manifest
 from sfpc.clients.models import (
@@ -44,6 +43,7 @@ from sfpc.clients.models import (
 )
 from sfpc.errors import OptionError
 from sfpc.inference.options import DICOM_OUTPUTS, OUTPUTS, SegmentOptions, parse_options
+from sfpc.io.files import remove_partials, write_atomic
 
 log = logging.getLogger("sfpc.clients.batch")
 

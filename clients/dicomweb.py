@@ -28,8 +28,8 @@ from typing import Any
 from sfpc.clients.batch import ItemHooks
 from sfpc.clients.config import PacsConfig
 from sfpc.clients.discover import NON_IMAGE_MODALITIES, WorkItem
-from sfpc.clients.files import write_atomic
 from sfpc.clients.http import Upload
+from sfpc.io.files import write_atomic
 
 # DICOM attribute tags (QIDO-RS JSON keys).
 STUDY_UID = "0020000D"

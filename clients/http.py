@@ -43,7 +43,6 @@ from urllib.parse import quote
 import httpx
 
 import sfpc
-from sfpc.clients.files import write_atomic
 from sfpc.clients.models import (
     APIError,
     Health,
@@ -62,6 +61,7 @@ from sfpc.clients.models import (
     safe_name,
 )
 from sfpc.inference.options import option_fields, option_params
+from sfpc.io.files import write_atomic
 
 log = logging.getLogger("sfpc.clients")
 T = TypeVar("T")

@@ -73,10 +73,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sfpc.clients.config import ENV_VARIABLES, GatewayConfig, _env_value, read_config_file
-from sfpc.clients.files import fsync_dir, write_atomic
 from sfpc.errors import OptionError
 from sfpc.inference.options import OutputName, parse_options
 from sfpc.io import dicom_net
+from sfpc.io.files import fsync_dir, write_atomic
 
 log = logging.getLogger("sfpc.clients.listen")
 

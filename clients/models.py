@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sfpc.clients.files import write_atomic
+from sfpc.io.files import write_atomic
 
 ZIP_MEDIA_TYPE = "application/zip"
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from sfpc.io.files import write_atomic
+
 WEIGHTS_FILE = "weights.bin"
 # Initializers smaller than this stay in the graph (onnx's own default threshold): what they would
 # save is less than the bookkeeping, and the graph keeps its scalars readable.
@@ -51,12 +53,6 @@ def _raw_bytes(tensor: Any) -> bytes:
     if tensor.HasField("raw_data"):
         return bytes(tensor.raw_data)
     return bytes(numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def share_weights(folder: str | Path, files: Sequence[str], *, weights_file: str = WEIGHTS_FILE,
@@ -101,9 +97,9 @@ def share_weights(folder: str | Path, files: Sequence[str], *, weights_file: str
             tensor.ClearField("raw_data")
     weights = folder / weights_file
     if placed:
-        _write_atomic(weights, bytes(blob))
+        write_atomic(weights, bytes(blob))
     for name, model in zip(files, models, strict=True):
-        _write_atomic(folder / name, model.SerializeToString())
+        write_atomic(folder / name, model.SerializeToString())
     if not placed:
         weights.unlink(missing_ok=True)
         return {}
@@ -121,7 +117,7 @@ def inline_weights(folder: str | Path, files: Sequence[str],
     folder = Path(folder)
     models = [onnx.load(str(folder / name)) for name in files]
     for name, model in zip(files, models, strict=True):
-        _write_atomic(folder / name, model.SerializeToString())
+        write_atomic(folder / name, model.SerializeToString())
     if weights_file:
         (folder / weights_file).unlink(missing_ok=True)
 

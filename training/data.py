@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import abc
 import json
-import os
-import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from sfpc.inference.preprocess import (
     resample_to_shape,
     spacing_from_affine,
 )
+from sfpc.io.files import write_atomic
 from sfpc.training.enhancement import ContrastEnhance, group_tissues
 from sfpc.training.layouts import (
     LAYOUTS,
@@ -94,19 +93,9 @@ class Split:
             "unlabelled": [c.to_dict() for c in self.unlabelled],
             "val": [c.to_dict() for c in self.val],
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write beside and rename: another DDP rank, or a resumed run, that finds the file must
-        # never read it half-written (a truncated split.json failed a two-rank run).
-        # (A name of its own per writer, opened as a plain file so the umask still applies.)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "x") as f:
-                f.write(json.dumps(data, indent=2) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # Atomically: another DDP rank, or a resumed run, that finds the file must never read it
+        # half-written (a truncated split.json failed a two-rank run).
+        write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
     @classmethod
     def from_json(cls, path: str | Path) -> Split:

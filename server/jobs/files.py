@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sfpc.io.files import fsync_dir
+
 INPUT_DIR = "input"
 RESULTS_DIR = "results"
 MANIFEST_FILE = "artefacts.json"  # file names, media types and the report of a job's results
@@ -51,15 +53,6 @@ def is_job_id(text: str) -> bool:
 def is_safe_name(name: str) -> bool:
     """Whether ``name`` is a plain file name (no separators, no leading dot)."""
     return bool(_SAFE_NAME.match(name)) and ".." not in name
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (new files, renames) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_durable(path: Path, data: bytes) -> None:

@@ -43,6 +43,7 @@ from sfpc.inference.options import (
     options_from_args,
     parse_options,
 )
+from sfpc.io.files import write_atomic
 
 EXIT_OK, EXIT_INTERRUPTED = 0, 130
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -193,14 +194,7 @@ class PredictionResult:
         file is written beside its final name and renamed, so no half-written file is left."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name, content in self.artefacts.items():
-            target = out / name
-            partial = target.with_name(f".{name}.partial")
-            partial.write_bytes(content)
-            os.replace(partial, target)
-            written.append(target)
-        return written
+        return [write_atomic(out / name, content) for name, content in self.artefacts.items()]
 
 
 # ----------------------------------------------------------------------------------------------

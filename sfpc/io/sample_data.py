@@ -51,6 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sfpc.errors import EXIT_FAILURE, EXIT_USER_ERROR
+from sfpc.io.files import write_atomic
 
 PYPI_SIMPLE = "https://pypi.org/simple"
 NPM_REGISTRY = "https://registry.npmjs.org"
@@ -813,13 +814,6 @@ class SourceResult:
     kept: list[str]
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.sfpc-tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
-
-
 def _produce(source: Source, members: dict[str, bytes], out: Output) -> bytes:
     raw = members[safe_member_name(out.member)]
     data = nrrd_to_nifti_gz(raw, out.member) if out.convert else raw
@@ -863,9 +857,9 @@ def fetch_source(source: Source, dest: Path, *, force: bool = False, keep_archiv
         wanted = [out.member for out, _ in todo] + [source.licence_member]
         members = read_members(archive, wanted)
         for out, path in todo:
-            _write_atomic(path, _produce(source, members, out))
+            write_atomic(path, _produce(source, members, out))
             result.written.append(out.path)
-        _write_atomic(licence_target, members[safe_member_name(source.licence_member)])
+        write_atomic(licence_target, members[safe_member_name(source.licence_member)])
         if not keep_archive:
             archive.unlink()
     finally:
@@ -920,7 +914,7 @@ def _write_readme(dest: Path, log: Callable[[str], None]) -> None:
     if readme.is_file() and not readme.read_text(errors="replace").startswith(_README_MARK):
         log(f"note: {readme} exists and was not written by this command; left as is")
         return
-    _write_atomic(readme, readme_text().encode())
+    write_atomic(readme, readme_text().encode())
 
 
 def fetch(dest: Path, only: Sequence[str] = SOURCE_KEYS, *, force: bool = False,

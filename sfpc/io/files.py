@@ -1,5 +1,7 @@
-"""Writing result files so that a crash never leaves a half-written artefact under its real name:
-each file goes to a hidden temporary name in the same folder, is fsynced, then renamed."""
+"""Writing files so that a crash, or a reader in another process, never meets a half-written
+file under its real name: each file goes to a hidden temporary name in the same folder, is
+fsynced, then renamed. The clients' results, the gateway's job folders, training splits, exported
+models and sample data all write this way."""
 
 from __future__ import annotations
 
